@@ -369,7 +369,7 @@ def entropy_gate(
     elif gate == "quantile":
         vals = H[m]
         g = torch.zeros_like(H)
-        n_gate = math.ceil(gate_quantile * vals.numel())
+        n_gate = math.ceil(gate_quantile * vals.numel() - 1e-9)  # ceil(q n), robust to 0.1 * 30 = 3.0000000000000004
         if n_gate > 0:
             cut = vals.topk(n_gate).values[-1]
             g = (H >= cut).float()

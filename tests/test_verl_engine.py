@@ -1,0 +1,291 @@
+"""The registered `eopd` loss through verl's real FSDP engine on CPU (tiny random Qwen3, one process, gloo).
+
+The batch is laid out exactly as verl's trainer lays it out for `update_actor`: left-padded prompts,
+right-padded responses, teacher top-k `[B, P+R, K]` (row j predicts token j+1, dummy last row), then
+verl's own `left_right_2_no_padding` makes the nested micro-batch tensors. The reference is a plain
+Hugging Face forward of each sequence with the loss written in float64 from the paper's formula.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from functools import partial
+
+import pytest
+import torch
+
+from dense_reference import dense_eopd_loss
+from tiny import build_tiny_qwen3
+
+V, K, B, P, R = 320, 8, 4, 6, 7
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from verl_eopd import cpu
+
+    cpu.install()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        fd, path = tempfile.mkstemp()
+        os.close(fd)
+        os.unlink(path)
+        dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
+    model_path = build_tiny_qwen3(str(tmp_path_factory.mktemp("student")), vocab_size=V, seed=0)
+    return {"model_path": model_path}
+
+
+def make_engine(model_path: str, lr: float = 1e-3):
+    from verl.trainer.config import CheckpointConfig
+    from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig
+    from verl.workers.engine import EngineRegistry
+
+    model_cfg = HFModelConfig(path=model_path, enable_gradient_checkpointing=False,
+                              override_config={"attn_implementation": "sdpa"})
+    engine = EngineRegistry.new(
+        model_type="language_model", backend="fsdp2", model_config=model_cfg,
+        engine_config=FSDPEngineConfig(strategy="fsdp2", use_torch_compile=False, use_dynamic_bsz=False,
+                                       micro_batch_size_per_gpu=2,
+                                       mixed_precision={"param_dtype": "fp32", "reduce_dtype": "fp32",
+                                                        "buffer_dtype": "fp32"}),
+        optimizer_config=FSDPOptimizerConfig(lr=lr, clip_grad=1e9, total_training_steps=4, weight_decay=0.0),
+        checkpoint_config=CheckpointConfig(),
+    )
+    engine.initialize()
+    return engine
+
+
+def actor_config():
+    from verl.workers.config import FSDPActorConfig
+
+    return FSDPActorConfig(strategy="fsdp2", rollout_n=1, ppo_mini_batch_size=B, ppo_micro_batch_size_per_gpu=2,
+                           use_torch_compile=False, loss_agg_mode="token-mean")
+
+
+def make_batch(model_path: str, seed: int = 0):
+    """A padded batch, dense per-sequence student log-probs and teacher top-k in verl's padded layout.
+
+    The teacher is a random distribution per position; response token t is sampled from the teacher's
+    top-k of the row that predicts it, so most sampled tokens are inside the top-k (a few are forced
+    outside to exercise the fallback-free exact path when the exact field is given).
+    """
+    from transformers import AutoModelForCausalLM
+
+    g = torch.Generator().manual_seed(seed)
+    prompt_lens, resp_lens = [6, 3, 5, 4], [7, 5, 2, 6]
+    S = P + R
+    input_ids = torch.zeros(B, S, dtype=torch.long)
+    attention_mask = torch.zeros(B, S, dtype=torch.long)
+    teacher_logits = torch.randn(B, S, V, generator=g) * (0.5 + 3 * torch.rand(B, S, 1, generator=g))
+    t_logp = torch.log_softmax(teacher_logits.double(), -1)
+    t_vals, t_ids = t_logp.topk(K, -1)
+    for b in range(B):
+        p0 = P - prompt_lens[b]
+        input_ids[b, p0:P] = torch.randint(3, V, (prompt_lens[b],), generator=g)
+        attention_mask[b, p0:P + resp_lens[b]] = 1
+        for t in range(resp_lens[b]):
+            row = P + t - 1  # the row that predicts response token t
+            choice = torch.randint(0, K, (1,), generator=g).item()
+            input_ids[b, P + t] = t_ids[b, row, choice] if t != 1 else torch.randint(3, V, (1,), generator=g).item()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    response_mask = attention_mask[:, P:].clone()
+    # teacher tensors in verl's layout: zeros outside the sequence and on its last row (the dummy row)
+    tl = t_vals.float().clone()
+    ti = t_ids.clone()
+    for b in range(B):
+        last = P + resp_lens[b] - 1
+        tl[b, last], ti[b, last] = 0.0, 0
+    t_entropy = -(t_logp.exp() * t_logp).sum(-1)
+    t_token = torch.zeros(B, S, dtype=torch.float64)
+    t_token[:, :-1] = t_logp[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32, attn_implementation="sdpa")
+    with torch.no_grad():
+        student_logp = torch.zeros(B, R)
+        for b in range(B):
+            p0, n = P - prompt_lens[b], prompt_lens[b] + resp_lens[b]
+            logits = model(input_ids[b:b + 1, p0:p0 + n]).logits[0]
+            lp = torch.log_softmax(logits.double(), -1)
+            for t in range(resp_lens[b]):
+                student_logp[b, t] = lp[prompt_lens[b] + t - 1, input_ids[b, P + t]]
+    return {
+        "input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+        "prompts": input_ids[:, :P].clone(), "responses": input_ids[:, P:].clone(), "response_mask": response_mask,
+        "old_log_probs": student_logp, "teacher_logprobs": tl, "teacher_ids": ti,
+        "teacher_entropy": t_entropy.float(), "teacher_token_logprob": t_token.float(),
+        "prompt_lens": prompt_lens, "resp_lens": resp_lens,
+    }
+
+
+def to_tensordict(batch: dict, *, topk: bool, distillation_only: bool, use_remove_padding: bool = True,
+                  exact_teacher: bool = False, estimator_teacher: bool = False):
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.padding import left_right_2_no_padding
+
+    fields = {k: batch[k].clone() for k in ("input_ids", "attention_mask", "position_ids", "prompts", "responses",
+                                             "response_mask", "old_log_probs")}
+    fields["advantages"] = torch.zeros(B, R)
+    if topk:
+        fields["teacher_logprobs"], fields["teacher_ids"] = batch["teacher_logprobs"], batch["teacher_ids"]
+    if estimator_teacher:  # verl's k1/k3 layout: the sampled token's teacher log-prob, [B, S, 1]
+        fields["teacher_logprobs"] = batch["teacher_token_logprob"].unsqueeze(-1)
+        fields["teacher_ids"] = torch.zeros(B, P + R, 1, dtype=torch.long)
+    td = left_right_2_no_padding(TensorDict(fields, batch_size=[B]))
+    if exact_teacher:  # the reference-worker route ships exact per-token teacher fields, nested like input_ids
+        offsets = td["input_ids"].offsets()
+        mask = batch["attention_mask"].bool()
+        for key in ("teacher_entropy", "teacher_token_logprob"):
+            td[key] = torch.nested.nested_tensor_from_jagged(batch[key][mask], offsets=offsets)
+    tu.assign_non_tensor(
+        td, temperature=1.0, use_remove_padding=use_remove_padding, use_dynamic_bsz=False,
+        micro_batch_size_per_gpu=2, max_token_len_per_gpu=4096, use_fused_kernels=False, calculate_entropy=False,
+        distillation_use_topk=topk, distillation_only=distillation_only, global_batch_size=B,
+    )
+    return td
+
+
+def reference(batch, model_path, *, tau, fkl_coef=1.0, exact_teacher=False):
+    """Dense float64 loss over the whole mini-batch and the gradients of the HF parameters."""
+    from transformers import AutoModelForCausalLM
+
+    from verl_eopd import entropy_from_topk, token_logprob_from_topk
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32, attn_implementation="sdpa")
+    logits = torch.zeros(B, R, V, dtype=torch.float64)
+    rows = []
+    for b in range(B):
+        pl, rl = batch["prompt_lens"][b], batch["resp_lens"][b]
+        p0 = P - pl
+        out = model(batch["input_ids"][b:b + 1, p0:p0 + pl + rl]).logits[0].double()
+        rows.append(out[pl - 1:pl - 1 + rl])
+    mask = batch["response_mask"].bool()
+    logits = torch.stack([torch.cat([r, torch.zeros(R - r.shape[0], V, dtype=r.dtype)]) for r in rows])
+    sl = slice(P - 1, P - 1 + R)  # teacher rows predicting the response tokens
+    t_ids, t_lp = batch["teacher_ids"][:, sl], batch["teacher_logprobs"][:, sl].double()
+    ids = batch["responses"]
+    if exact_teacher:
+        t_ent, t_tok = batch["teacher_entropy"][:, sl].double(), batch["teacher_token_logprob"][:, sl].double()
+    else:
+        t_ent, _, _ = entropy_from_topk(t_lp, V)
+        t_tok, _ = token_logprob_from_topk(t_ids, t_lp, ids, V)
+    t_ids = torch.where(mask.unsqueeze(-1), t_ids, torch.arange(K).expand(B, R, K))  # padding rows: any valid ids
+    t_lp = torch.where(mask.unsqueeze(-1), t_lp, torch.full_like(t_lp, -1.0))
+    loss, _ = dense_eopd_loss(logits, ids, batch["old_log_probs"], t_ids, t_lp, mask, t_ent.double(),
+                              torch.where(mask, t_tok.double(), torch.zeros_like(t_tok.double())), tau=tau,
+                              fkl_coef=fkl_coef)
+    loss.backward()
+    return loss.item(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def engine_grads(engine) -> dict:
+    grads = {}
+    for name, p in engine.module.named_parameters():
+        g = p.grad
+        g = g.full_tensor() if hasattr(g, "full_tensor") else g
+        grads[name.replace("_fsdp_wrapped_module.", "")] = g.detach().clone()
+    return grads
+
+
+def run_step(engine, td, loss_fn):
+    """One forward/backward over the mini-batch (no optimizer step); returns (output, parameter grads)."""
+    engine.optimizer_zero_grad()
+    with engine.train_mode():
+        out = engine.forward_backward_batch(td, loss_fn, forward_only=False)
+        grads = engine_grads(engine)
+    return out, grads
+
+
+def eopd_loss_fn(**cfg):
+    from verl.trainer.distillation.losses import distillation_ppo_loss
+    from verl.workers.config import DistillationConfig
+
+    from verl_eopd.config import EOPDLossConfig
+
+    dcfg = DistillationConfig(distillation_loss=EOPDLossConfig(topk=K, **cfg))
+    return partial(distillation_ppo_loss, config=actor_config(), distillation_config=dcfg)
+
+
+def _median_teacher_entropy(batch):
+    from verl_eopd import entropy_from_topk
+
+    sl = slice(P - 1, P - 1 + R)
+    est, _, _ = entropy_from_topk(batch["teacher_logprobs"][:, sl].double(), V)
+    return float(est[batch["response_mask"].bool()].median())
+
+
+def _total_loss(out) -> float:
+    losses = out["loss"] if isinstance(out["loss"], list) else [out["loss"]]
+    return float(sum(losses))
+
+
+def _compare_grads(got: dict, ref: dict, atol=2e-5, rtol=1e-3):
+    assert set(got) == set(ref), set(got) ^ set(ref)
+    for name in ref:
+        torch.testing.assert_close(got[name].double(), ref[name].double(), atol=atol, rtol=rtol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("use_remove_padding", [True, False])
+@pytest.mark.parametrize("exact_teacher", [False, True])
+def test_eopd_through_fsdp_engine_matches_dense_reference(env, use_remove_padding, exact_teacher):
+    batch = make_batch(env["model_path"])
+    tau = _median_teacher_entropy(batch)
+    engine = make_engine(env["model_path"])
+    td = to_tensordict(batch, topk=True, distillation_only=True, use_remove_padding=use_remove_padding,
+                       exact_teacher=exact_teacher)
+    out, grads = run_step(engine, td, eopd_loss_fn(entropy_threshold=tau))
+    ref_loss, ref_grads = reference(batch, env["model_path"], tau=tau, exact_teacher=exact_teacher)
+    assert _total_loss(out) == pytest.approx(ref_loss, abs=1e-5, rel=1e-5)
+    _compare_grads(grads, ref_grads)
+    metrics = out["metrics"]
+    for key in ("eopd/teacher_entropy_mean", "eopd/gate_frac", "eopd/fkl_mean", "eopd/fkl_gated_mean", "eopd/rkl_mean",
+                "eopd/student_entropy_mean", "eopd/student_entropy_gated_mean", "eopd/teacher_topk_mass_mean"):
+        assert key in metrics, key
+    assert ("eopd/token_in_topk_frac" in metrics) != exact_teacher
+    assert ("eopd/teacher_entropy_lower_mean" in metrics) != exact_teacher
+
+
+def test_fkl_coef_zero_equals_verls_native_pg_opd(env):
+    """fkl_coef = 0: the same loss and gradients as verl's k1 + use_policy_gradient OPD on the same batch.
+
+    verl's native advantage is -(log pi_theta - log pi_T) with the *current* log-prob detached, EOPD's is
+    log pi_T - log pi_old (the paper); old_log_probs here equal the current policy, as on the first
+    mini-batch of every step, so the two must agree.
+    """
+    from verl.trainer.distillation.losses import distillation_ppo_loss
+    from verl.workers.config import DistillationConfig, DistillationLossConfig
+
+    batch = make_batch(env["model_path"], seed=1)
+    engine = make_engine(env["model_path"])
+    out_eopd, g_eopd = run_step(engine, to_tensordict(batch, topk=True, distillation_only=True, exact_teacher=True),
+                                eopd_loss_fn(fkl_coef=0.0))
+    native = DistillationConfig(distillation_loss=DistillationLossConfig(
+        loss_mode="k1", topk=None, use_policy_gradient=True, use_task_rewards=False, loss_max_clamp=None,
+        log_prob_min_clamp=None, clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.2))
+    native_fn = partial(distillation_ppo_loss, config=actor_config(), distillation_config=native)
+    out_native, g_native = run_step(
+        engine, to_tensordict(batch, topk=False, distillation_only=False, estimator_teacher=True), native_fn)
+    assert _total_loss(out_eopd) == pytest.approx(_total_loss(out_native), abs=1e-6, rel=1e-5)
+    assert any(g.abs().max() > 0 for g in g_native.values())
+    _compare_grads(g_eopd, g_native, atol=1e-5, rtol=1e-3)  # fp32 summation order differs
+
+
+def test_eopd_trains_with_task_rewards_and_metrics(env):
+    """eopd + GRPO-style task loss: two real optimizer steps, finite losses, loss moves, metrics reported."""
+    batch = make_batch(env["model_path"], seed=2)
+    engine = make_engine(env["model_path"], lr=1e-2)
+    loss_fn = eopd_loss_fn(use_task_rewards=True, distillation_loss_coef=0.5)
+    losses = []
+    for _ in range(3):
+        td = to_tensordict(batch, topk=True, distillation_only=False)
+        with engine.train_mode():
+            out = engine.train_batch(td, loss_function=loss_fn)
+        losses.append(_total_loss(out))
+        assert math.isfinite(out["metrics"]["grad_norm"])
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0]
+    assert "eopd/gate_frac" in out["metrics"] and "actor/pg_loss" in out["metrics"]
