@@ -42,11 +42,14 @@ def dense_eopd_loss(
     gate="hard", gate_temperature=0.1, gate_quantile=0.2,
 ):
     """L = (1/N) sum_t m_t [max(-r A, -clip(r) A) + alpha g FKL], all in float64. Returns (loss, per-token fkl)."""
+    V = student_logits.shape[-1]
     logq = torch.log_softmax(student_logits.double(), dim=-1)
-    lq_topk = logq.gather(-1, teacher_topk_ids.long())
-    p = teacher_topk_logprobs.double().exp()
+    ids = teacher_topk_ids.long()
+    keep = ids < V  # teacher ids beyond the student's vocabulary (padding rows) leave the top-k set
+    lq_topk = logq.gather(-1, torch.where(keep, ids, torch.zeros_like(ids)))
+    p = teacher_topk_logprobs.double().exp() * keep
     p_tilde = p / p.sum(-1, keepdim=True)
-    fkl = (p_tilde * (p_tilde.log() - lq_topk)).sum(-1)
+    fkl = torch.where(keep, p_tilde * (p_tilde.log() - lq_topk), torch.zeros_like(p)).sum(-1)
     logp = logq.gather(-1, sampled_ids.long().unsqueeze(-1)).squeeze(-1)
     old = old_log_probs.double()
     A = teacher_token_logprobs.double() - old

@@ -26,7 +26,7 @@ def test_paper_defaults():
 
 
 def test_yaml_defaults_equal_dataclass_defaults_and_every_key_is_commented():
-    path = importlib.resources.files("verl_eopd") / "config" / "distillation_loss" / "eopd.yaml"
+    path = importlib.resources.files("verl_eopd") / "conf" / "distillation_loss" / "eopd.yaml"
     text = path.read_text()
     node = OmegaConf.to_container(OmegaConf.create(text))
     fields = {f.name: f for f in dataclasses.fields(EOPDLossConfig) if f.name not in RUNTIME_FIELDS}
@@ -46,7 +46,7 @@ def test_yaml_defaults_equal_dataclass_defaults_and_every_key_is_commented():
 def test_yaml_instantiates_through_verls_omega_conf_to_dataclass():
     from verl.utils.config import omega_conf_to_dataclass
 
-    path = importlib.resources.files("verl_eopd") / "config" / "distillation_loss" / "eopd.yaml"
+    path = importlib.resources.files("verl_eopd") / "conf" / "distillation_loss" / "eopd.yaml"
     node = OmegaConf.create(path.read_text())
     node.entropy_threshold = 1.3
     cfg = omega_conf_to_dataclass(node)

@@ -9,33 +9,20 @@ Hugging Face forward of each sequence with the loss written in float64 from the 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from functools import partial
 
 import pytest
 import torch
 
+from conftest import STUDENT_VOCAB
 from dense_reference import dense_eopd_loss
-from tiny import build_tiny_qwen3
 
-V, K, B, P, R = 320, 8, 4, 6, 7
+V, K, B, P, R = STUDENT_VOCAB, 8, 4, 6, 7
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    from verl_eopd import cpu
-
-    cpu.install()
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        fd, path = tempfile.mkstemp()
-        os.close(fd)
-        os.unlink(path)
-        dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
-    model_path = build_tiny_qwen3(str(tmp_path_factory.mktemp("student")), vocab_size=V, seed=0)
-    return {"model_path": model_path}
+def env(verl_cpu, tiny_models):
+    return {"model_path": tiny_models["student"]}
 
 
 def make_engine(model_path: str, lr: float = 1e-3):

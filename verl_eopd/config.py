@@ -1,7 +1,7 @@
 """EOPD loss config: verl's `DistillationLossConfig` plus the EOPD keys, validated when built.
 
 Lives at `distillation.distillation_loss` (hydra `_target_: verl_eopd.config.EOPDLossConfig`). The YAML
-mirror with one comment per key is `verl_eopd/config/eopd_loss.yaml`; a test keeps the two in step.
+mirror with one comment per key is `verl_eopd/conf/distillation_loss/eopd.yaml`; a test keeps the two in step.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from .losses import ENTROPY_ESTIMATORS, GATES
 plugin.register()  # the loss name must be registered before DistillationLossConfig.__post_init__ looks it up
 
 _KEY = "distillation.distillation_loss"
+TEACHER_ROUTES = ("ref", "server")
 
 
 def _fail(key: str, value, why: str, fix: str):
@@ -54,7 +55,14 @@ class EOPDLossConfig(DistillationLossConfig):
             None in the paper, 3.0 in verl's vanilla PPO loss.
       teacher_vocab_size: V of the teacher used by the top-k entropy bounds and the outside-top-k
             log-prob fallback; None uses the student's vocabulary size.
-      logits_chunk_mb: fp32 MiB of student logits visited at once by the chunked loss.
+      logits_chunk_mb: fp32 MiB of logits visited at once by the chunked loss and the teacher pass.
+      teacher_route: "ref" (the teacher runs in verl's reference worker: exact entropy and sampled-token
+            log-prob, distillation.enabled false) | "server" (verl's vLLM/SGLang teacher pool,
+            distillation.enabled true: top-k only).
+      eos_remap: map the student's first end token to the teacher's on the teacher's copy of the response
+            (ref route); active only when the two ids differ.
+      student_eos_token_id / teacher_eos_token_id: the end tokens; null = the eos_token_id of each model's
+            tokenizer (Qwen3-Base <|endoftext|>, Qwen3 chat <|im_end|>).
     """
 
     loss_mode: str = "eopd"
@@ -78,6 +86,10 @@ class EOPDLossConfig(DistillationLossConfig):
     clip_ratio_c: Optional[float] = None
     teacher_vocab_size: Optional[int] = None
     logits_chunk_mb: int = 64
+    teacher_route: str = "ref"
+    eos_remap: bool = True
+    student_eos_token_id: Optional[int] = None
+    teacher_eos_token_id: Optional[int] = None
 
     def __post_init__(self):
         self.validate()
@@ -129,6 +141,14 @@ class EOPDLossConfig(DistillationLossConfig):
             _fail("teacher_vocab_size", self.teacher_vocab_size, "must be an integer >= topk", "use null")
         if not (isinstance(self.logits_chunk_mb, int) and self.logits_chunk_mb >= 1):
             _fail("logits_chunk_mb", self.logits_chunk_mb, "must be an integer >= 1", "use 64")
+        if self.teacher_route not in TEACHER_ROUTES:
+            _fail("teacher_route", self.teacher_route, f"choose one of {list(TEACHER_ROUTES)}", "use teacher_route=ref")
+        if not isinstance(self.eos_remap, bool):
+            _fail("eos_remap", self.eos_remap, "must be true or false", "use true")
+        for key in ("student_eos_token_id", "teacher_eos_token_id"):
+            v = getattr(self, key)
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+                _fail(key, v, "must be a token id >= 0 or null", "use null to read it from the tokenizer")
 
     @property
     def loss_kwargs(self) -> dict:
@@ -139,3 +159,98 @@ class EOPDLossConfig(DistillationLossConfig):
             clip_ratio_c=self.clip_ratio_c, gate=self.gate, gate_temperature=float(self.gate_temperature),
             gate_quantile=float(self.gate_quantile),
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole-run checks, before Ray starts or any model loads
+# --------------------------------------------------------------------------------------------------
+
+
+def check_tokenizers(student_path: str, teacher_path: str, trust_remote_code: bool = False) -> None:
+    """The teacher must score the student's token ids: same tokenizer family, teacher vocab covering the student's.
+
+    Embedding tables that differ only by padding (151,936 vs 152,064 rows) are fine; a token string with
+    a different id, or a student id the teacher's model cannot embed, is refused.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    s_vocab = AutoTokenizer.from_pretrained(student_path, trust_remote_code=trust_remote_code).get_vocab()
+    t_vocab = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=trust_remote_code).get_vocab()
+    bad = [(tok, i, t_vocab.get(tok)) for tok, i in s_vocab.items() if t_vocab.get(tok) != i]
+    if bad:
+        examples = ", ".join(f"{tok!r}: student {i} / teacher {j}" for tok, i, j in sorted(bad, key=lambda x: x[1])[:5])
+        raise ValueError(
+            f"distillation.teacher_models.teacher_model.model_path={teacher_path!r}: its tokenizer differs from the "
+            f"student's (actor_rollout_ref.model.path={student_path!r}) on {len(bad)} of {len(s_vocab)} tokens "
+            f"({examples}). EOPD scores the student's token ids with the teacher, so both must share a tokenizer. "
+            "Fix: pick a teacher of the same model family as the student."
+        )
+    t_rows = AutoConfig.from_pretrained(teacher_path, trust_remote_code=trust_remote_code).vocab_size
+    need = max(s_vocab.values()) + 1
+    if t_rows < need:
+        raise ValueError(
+            f"distillation.teacher_models.teacher_model.model_path={teacher_path!r}: the teacher embeds {t_rows} ids "
+            f"but the student's tokenizer uses ids up to {need - 1}. Fix: use a teacher whose vocab covers the student's."
+        )
+
+
+def check_run_config(config) -> "EOPDLossConfig":
+    """Validate a composed EOPD run config; raises ValueError naming the key and the fix."""
+    from omegaconf import OmegaConf
+    from verl.utils.config import omega_conf_to_dataclass
+
+    loss = omega_conf_to_dataclass(config.distillation.distillation_loss)
+    if not isinstance(loss, EOPDLossConfig):
+        raise ValueError(
+            f"{_KEY}._target_: expected verl_eopd.config.EOPDLossConfig, got {type(loss).__name__}. "
+            "Fix: launch with algorithm=eopd|opd|eopd_grpo"
+        )
+    dist, aref = config.distillation, config.actor_rollout_ref
+    teacher_path = OmegaConf.select(config, "distillation.teacher_models.teacher_model.model_path")
+    if not teacher_path:
+        raise ValueError(
+            "distillation.teacher_models.teacher_model.model_path is not set: EOPD needs a teacher. "
+            "Fix: distillation.teacher_models.teacher_model.model_path=<HF name or local path>"
+        )
+    if aref.model.get("use_fused_kernels", False):
+        raise ValueError(
+            "actor_rollout_ref.model.use_fused_kernels=true: fused kernels never materialise the student logits the "
+            "EOPD forward KL needs. Fix: actor_rollout_ref.model.use_fused_kernels=false"
+        )
+    if not config.trainer.get("use_v1", True):
+        raise ValueError("trainer.use_v1=false: EOPD runs on verl's v1 trainer. Fix: trainer.use_v1=true")
+    if loss.teacher_route == "ref":
+        if dist.get("enabled", False):
+            raise ValueError(
+                "distillation.enabled=true with teacher_route=ref would also start verl's vLLM/SGLang teacher pool. "
+                f"Fix: distillation.enabled=false, or {_KEY}.teacher_route=server"
+            )
+        if config.trainer.v1.trainer_mode != "eopd":
+            raise ValueError(
+                f"trainer.v1.trainer_mode={config.trainer.v1.trainer_mode!r}: the reference-worker teacher needs the "
+                "EOPD trainer. Fix: trainer.v1.trainer_mode=eopd"
+            )
+        if aref.actor.get("use_kl_loss", False) or config.algorithm.get("use_kl_in_reward", False):
+            raise ValueError(
+                "actor_rollout_ref.actor.use_kl_loss / algorithm.use_kl_in_reward: the reference worker holds the "
+                "teacher with teacher_route=ref, so there is no reference policy to regularise towards. Fix: set "
+                "both to false (EOPD's reverse-KL term already pulls the student to the teacher)"
+            )
+        lora = aref.model.get("lora_rank", 0) or (aref.model.get("lora", {}) or {}).get("rank", 0)
+        if lora and int(lora) > 0:
+            raise ValueError("actor_rollout_ref.model.lora_rank > 0: with LoRA verl uses the actor as its reference, "
+                             f"which cannot hold the teacher. Fix: full fine-tuning, or {_KEY}.teacher_route=server")
+    elif not dist.get("enabled", False):
+        raise ValueError(
+            f"{_KEY}.teacher_route=server needs verl's teacher pool. Fix: distillation.enabled=true "
+            "(with distillation.nnodes / n_gpus_per_node), or teacher_route=ref"
+        )
+    temperature = float(aref.rollout.get("temperature", 1.0))
+    if temperature != 1.0:
+        import logging
+
+        logging.getLogger("verl_eopd").warning(
+            "actor_rollout_ref.rollout.temperature=%s: student log-probs are taken at this temperature while the "
+            "teacher is scored at 1.0; the paper trains at 1.0", temperature)
+    check_tokenizers(aref.model.path, teacher_path, bool(aref.model.get("trust_remote_code", False)))
+    return loss

@@ -150,9 +150,20 @@ def _patch_gloo_backend_string() -> None:
 
 
 def _register_cpu_engines() -> None:
-    """Make verl's FSDP engines resolvable on device "cpu" (they are registered for cuda/npu only)."""
-    import verl.workers.engine.fsdp.transformer_impl  # noqa: F401  (registers the engines)
+    """Make verl's FSDP engines resolvable on device "cpu" (they are registered for cuda/npu only), and
+    stop FSDP2's CPU offload policy (used by forward-only engines such as the reference) from pinning
+    memory, which needs an accelerator."""
+    import verl.workers.engine.fsdp.transformer_impl as impl
     from verl.workers.engine.base import EngineRegistry
+
+    policy = impl.CPUOffloadPolicy
+    if policy is not None and not getattr(policy, "_eopd_cpu", False):
+
+        def cpu_offload_policy(*args, pin_memory: bool = False, **kwargs):
+            return policy(*args, pin_memory=False, **kwargs)
+
+        cpu_offload_policy._eopd_cpu = True
+        impl.CPUOffloadPolicy = cpu_offload_policy
 
     for backends in EngineRegistry._engines.values():
         for backend in ("fsdp", "fsdp2"):

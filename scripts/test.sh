@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command of the README: sets up the environment, then runs the whole suite on CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="$(bash scripts/setup_env.sh | tail -n 1)"
+export HF_HUB_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+exec "$PY" -m pytest tests "$@"

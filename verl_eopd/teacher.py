@@ -1,0 +1,205 @@
+"""The teacher in verl's reference role: exact entropy and sampled-token log-prob, no extra GPU pool.
+
+The reference worker of `ActorRolloutRefWorker` normally loads a copy of the actor. Here it loads the
+teacher (`distillation.teacher_models.teacher_model.model_path`) with the same FSDP engine config as
+the ref (param offload included), and its forward emits, per token, from the full teacher logits at
+temperature 1 (whatever the rollout temperature):
+
+    teacher_ids [j, K] int32, teacher_logprobs [j, K] fp32   the teacher's top-k and their log-probs
+    teacher_entropy [j] fp32                                  exact full-vocabulary entropy
+    teacher_token_logprob [j] fp32                            exact log pi_T of the next token
+
+in verl's layout (row j predicts token j+1, nested per sequence), i.e. 8K + 8 bytes per token; full
+logits never leave the worker. The actor's EOPD loss reads these fields (exact values win over top-k
+estimates). The logits are visited in chunks (`losses.teacher_stats`): one fp32 chunk at a time.
+
+End-of-sequence remap (DESIGN.md section 2): a Base student ends with its own end token
+(`<|endoftext|>`) where a chat teacher expects `<|im_end|>`. On the copy of the response the teacher
+scores, the first student end token of each response becomes the teacher's, so the teacher judges
+"stop here" with its own stop token; in the returned top-k ids the teacher's end token is mapped back to
+the student's (rows that already hold the student's end token are left alone), so the forward KL
+teaches the student to stop with the token its rollout actually stops on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .losses import teacher_stats
+
+TEACHER_MODEL_TYPE = "eopd_teacher"
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    """What the teacher worker needs besides verl's ref config."""
+
+    model_path: str
+    topk: int
+    student_eos_token_id: Optional[int] = None
+    teacher_eos_token_id: Optional[int] = None
+    logits_chunk_mb: int = 64
+
+    @property
+    def remap_eos(self) -> bool:
+        s, t = self.student_eos_token_id, self.teacher_eos_token_id
+        return s is not None and t is not None and s != t
+
+
+# ------------------------------------------------------------------------------------------------ EOS remap
+
+
+def response_lengths(data) -> torch.Tensor:
+    """[B] response lengths of a verl batch (nested `responses`/`response_mask`, or padded + attention_mask)."""
+    for key in ("responses", "response_mask"):
+        if key in data.keys() and data[key].is_nested:
+            return data[key].offsets().diff()
+    prompt_width = data["prompts"].shape[1]
+    return data["attention_mask"][:, prompt_width:].sum(-1)
+
+
+def remap_first_eos(input_ids: torch.Tensor, resp_lens: torch.Tensor, student_eos: int, teacher_eos: int) -> torch.Tensor:
+    """Copy of nested `input_ids` [B, j] where the first `student_eos` of each response is `teacher_eos`.
+
+    Only the response part (the last resp_lens[b] tokens of sequence b) is searched; prompts are untouched.
+    """
+    values, offsets = input_ids.values(), input_ids.offsets()
+    n = values.shape[0]
+    seq = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=values.device), offsets.diff())
+    pos = torch.arange(n, device=values.device)
+    in_response = pos >= (offsets[1:] - resp_lens.to(offsets.device))[seq]
+    hit = in_response & (values == student_eos)
+    first = torch.full((offsets.numel() - 1,), n, dtype=torch.long, device=values.device)
+    first = first.scatter_reduce(0, seq[hit], pos[hit], reduce="amin")
+    first = first[first < n]
+    out = values.clone()
+    out[first] = teacher_eos
+    return torch.nested.nested_tensor_from_jagged(out, offsets)
+
+
+def map_teacher_eos_in_topk(topk_ids: torch.Tensor, student_eos: int, teacher_eos: int) -> torch.Tensor:
+    """Top-k ids [..., K] with teacher_eos renamed student_eos, except in rows already holding student_eos."""
+    has_student = (topk_ids == student_eos).any(-1, keepdim=True)
+    return torch.where((topk_ids == teacher_eos) & ~has_student, torch.full_like(topk_ids, student_eos), topk_ids)
+
+
+# ------------------------------------------------------------------------------------------------ engine
+
+
+def _teacher_engine_class():
+    """FSDPEngineWithLMHead whose forward emits the teacher fields instead of log_probs (registered once)."""
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.engine.base import EngineRegistry
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    registry = EngineRegistry._engines.get(TEACHER_MODEL_TYPE, {})
+    for backend in registry.values():
+        for cls in backend.values():
+            return cls
+
+    @EngineRegistry.register(model_type=TEACHER_MODEL_TYPE, backend=["fsdp", "fsdp2"], device=["cuda", "npu", "cpu"])
+    class EOPDTeacherEngine(FSDPEngineWithLMHead):
+        """The reference engine, with EOPD teacher outputs computed from the full logits at T = 1."""
+
+        def __init__(self, model_config, *args, **kwargs):
+            model_config.model_type = "language_model"  # FSDPEngine builds the module by this name
+            super().__init__(model_config, *args, **kwargs)
+
+        def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
+            k = tu.get_non_tensor_data(data=micro_batch, key="eopd_topk", default=None)
+            if k is None:  # plain reference log-probs
+                return super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
+            chunk_mb = int(tu.get_non_tensor_data(data=micro_batch, key="eopd_logits_chunk_mb", default=64))
+            use_rmpad = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True)
+            input_ids = micro_batch["input_ids"]
+            cu_seqlens = input_ids.offsets()
+            logits = output.logits
+            if hasattr(logits, "full_tensor"):  # DTensor (tensor parallel): gather the vocabulary
+                logits = logits.full_tensor()
+            labels = output_args["input_ids_rmpad_rolled"]
+            if use_rmpad:
+                logits = logits.squeeze(0)  # [(nnz / sp) + pad, V], raw logits: temperature 1
+            else:  # [B, S, V] padded -> packed [nnz, V]
+                lens = cu_seqlens.diff()
+                logits = torch.cat([logits[b, : lens[b]] for b in range(lens.numel())])
+            labels = labels.clamp(0, logits.shape[-1] - 1)  # padding rows only
+            stats = teacher_stats(logits, labels, int(k), chunk_bytes=chunk_mb * 2**20)
+            out = {
+                "teacher_ids": stats["topk_ids"].to(torch.int32),
+                "teacher_logprobs": stats["topk_logprobs"],
+                "teacher_entropy": stats["entropy"],
+                "teacher_token_logprob": stats["token_logprobs"],
+            }
+            model_output = {}
+            for key, v in out.items():
+                if use_rmpad:
+                    v = self._gather_and_unpad_packed(v, output_args["pad_size"])
+                model_output[key] = torch.nested.nested_tensor_from_jagged(v, cu_seqlens)
+            return model_output
+
+    return EOPDTeacherEngine
+
+
+def teacher_model_config(student_model_config, teacher_path: str):
+    """The actor's HFModelConfig with the teacher's path: same attention, padding-removal and remote-code
+    settings; LoRA and MTP off (the teacher is frozen)."""
+    from verl.workers.config.model import MtpConfig
+
+    return dataclasses.replace(
+        student_model_config, path=teacher_path, local_path=None, hf_config_path=None, local_hf_config_path=None,
+        tokenizer_path=None, local_tokenizer_path=None, hf_config=None, generation_config=None, tokenizer=None,
+        processor=None, architectures=None, lora_rank=0, lora={}, lora_adapter_path=None,
+        mtp=MtpConfig(enable=False), model_type="language_model",
+    )
+
+
+def _training_worker_class():
+    from verl.workers.engine_workers import TrainingWorker
+
+    return TrainingWorker
+
+
+class _Lazy:
+    """Build the worker class on first use so importing this module stays cheap (no verl workers)."""
+
+    cls = None
+
+
+def teacher_worker_class():
+    if _Lazy.cls is not None:
+        return _Lazy.cls
+    from verl.utils import tensordict_utils as tu
+
+    TrainingWorker = _training_worker_class()
+    _teacher_engine_class()
+
+    class TeacherTrainingWorker(TrainingWorker):
+        """verl's TrainingWorker in the ref role, loading the teacher and emitting the EOPD teacher fields."""
+
+        def __init__(self, config, *, teacher: TeacherSettings):
+            config = dataclasses.replace(
+                config, model_type=TEACHER_MODEL_TYPE,
+                model_config=teacher_model_config(config.model_config, teacher.model_path),
+            )
+            super().__init__(config)
+            self.teacher = teacher
+
+        def infer_batch(self, data):
+            t = self.teacher
+            if t.remap_eos:
+                data["input_ids"] = remap_first_eos(data["input_ids"], response_lengths(data),
+                                                    t.student_eos_token_id, t.teacher_eos_token_id)
+            tu.assign_non_tensor(data, eopd_topk=t.topk, eopd_logits_chunk_mb=t.logits_chunk_mb)
+            out = TrainingWorker.infer_batch(self, data)
+            if out is not None and t.remap_eos:
+                ids = out["teacher_ids"]
+                mapped = map_teacher_eos_in_topk(ids.values(), t.student_eos_token_id, t.teacher_eos_token_id)
+                out["teacher_ids"] = torch.nested.nested_tensor_from_jagged(mapped, ids.offsets())
+            return out
+
+    _Lazy.cls = TeacherTrainingWorker
+    return TeacherTrainingWorker
