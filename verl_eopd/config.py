@@ -199,7 +199,15 @@ def check_run_config(config) -> "EOPDLossConfig":
     from omegaconf import OmegaConf
     from verl.utils.config import omega_conf_to_dataclass
 
-    loss = omega_conf_to_dataclass(config.distillation.distillation_loss)
+    try:
+        loss = omega_conf_to_dataclass(config.distillation.distillation_loss)
+    except Exception as e:  # hydra wraps our ValueError in an InstantiationException: surface ours
+        cause = e
+        while cause.__cause__ is not None and not isinstance(cause, ValueError):
+            cause = cause.__cause__
+        if isinstance(cause, ValueError) and _KEY in str(cause):
+            raise ValueError(str(cause)) from None
+        raise
     if not isinstance(loss, EOPDLossConfig):
         raise ValueError(
             f"{_KEY}._target_: expected verl_eopd.config.EOPDLossConfig, got {type(loss).__name__}. "

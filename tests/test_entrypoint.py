@@ -1,0 +1,151 @@
+"""Hydra configs and the `python -m verl_eopd.main` entrypoint: composition and fail-fast validation."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import verl_eopd
+
+CONF = str(Path(verl_eopd.__file__).parent / "conf")
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        return compose(config_name="eopd_trainer", overrides=list(overrides))
+
+
+def _loss(cfg):
+    return cfg.distillation.distillation_loss
+
+
+@pytest.mark.parametrize(
+    "algorithm,expected",
+    [
+        ("eopd", dict(fkl_coef=1.0, use_task_rewards=False, n=1)),
+        ("opd", dict(fkl_coef=0.0, use_task_rewards=False, n=1)),
+        ("eopd_grpo", dict(fkl_coef=1.0, use_task_rewards=True, n=8)),
+    ],
+)
+def test_each_algorithm_composes_with_the_intended_values(algorithm, expected):
+    cfg = _compose(f"algorithm={algorithm}")
+    loss = _loss(cfg)
+    assert loss._target_ == "verl_eopd.config.EOPDLossConfig" and loss.loss_mode == "eopd"
+    assert (loss.topk, loss.entropy_threshold, loss.clip_ratio_low, loss.clip_ratio_high) == (16, 0.8, 0.2, 0.2)
+    assert loss.fkl_coef == expected["fkl_coef"] and loss.use_task_rewards == expected["use_task_rewards"]
+    assert cfg.actor_rollout_ref.rollout.n == expected["n"]
+    assert loss.teacher_route == "ref" and cfg.distillation.enabled is False
+    assert cfg.trainer.v1.trainer_mode == "eopd" and cfg.trainer.use_v1 is True
+    assert cfg.actor_rollout_ref.model.use_fused_kernels is False
+    assert loss.use_policy_gradient is False and loss.loss_max_clamp is None
+    assert cfg.actor_rollout_ref.actor.use_kl_loss is False and cfg.actor_rollout_ref.actor.loss_agg_mode == "token-mean"
+    assert "rollout_correction" in cfg.algorithm  # verl's own algorithm sub-config survives our group
+    assert cfg.algorithm.adv_estimator == "grpo"  # never verl's default gae, which would build a critic
+    # the composed node builds the validated dataclass
+    from verl.utils.config import omega_conf_to_dataclass
+
+    from verl_eopd.config import EOPDLossConfig
+
+    assert isinstance(omega_conf_to_dataclass(loss), EOPDLossConfig)
+
+
+def test_cli_overrides_reach_the_loss_config():
+    cfg = _compose("algorithm=eopd", "distillation.distillation_loss.entropy_threshold=1.5",
+                   "distillation.distillation_loss.gate=quantile", "distillation.distillation_loss.gate_quantile=0.25")
+    assert (_loss(cfg).entropy_threshold, _loss(cfg).gate, _loss(cfg).gate_quantile) == (1.5, "quantile", 0.25)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+
+
+def test_main_prints_the_composed_config():
+    out = _cli("-m", "verl_eopd.main", "algorithm=opd", "--cfg", "job")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "_target_: verl_eopd.config.EOPDLossConfig" in out.stdout and "fkl_coef: 0.0" in out.stdout
+    assert "trainer_mode: eopd" in out.stdout
+
+
+def test_stock_verl_entrypoint_composes_our_config():
+    out = _cli("-m", "verl.trainer.main_ppo", f"--config-path={CONF}", "--config-name=eopd_trainer",
+               "algorithm=eopd_grpo", "--cfg", "job")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "use_task_rewards: true" in out.stdout and "_target_: verl_eopd.config.EOPDLossConfig" in out.stdout
+
+
+# ------------------------------------------------------------------------------------------------ fail fast
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Any attempt to start Ray or load weights fails the test: errors must come before that."""
+    import ray
+    import transformers
+
+    def boom(*a, **k):
+        raise AssertionError("a model or Ray was started before the config was validated")
+
+    monkeypatch.setattr(ray, "init", boom)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+    import verl.trainer.main_ppo as main_ppo
+
+    monkeypatch.setattr(main_ppo, "run_ppo", boom)
+
+
+def _run(tiny_models, *overrides):
+    from verl_eopd.main import run
+
+    cfg = _compose("algorithm=eopd", f"actor_rollout_ref.model.path={tiny_models['student']}",
+                   f"distillation.teacher_models.teacher_model.model_path={tiny_models['teacher']}",
+                   "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+                   "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
+                   "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=2", *overrides)
+    run(cfg)
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("distillation.teacher_models.teacher_model.model_path=null", "distillation.teacher_models.teacher_model.model_path"),
+        ("distillation.distillation_loss.entropy_threshold=-0.5", "distillation.distillation_loss.entropy_threshold"),
+        ("actor_rollout_ref.model.use_fused_kernels=true", "actor_rollout_ref.model.use_fused_kernels"),
+        ("distillation.distillation_loss.topk=0", "distillation.distillation_loss.topk"),
+        ("distillation.distillation_loss.gate=sigmoid", "distillation.distillation_loss.gate"),
+        ("distillation.enabled=true", "distillation.enabled"),
+        ("trainer.v1.trainer_mode=sync", "trainer.v1.trainer_mode"),
+        ("actor_rollout_ref.actor.use_kl_loss=true", "actor_rollout_ref.actor.use_kl_loss"),
+    ],
+)
+def test_bad_configs_fail_before_any_model_loads_naming_the_key(tiny_models, no_model_loads, override, key):
+    with pytest.raises(ValueError) as e:
+        _run(tiny_models, override)
+    assert key in str(e.value) and "Fix:" in str(e.value)
+
+
+def test_mismatched_tokenizer_is_refused(tmp_path, tiny_models, no_model_loads):
+    from tiny import build_tiny_qwen3
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([f"Zebra {i} quokka {i * 7}" for i in range(300)],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|im_end|>", "<|endoftext|>"],
+                                                show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    other = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    other_teacher = build_tiny_qwen3(str(tmp_path / "other"), vocab_size=352, tokenizer=other)
+    with pytest.raises(ValueError) as e:
+        _run(tiny_models, f"distillation.teacher_models.teacher_model.model_path={other_teacher}")
+    assert "distillation.teacher_models.teacher_model.model_path" in str(e.value) and "tokenizer" in str(e.value)
+
+
+def test_padded_teacher_vocabulary_is_accepted(tiny_models, no_model_loads):
+    """Same tokenizer, teacher table 352 rows vs student 320: passes the checks and reaches run_ppo."""
+    with pytest.raises(AssertionError, match="before the config was validated"):
+        _run(tiny_models)
