@@ -215,6 +215,11 @@ def check_run_config(config) -> "EOPDLossConfig":
         )
     dist, aref = config.distillation, config.actor_rollout_ref
     teacher_path = OmegaConf.select(config, "distillation.teacher_models.teacher_model.model_path")
+    if not aref.model.get("path"):
+        raise ValueError(
+            "actor_rollout_ref.model.path is not set: EOPD needs a student (leave both it and the teacher path unset "
+            "for the embedded tiny default). Fix: actor_rollout_ref.model.path=<HF name or local path>"
+        )
     if not teacher_path:
         raise ValueError(
             "distillation.teacher_models.teacher_model.model_path is not set: EOPD needs a teacher. "

@@ -150,26 +150,49 @@ def _patch_gloo_backend_string() -> None:
 
 
 def _register_cpu_engines() -> None:
-    """Make verl's FSDP engines resolvable on device "cpu" (they are registered for cuda/npu only), and
-    stop FSDP2's CPU offload policy (used by forward-only engines such as the reference) from pinning
-    memory, which needs an accelerator."""
-    import verl.workers.engine.fsdp.transformer_impl as impl
+    """Make verl's FSDP engines resolvable on device "cpu" (they are registered for cuda/npu only)."""
+    import verl.workers.engine.fsdp.transformer_impl  # noqa: F401  (registers the engines)
     from verl.workers.engine.base import EngineRegistry
-
-    policy = impl.CPUOffloadPolicy
-    if policy is not None and not getattr(policy, "_eopd_cpu", False):
-
-        def cpu_offload_policy(*args, pin_memory: bool = False, **kwargs):
-            return policy(*args, pin_memory=False, **kwargs)
-
-        cpu_offload_policy._eopd_cpu = True
-        impl.CPUOffloadPolicy = cpu_offload_policy
 
     for backends in EngineRegistry._engines.values():
         for backend in ("fsdp", "fsdp2"):
             reg = backends.get(backend)
             if reg is not None and "cpu" not in reg and "cuda" in reg:
                 reg["cpu"] = reg["cuda"]
+
+
+def _patch_offload_policy() -> None:
+    """FSDP2's CPUOffloadPolicy(pin_memory=True) (verl's choice for forward-only engines such as the
+    reference) pins memory, which needs an accelerator: make the policy never pin. Patched on torch's
+    module so that verl's `from torch... import CPUOffloadPolicy` picks it up when imported later."""
+    import torch.distributed.fsdp as fsdp
+
+    policy = getattr(fsdp, "CPUOffloadPolicy", None)
+    if policy is None or getattr(policy, "_eopd_cpu", False):
+        return
+
+    class CPUOffloadPolicyNoPin(policy):
+        _eopd_cpu = True
+
+        def __init__(self, pin_memory: bool = False, **kwargs):
+            super().__init__(pin_memory=False, **kwargs)
+
+    fsdp.CPUOffloadPolicy = CPUOffloadPolicyNoPin
+    import sys
+
+    impl = sys.modules.get("verl.workers.engine.fsdp.transformer_impl")
+    if impl is not None and getattr(impl, "CPUOffloadPolicy", None) is policy:
+        impl.CPUOffloadPolicy = CPUOffloadPolicyNoPin
+
+
+def install_light() -> None:
+    """What every process needs to run verl on CPU, cheap enough for the `import verl` entry point:
+    the platform class (found through VERL_PLATFORM=cpu), engine lookup under "cuda", and the gloo and
+    offload patches. Does not import verl's engine modules."""
+    _platform_class()
+    os.environ.setdefault("VERL_ENGINE_DEVICE", "cuda")  # verl's FSDP engines are registered for cuda/npu
+    _patch_gloo_backend_string()
+    _patch_offload_policy()
 
 
 def install() -> None:
@@ -179,8 +202,64 @@ def install() -> None:
     import verl  # noqa: F401
     from verl.plugin.platform import set_platform
 
+    os.environ["VERL_PLATFORM"] = "cpu"  # inherited by Ray workers started from here
+    install_light()
     set_platform(_platform_class()())
-    os.environ.setdefault("VERL_PLATFORM", "cpu")
-    _patch_gloo_backend_string()
     _register_cpu_engines()
     _STATE["installed"] = True
+
+
+def gpu_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.device_count() > 0
+
+
+# verl config values for a one-process, one-node CPU run (each applied unless the user set that key)
+CPU_SETTINGS = {
+    "trainer.device": "cpu",
+    "trainer.n_gpus_per_node": 1,
+    "trainer.nnodes": 1,
+    "actor_rollout_ref.rollout.name": "hf",  # verl_eopd.hf_rollout: vLLM/SGLang wheels are CUDA-only
+    "actor_rollout_ref.rollout.dtype": "float32",
+    "actor_rollout_ref.rollout.tensor_model_parallel_size": 1,
+    "actor_rollout_ref.rollout.agent.num_workers": 1,
+    "actor_rollout_ref.model.override_config.attn_implementation": "sdpa",  # flash-attn is CUDA-only
+    "actor_rollout_ref.actor.strategy": "fsdp2",
+    "actor_rollout_ref.actor.use_torch_compile": False,  # compiling costs ~20 s on CPU for no gain here
+    "actor_rollout_ref.actor.fsdp_config.use_torch_compile": False,
+    "actor_rollout_ref.actor.fsdp_config.strategy": "fsdp2",
+    "actor_rollout_ref.ref.fsdp_config.use_torch_compile": False,
+    "actor_rollout_ref.ref.fsdp_config.strategy": "fsdp2",
+    "reward.num_workers": 1,
+    "data.dataloader_num_workers": 0,
+    # Ray: logical resources (one logical GPU per pool; verl's pools always ask for one)
+    "ray_kwargs.ray_init.num_cpus": 16,
+    "ray_kwargs.ray_init.num_gpus": 1,
+    # TransferQueue puts each storage unit in a 1-CPU placement group; 8 (verl's default) plus the
+    # trainer's actors must fit in ray_init.num_cpus or Ray waits forever
+    "transfer_queue.backend.SimpleStorage.num_data_storage_units": 1,
+}
+
+
+def check_ray_resources(config) -> None:
+    """Refuse configs whose Ray placement can never be satisfied (Ray would wait silently)."""
+    from omegaconf import OmegaConf
+
+    num_cpus = OmegaConf.select(config, "ray_kwargs.ray_init.num_cpus")
+    units = OmegaConf.select(config, "transfer_queue.backend.SimpleStorage.num_data_storage_units") or 0
+    # storage units (1 CPU each) + TaskRunner + controller + worker group + reward loop + agent loop
+    need = int(units) + 4
+    if num_cpus is not None and int(num_cpus) < need:
+        raise ValueError(
+            f"ray_kwargs.ray_init.num_cpus={num_cpus} cannot host transfer_queue.backend.SimpleStorage."
+            f"num_data_storage_units={units} (1 CPU each) plus the trainer's actors (~4): Ray would wait forever. "
+            f"Fix: ray_kwargs.ray_init.num_cpus>={need} (logical CPUs, they need not exist) or fewer storage units"
+        )
+    gpus_needed = int(config.trainer.n_gpus_per_node) * int(config.trainer.nnodes)
+    num_gpus = OmegaConf.select(config, "ray_kwargs.ray_init.num_gpus")
+    if num_gpus is not None and int(num_gpus) < gpus_needed:
+        raise ValueError(
+            f"ray_kwargs.ray_init.num_gpus={num_gpus} is below trainer.n_gpus_per_node x trainer.nnodes = "
+            f"{gpus_needed}: verl's resource pool would never be placed. Fix: ray_kwargs.ray_init.num_gpus={gpus_needed}"
+        )

@@ -245,24 +245,40 @@ class _GatherLogSoftmax(torch.autograd.Function):
     forward:  out[n, j] = z[n, i_nj] - lse_n,          lse_n = logsumexp_v z[n, v]
     backward: dz[n, v] = sum_j g[n, j] 1[v = i_nj] - softmax(z_n)_v sum_j g[n, j]
     Only lse [N] is saved; softmax is recomputed chunk by chunk in backward. The optional student entropy
-    H_n = -sum_v softmax(z_n)_v log softmax(z_n)_v is a detached by-product of the forward pass.
+    H_n = lse_n - sum_v softmax(z_n)_v z_nv is a detached by-product of the forward pass.
+    One fp32 work buffer of `rows` rows is reused for every chunk (fresh allocations of that size cost
+    page faults on CPU); fp32 gradients are computed in place in the gradient tensor.
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, index: torch.Tensor, rows: int, with_entropy: bool):
-        N, M = index.shape
-        out = torch.empty(N, M, dtype=torch.float32, device=logits.device)
-        lse = torch.empty(N, dtype=torch.float32, device=logits.device)
-        ent = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=logits.device)
-        with torch.autocast(logits.device.type, enabled=False):
+        N, V = logits.shape
+        M = index.shape[1]
+        dev, fp32 = logits.device, logits.dtype == torch.float32
+        out = torch.empty(N, M, dtype=torch.float32, device=dev)
+        lse = torch.empty(N, dtype=torch.float32, device=dev)
+        ent = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=dev)
+        c = min(rows, N)
+        work = torch.empty(c, V, dtype=torch.float32, device=dev)
+        zbuf = None if fp32 else torch.empty(c, V, dtype=torch.float32, device=dev)
+        with torch.autocast(dev.type, enabled=False):
             for s in range(0, N, rows):
                 e = min(s + rows, N)
-                z = logits[s:e].float()
-                lse_c = torch.logsumexp(z, dim=-1)
-                lse[s:e] = lse_c
-                out[s:e] = z.gather(-1, index[s:e]) - lse_c.unsqueeze(-1)
-                if with_entropy:
-                    ent[s:e] = _entropy_from_logp(z - lse_c.unsqueeze(-1))
+                n = e - s
+                z = logits[s:e]
+                m = z.amax(-1, keepdim=True).float()
+                q = torch.sub(z, m, out=work[:n])  # z - max, fp32 (bf16 input is promoted on the fly)
+                p = q.exp_() if fp32 or not with_entropy else torch.exp(q, out=zbuf[:n])  # unnormalised softmax
+                total = p.sum(-1, keepdim=True)
+                lse_c = m + total.log()
+                lse[s:e] = lse_c.squeeze(-1)
+                out[s:e] = z.gather(-1, index[s:e]).float() - lse_c
+                if with_entropy:  # H = lse - sum_v p_v z_v / S = log S - sum_v p_v (z_v - m) / S
+                    dot = torch.bmm(p.unsqueeze(1), (z if fp32 else q).unsqueeze(2)).view(n, 1)
+                    h = ((lse_c - dot / total) if fp32 else (total.log() - dot / total)).squeeze(-1)
+                    if torch.isnan(h).any():  # -inf logits: 0 * -inf; recompute with 0 log 0 = 0
+                        h = _entropy_from_logp(z.float() - lse_c)
+                    ent[s:e] = h
         ctx.save_for_backward(logits, index, lse)
         ctx.rows = rows
         ctx.mark_non_differentiable(ent)
@@ -272,16 +288,24 @@ class _GatherLogSoftmax(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor, _grad_ent: Optional[torch.Tensor]):
         logits, index, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
-        N, rows = logits.shape[0], ctx.rows
+        N, V = logits.shape
+        rows = ctx.rows
+        fp32 = logits.dtype == torch.float32
+        work = None if fp32 else torch.empty(min(rows, N), V, dtype=torch.float32, device=logits.device)
         grad_out = grad_out.float()
         with torch.autocast(logits.device.type, enabled=False):
             for s in range(0, N, rows):
                 e = min(s + rows, N)
                 g = grad_out[s:e]
-                d = (logits[s:e].float() - lse[s:e].unsqueeze(-1)).exp_()  # softmax chunk
+                if fp32:  # softmax chunk written straight into the gradient
+                    d = torch.sub(logits[s:e], lse[s:e].unsqueeze(-1), out=grad[s:e])
+                else:  # bf16/fp16 logits promoted to fp32 by the subtraction itself
+                    d = torch.sub(logits[s:e], lse[s:e].unsqueeze(-1), out=work[: e - s])
+                d.exp_()
                 d.mul_(-g.sum(-1, keepdim=True))
                 d.scatter_add_(-1, index[s:e], g)
-                grad[s:e].copy_(d)
+                if not fp32:
+                    grad[s:e].copy_(d)
         return grad, None, None, None
 
 

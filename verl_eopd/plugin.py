@@ -222,6 +222,9 @@ def register() -> None:
     elif DISTILLATION_LOSS_REGISTRY[LOSS_NAME] is not eopd_distillation_loss:
         raise RuntimeError(f"another package already registered distillation loss '{LOSS_NAME}'")
     _install_topk_dispatch()
+    from . import hf_rollout
+
+    hf_rollout.register()
     _STATE["registered"] = True
 
 
@@ -243,7 +246,13 @@ def check() -> dict:
 
 def _entry_point() -> None:
     """Run at `import verl` via the entry point; verl swallows plugin errors at DEBUG, so log them loudly."""
+    import os
+
     try:
+        if os.environ.get("VERL_PLATFORM", "").lower() == "cpu":  # set by verl_eopd.main for CPU runs
+            from . import cpu
+
+            cpu.install_light()
         register()
     except Exception as e:  # noqa: BLE001 - re-raised after logging
         logger.error("verl_eopd plugin failed to load: %s", e)

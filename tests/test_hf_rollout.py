@@ -1,0 +1,319 @@
+"""The `hf` rollout backend (verl_eopd.hf_rollout) against verl 0.9.1's rollout contract, on CPU.
+
+The server's plain class runs in this process, driven with asyncio on one module-wide event loop; one
+module-wide Ray session covers the replica (a real server actor) and the in-worker adapter. Every log-prob
+is compared with a dense teacher-forced forward of the same checkpoint, loaded separately.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from verl_eopd import hf_rollout
+from verl_eopd.hf_rollout import HFReplica, HFRolloutServer, HFServerAdapter
+
+PROMPT_LEN, RESPONSE_LEN = 32, 16
+TRAIN_PARAMS = dict(temperature=1.0, top_p=1.0, top_k=-1, repetition_penalty=1.0, logprobs=True)  # the agent loop's
+GREEDY_PARAMS = dict(temperature=0, top_p=1.0, top_k=-1, repetition_penalty=1.0, logprobs=True)  # validation's
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [20, 21, 22, 23, 24, 25, 26]]
+TOL = 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def run():
+    """Run a coroutine on one event loop for the whole module (the servers' batch tasks live on it)."""
+    loop = asyncio.new_event_loop()
+    yield loop.run_until_complete
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    loop.close()
+
+
+def rollout_config(**overrides):
+    from verl.workers.config import RolloutConfig
+
+    kwargs = dict(name="hf", tensor_model_parallel_size=1, dtype="float32", prompt_length=PROMPT_LEN,
+                  response_length=RESPONSE_LEN)
+    return RolloutConfig(**{**kwargs, **overrides})
+
+
+def model_config(path):
+    from verl.workers.config import HFModelConfig
+
+    return HFModelConfig(path=path, override_config={"attn_implementation": "sdpa"})
+
+
+@pytest.fixture(scope="module")
+def student(tiny_models):
+    return tiny_models["student"]
+
+
+@pytest.fixture(scope="module")
+def server(student):
+    return HFRolloutServer(rollout_config(), model_config(student))
+
+
+@pytest.fixture(scope="module")
+def dense(student):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(student, attn_implementation="sdpa", dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def dense_logprobs(model, seq: list[int], temperature: float = 1.0) -> torch.Tensor:
+    """[S-1, V] log_softmax(logits / T) of one unpadded sequence; row i predicts token i+1."""
+    logits = model(torch.tensor([seq])).logits[0, :-1].float()
+    return torch.log_softmax(logits / temperature, dim=-1)
+
+
+def sampled_logprobs(model, prompt: list[int], response: list[int], temperature: float) -> torch.Tensor:
+    """[n] teacher-forced log-probs of the response tokens (what the actor recomputes)."""
+    lp = dense_logprobs(model, prompt + response, temperature)[len(prompt) - 1:]
+    return lp.gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+
+
+async def generate_all(server, prompts, params):
+    return await asyncio.gather(*[server.generate(p, dict(params), request_id=f"r{i}") for i, p in enumerate(prompts)])
+
+
+def perturbed(state: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.5 * v.std().nan_to_num(1.0) * torch.randn(v.shape, generator=g) for k, v in state.items()}
+
+
+# ------------------------------------------------------------------------------------------------ registration
+
+
+def test_register_resolves_hf_in_both_registries(monkeypatch):
+    from verl.workers.rollout.base import _ROLLOUT_REGISTRY, get_rollout_class
+    from verl.workers.rollout.replica import RolloutReplicaRegistry, get_rollout_replica_class
+
+    hf_rollout.register()
+    hf_rollout.register()  # idempotent
+    assert get_rollout_replica_class("hf") is HFReplica
+    assert get_rollout_class("hf", "async") is HFServerAdapter
+    assert not HFReplica.__abstractmethods__ and not HFServerAdapter.__abstractmethods__
+    assert _ROLLOUT_REGISTRY[("hf", "async")] == "verl_eopd.hf_rollout.HFServerAdapter"
+
+    monkeypatch.setitem(RolloutReplicaRegistry._registry, "hf", lambda: None)  # someone else's "hf"
+    with pytest.raises(RuntimeError, match="already registered"):
+        hf_rollout.register()
+
+
+def test_import_and_register_leave_the_platform_unresolved():
+    """What the plugin entry point does in every process at `import verl`: no engine import, no platform choice
+    (a CPU platform is installed later, before verl's engines are imported)."""
+    code = (
+        "import json, sys, time; import verl\n"
+        "t = time.perf_counter(); from verl_eopd import hf_rollout; hf_rollout.register(); dt = time.perf_counter() - t\n"
+        "import verl.plugin.platform.platform_manager as pm\n"
+        "print(json.dumps({'seconds': dt, 'platform': repr(pm._current_platform),\n"
+        "  'engine_modules': [m for m in sys.modules if m.startswith('verl.workers.engine')]}))\n"
+    )
+    env = {**os.environ, "VERL_USE_EXTERNAL_PLUGINS": "none"}  # this module alone, not the whole plugin
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True, env=env)
+    facts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert facts["platform"] == "None"
+    assert facts["engine_modules"] == []
+
+
+# ------------------------------------------------------------------------------------------------ server
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_requests_are_batched_and_log_probs_match_a_dense_forward(server, dense, run, monkeypatch,
+                                                                          temperature):
+    groups = []
+    run_group = server._run_group
+    monkeypatch.setattr(server, "_run_group", lambda prompts, *a: groups.append(len(prompts)) or run_group(prompts, *a))
+    outs = run(generate_all(server, PROMPTS, {**TRAIN_PARAMS, "temperature": temperature, "max_tokens": 8}))
+    assert groups == [len(PROMPTS)]  # one left-padded generate for the three concurrent requests
+    for prompt, out in zip(PROMPTS, outs):
+        assert 1 <= len(out.token_ids) == len(out.log_probs) <= 8
+        assert out.stop_reason == "completed" and "global_steps" in out.extra_fields
+        ref = sampled_logprobs(dense, prompt, out.token_ids, temperature)
+        torch.testing.assert_close(torch.tensor(out.log_probs), ref, atol=TOL, rtol=0)
+
+
+def test_no_logprobs_unless_asked(server, run):
+    out = run(server.generate(PROMPTS[0], {**TRAIN_PARAMS, "logprobs": False}, request_id="x"))
+    assert out.log_probs is None and len(out.token_ids) >= 1
+
+
+def test_top_k_is_honoured_and_off_means_off(server, dense, run):
+    """top_k=-1 must not fall back to HF's default top-k of 50; top_k=5 keeps the 5 most likely tokens."""
+    def ranks(params):
+        outs = run(generate_all(server, PROMPTS, {**params, "ignore_eos": True}))
+        found = []
+        for prompt, out in zip(PROMPTS, outs):
+            lp = dense_logprobs(dense, prompt + out.token_ids)[len(prompt) - 1:]
+            chosen = lp.gather(-1, torch.tensor(out.token_ids)[:, None])
+            found += (lp > chosen).sum(-1).tolist()  # rank 0 = most likely
+        return found
+
+    assert max(ranks({**TRAIN_PARAMS, "temperature": 50.0})) >= 50  # near uniform over 320 tokens
+    assert max(ranks({**TRAIN_PARAMS, "temperature": 50.0, "top_k": 5})) < 5
+
+
+def test_greedy_is_deterministic_and_a_max_tokens_cut_is_a_prefix(server, dense, run):
+    params = {**GREEDY_PARAMS, "ignore_eos": True}
+    full = run(server.generate(PROMPTS[0], dict(params), request_id="a"))
+    again = run(server.generate(PROMPTS[0], dict(params), request_id="b"))
+    cut = run(server.generate(PROMPTS[0], {**params, "max_tokens": 5}, request_id="c"))
+    assert len(full.token_ids) == RESPONSE_LEN  # no max_tokens: vLLM's default, min(response, prompt + response - len)
+    assert again.token_ids == full.token_ids
+    assert cut.token_ids == full.token_ids[:5]
+    ref = sampled_logprobs(dense, PROMPTS[0], full.token_ids, 1.0)  # greedy log-probs are at T = 1
+    torch.testing.assert_close(torch.tensor(full.log_probs), ref, atol=TOL, rtol=0)
+    long_prompt = list(range(3, 3 + PROMPT_LEN + RESPONSE_LEN - 4))
+    out = run(server.generate(long_prompt, dict(params), request_id="d"))
+    assert len(out.token_ids) == 4  # the default leaves prompt_length + response_length in total
+
+
+def test_stop_tokens_and_generation_config_eos_end_the_response_and_are_kept(server, student, tmp_path, run):
+    free = run(server.generate(PROMPTS[1], {**GREEDY_PARAMS, "ignore_eos": True}, request_id="a")).token_ids
+    stop = free[3]
+    expected = free[: free.index(stop) + 1]
+    out = run(server.generate(PROMPTS[1], {**GREEDY_PARAMS, "stop_token_ids": [stop], "ignore_eos": True},
+                              request_id="b"))
+    assert out.token_ids == expected and len(out.log_probs) == len(expected)
+
+    # a checkpoint whose generation_config lists `stop` as a second EOS id (as Qwen's list <|endoftext|>)
+    path = tmp_path / "eos_model"
+    shutil.copytree(student, path)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, stop], "pad_token_id": 0}))
+    eos_server = HFRolloutServer(rollout_config(), model_config(str(path)))
+    assert eos_server.eos_token_ids == {2, stop}
+    first_eos = next(i for i, t in enumerate(free) if t in (2, stop))
+    out = run(eos_server.generate(PROMPTS[1], dict(GREEDY_PARAMS), request_id="c"))
+    assert out.token_ids == free[: first_eos + 1]  # the EOS token is part of the response
+    out = run(eos_server.generate(PROMPTS[1], {**GREEDY_PARAMS, "ignore_eos": True}, request_id="d"))
+    assert out.token_ids == free
+
+
+@pytest.mark.parametrize("k", [0, 4])
+def test_teacher_prompt_logprobs_have_verls_layout_and_values(server, dense, run, k):
+    """What AsyncTeacherLLMServerManager sends and reads: [S, max(k, 1)], row i scores token i+1, dummy last row."""
+    seqs = [[7, 8, 9, 10, 11, 12, 13, 14, 15], [30, 31, 32, 33, 34]]  # different lengths: left padding
+    params = {"max_tokens": 1, "temperature": 1.0, "prompt_logprobs": k, "detokenize": False}
+    outs = run(generate_all(server, seqs, params))
+    width = max(k, 1)
+    for seq, out in zip(seqs, outs):
+        ids = torch.tensor(out.extra_fields["prompt_ids"])
+        vals = torch.tensor(out.extra_fields["prompt_logprobs"])
+        assert ids.shape == vals.shape == (len(seq), width)
+        assert len(out.token_ids) == 1 and out.log_probs is None
+        assert ids[-1].tolist() == [0] * width and vals[-1].tolist() == [0.0] * width
+        lp = dense_logprobs(dense, seq)
+        if k == 0:
+            assert ids[:-1, 0].tolist() == seq[1:]
+            torch.testing.assert_close(vals[:-1, 0], lp.gather(-1, ids[:-1]).squeeze(-1), atol=TOL, rtol=0)
+        else:
+            ref_vals, ref_ids = lp.topk(k, dim=-1)
+            assert ids[:-1].tolist() == ref_ids.tolist()
+            torch.testing.assert_close(vals[:-1], ref_vals, atol=TOL, rtol=0)
+
+
+def test_weight_sync_changes_and_restores_greedy_output(server, run):
+    original = {k: v.clone() for k, v in server.model.state_dict().items()}
+    greedy = lambda: run(server.generate(PROMPTS[2], {**GREEDY_PARAMS, "ignore_eos": True}, request_id="g"))
+    before = greedy()
+
+    names = sorted(original)
+    new = perturbed(original)
+    assert run(server.update_weights({n: new[n] for n in names[:5]}, is_last=False)) is None
+    loaded = run(server.update_weights({n: new[n] for n in names[5:]}, is_last=True, global_steps=3))
+    assert loaded["loaded"] == len(names) and loaded["missing"] == []
+    changed = greedy()
+    assert changed.token_ids != before.token_ids
+    assert changed.extra_fields["global_steps"] == 3 and isinstance(changed.extra_fields["global_steps"], int)
+
+    with pytest.raises(KeyError, match="does not have"):
+        run(server.update_weights({**original, "model.no_such.weight": torch.zeros(1)}, global_steps=9))
+    assert greedy().token_ids == changed.token_ids  # nothing was loaded
+
+    run(server.update_weights(original, global_steps=4))
+    after = greedy()
+    assert after.token_ids == before.token_ids and after.log_probs == before.log_probs
+    assert after.extra_fields["global_steps"] == 4
+
+
+# ------------------------------------------------------------------------------------------------ replica, adapter
+
+
+def test_replica_rejects_parallel_rollouts(student):
+    with pytest.raises(ValueError, match="actor_rollout_ref.rollout.tensor_model_parallel_size=1"):
+        HFReplica(replica_rank=0, config=rollout_config(tensor_model_parallel_size=2), model_config=None,
+                  gpus_per_node=2)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_replica_server_actor_and_adapter_weight_sync(ray_session, student, run):
+    from omegaconf import OmegaConf
+
+    from verl.workers.config import CheckpointEngineConfig
+
+    ray = ray_session
+    # the teacher's form of model config: a DictConfig with _target_, converted inside the server actor
+    model_cfg = OmegaConf.create({"_target_": "verl.workers.config.HFModelConfig", "path": student,
+                                  "override_config": {"attn_implementation": "sdpa"}})
+    replica = HFReplica(replica_rank=0, config=rollout_config(), model_config=model_cfg, gpus_per_node=1)
+    assert replica.rollout_worker_use_gpu() is False
+    run(replica.init_standalone())
+    handle = replica.server_handle
+    assert replica.servers == [handle] and handle is not None
+    assert isinstance(replica.server_address, str) and replica.server_address.endswith(":hf_server_0_0")
+    facts = ray.get(handle.ready.remote())
+    assert facts["num_threads"] == os.cpu_count()  # not Ray's OMP_NUM_THREADS=1
+
+    greedy = lambda: ray.get(handle.generate.remote(prompt_ids=PROMPTS[0], request_id="g",
+                                                    sampling_params={**GREEDY_PARAMS, "ignore_eos": True}))
+    before = greedy()
+
+    # the adapter as an actor worker builds it; bucket size 0 MB sends one tensor per bucket
+    config = rollout_config(checkpoint_engine=CheckpointEngineConfig(update_weights_bucket_megabytes=0))
+    adapter = HFServerAdapter(config, model_config(student), device_mesh=None)
+    assert adapter.replica_rank == 0 and adapter.is_leader_rank
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).state_dict()
+    new = perturbed(original, seed=1)
+    run(adapter.resume(tags=["weights"]))
+    run(adapter.update_weights(iter(new.items()), global_steps=7))
+    changed = greedy()
+    assert changed.token_ids != before.token_ids and changed.extra_fields["global_steps"] == 7
+    run(adapter.update_weights(iter(original.items()), global_steps=8))
+    after = greedy()
+    assert after.token_ids == before.token_ids and after.extra_fields["global_steps"] == 8
+
+    for hook in ("sleep", "wake_up", "clear_kv_cache", "release_kv_cache", "resume_kv_cache", "abort_all_requests",
+                 "resume_generation", "start_profile", "stop_profile"):
+        run(getattr(replica, hook)())
+    run(adapter.release())
+
+    with pytest.raises(NotImplementedError, match="wire_format"):
+        run(adapter.update_weights(iter([]), wire_format="delta_flush"))
+    with pytest.raises(NotImplementedError, match="lora.merge=True"):
+        run(adapter.update_weights(iter([]), peft_config={"r": 8}))

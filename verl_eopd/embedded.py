@@ -1,0 +1,242 @@
+"""The embedded tiny default: a teacher and a smaller student on a synthetic arithmetic task, built here.
+
+`python -m verl_eopd.main algorithm=eopd` with no model given runs EOPD on this pair, so the whole loop
+runs on a laptop CPU or in CI with no hub access. Built once and cached (`EOPD_CACHE`, default
+`~/.cache/verl_eopd/tiny-v1`):
+
+  tokenizer   byte-level BPE trained on the task's text, ChatML template, specials
+              <|endoftext|> <|im_start|> <|im_end|> (ids 0, 1, 2)
+  teacher     Qwen3 (hidden 64, 2 layers), fine-tuned to answer "What is a plus b?" in one of three
+              phrasings and to end with <|im_end|> (a chat model); the phrasing choice and the harder sums
+              keep its entropy high on some tokens and near zero on others, so the gate has work to do
+  student     Qwen3 (hidden 32, 2 layers), fine-tuned briefly on the same text ending with <|endoftext|>
+              (a "Base" model: a different end token, as Qwen3-Base vs Qwen3 chat, exercising the EOS remap)
+  data        train/val parquet in verl's RL format: chat `prompt`, `data_source`, `reward_model.ground_truth`
+
+The fine-tuning is a plain PyTorch loop (a few hundred steps of next-token loss on the responses).
+`compute_score` is the task's verifiable reward for `eopd_grpo`: 1.0 when the last integer of the
+response equals the sum.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from pathlib import Path
+from typing import Optional
+
+VERSION = "tiny-v1"
+DATA_SOURCE = "eopd_tiny_add"
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}"
+)
+PHRASINGS = ("The answer is {s}.", "It is {s}.", "{a} + {b} = {s}.")
+MAX_OPERAND = 60
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EOPD_CACHE", Path.home() / ".cache" / "verl_eopd")) / VERSION
+
+
+# ------------------------------------------------------------------------------------------------ task
+
+
+def question(a: int, b: int) -> str:
+    return f"What is {a} plus {b}?"
+
+
+def task_pairs(seed: int = 0) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """All (a, b) with 0 <= a, b < MAX_OPERAND, split 90/10 into train/val (fixed seed)."""
+    pairs = [(a, b) for a in range(MAX_OPERAND) for b in range(MAX_OPERAND)]
+    random.Random(seed).shuffle(pairs)
+    n_val = len(pairs) // 10
+    return pairs[n_val:], pairs[:n_val]
+
+
+def compute_score(data_source, solution_str, ground_truth, extra_info=None) -> float:
+    """verl custom-reward signature: 1.0 if the last integer in the response equals the answer, else 0.0."""
+    numbers = re.findall(r"-?\d+", solution_str or "")
+    return 1.0 if numbers and numbers[-1] == str(ground_truth).strip() else 0.0
+
+
+def write_rl_parquet(pairs, path: Path, split: str) -> None:
+    import pandas as pd
+
+    rows = [{
+        "data_source": DATA_SOURCE,
+        "prompt": [{"role": "user", "content": question(a, b)}],
+        "ability": "math",
+        "reward_model": {"style": "rule", "ground_truth": str(a + b)},
+        "extra_info": {"split": split, "index": i, "a": a, "b": b},
+    } for i, (a, b) in enumerate(pairs)]
+    pd.DataFrame(rows).to_parquet(path)
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def build_tokenizer(out_dir: str, *, eos_token: str = "<|im_end|>", vocab_size: int = 400):
+    """Byte-level BPE trained on the task's text; saved with a ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [question(a, b) + " " + p.format(a=a, b=b, s=a + b) + " user assistant"
+              for a in range(MAX_OPERAND) for b in range(0, MAX_OPERAND, 3) for p in PHRASINGS]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token, pad_token="<|endoftext|>")
+    hf.chat_template = CHAT_TEMPLATE
+    hf.save_pretrained(out_dir)
+    return hf
+
+
+def build_tiny_qwen3(out_dir: str, tokenizer, *, vocab_size: Optional[int] = None, hidden: int = 32, layers: int = 2,
+                     seed: int = 0, logit_scale: float = 1.0):
+    """A random Qwen3ForCausalLM saved with `tokenizer`; vocab_size may exceed the tokenizer (padded table)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    os.makedirs(out_dir, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
+    cfg = AutoConfig.for_model(
+        "qwen3", vocab_size=vocab_size or len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+        max_position_embeddings=512, tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    if logit_scale != 1.0:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(logit_scale)
+    model.save_pretrained(out_dir)
+    return model
+
+
+def _sft_examples(tokenizer, pairs, rng: random.Random, end_token: str) -> list[tuple[list[int], int]]:
+    """(token ids, prompt length) for each pair with a random phrasing, ending with end_token."""
+    out = []
+    for a, b in pairs:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question(a, b)}], tokenize=False,
+                                               add_generation_prompt=True)
+        answer = rng.choice(PHRASINGS).format(a=a, b=b, s=a + b) + end_token
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        out.append((p_ids + r_ids, len(p_ids)))
+    return out
+
+
+def sft(model_dir: str, tokenizer, pairs, *, end_token: str, steps: int, lr: float, batch: int = 32, seed: int = 0,
+        log_every: int = 0) -> list[float]:
+    """Plain next-token fine-tuning on the responses (prompt tokens masked); saves the model in place."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    pad = tokenizer.pad_token_id
+    losses = []
+    model.train()
+    for step in range(steps):
+        examples = _sft_examples(tokenizer, rng.sample(pairs, batch), rng, end_token)
+        L = max(len(ids) for ids, _ in examples)
+        ids = torch.full((batch, L), pad)
+        labels = torch.full((batch, L), -100)
+        mask = torch.zeros(batch, L, dtype=torch.long)
+        for i, (seq, p_len) in enumerate(examples):
+            ids[i, : len(seq)] = torch.tensor(seq)
+            labels[i, p_len: len(seq)] = torch.tensor(seq[p_len:])
+            mask[i, : len(seq)] = 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if log_every and (step + 1) % log_every == 0:
+            print(f"[verl_eopd.embedded] sft {Path(model_dir).name} step {step + 1}/{steps} loss {loss.item():.3f}",
+                  flush=True)
+    model.save_pretrained(model_dir)
+    return losses
+
+
+def ensure_embedded_default(root: Optional[Path] = None, *, teacher_steps: int = 400, student_steps: int = 60,
+                            verbose: bool = True) -> dict[str, str]:
+    """Build (once) and return the paths of the tiny teacher, student and task data."""
+    import torch
+
+    root = Path(root or cache_dir())
+    done = root / "READY.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    root.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    if verbose:
+        print(f"[verl_eopd.embedded] building the tiny default in {root} (once; ~1 min)", flush=True)
+    train, val = task_pairs()
+    paths = {"root": str(root), "teacher": str(root / "teacher"), "student": str(root / "student"),
+             "train": str(root / "train.parquet"), "val": str(root / "val.parquet")}
+    chat_tok = build_tokenizer(str(root / "tok_chat"), eos_token="<|im_end|>")
+    base_tok = build_tokenizer(str(root / "tok_base"), eos_token="<|endoftext|>")
+    assert chat_tok.get_vocab() == base_tok.get_vocab()
+    build_tiny_qwen3(paths["teacher"], chat_tok, hidden=64, layers=2, seed=1)
+    build_tiny_qwen3(paths["student"], base_tok, hidden=32, layers=2, seed=2)
+    log = 100 if verbose else 0
+    t_losses = sft(paths["teacher"], chat_tok, train, end_token="<|im_end|>", steps=teacher_steps, lr=3e-3,
+                   seed=1, log_every=log)
+    s_losses = sft(paths["student"], base_tok, train, end_token="<|endoftext|>", steps=student_steps, lr=3e-3,
+                   seed=2, log_every=log)
+    write_rl_parquet(train, Path(paths["train"]), "train")
+    write_rl_parquet(val, Path(paths["val"]), "val")
+    torch.set_num_threads(threads)
+    info = {**paths, "teacher_final_sft_loss": t_losses[-1], "student_final_sft_loss": s_losses[-1]}
+    done.write_text(json.dumps(info, indent=1))
+    return info
+
+
+def embedded_settings(info: dict, algorithm: str) -> dict:
+    """verl config values for a run on the embedded pair (each applied unless the user set that key).
+
+    Sized for a 2-core CPU: 16 prompts per step, one PPO mini-batch, short prompts and responses.
+    """
+    grpo = algorithm == "eopd_grpo"
+    return {
+        "actor_rollout_ref.model.path": info["student"],
+        "distillation.teacher_models.teacher_model.model_path": info["teacher"],
+        "data.train_files": info["train"],
+        "data.val_files": info["val"],
+        "data.prompt_key": "prompt",
+        "data.max_prompt_length": 32,
+        "data.max_response_length": 16,
+        "data.train_batch_size": 8 if grpo else 16,
+        "data.val_max_samples": 32,
+        "actor_rollout_ref.rollout.n": 4 if grpo else 1,
+        "actor_rollout_ref.actor.ppo_mini_batch_size": 8 if grpo else 16,
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 16,
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": 16,
+        "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu": 16,
+        "actor_rollout_ref.actor.optim.lr": 2e-4,
+        "actor_rollout_ref.model.enable_gradient_checkpointing": False,
+        "actor_rollout_ref.rollout.val_kwargs.temperature": 0.0,
+        "reward.custom_reward_function.path": "pkg://verl_eopd.embedded",
+        "reward.custom_reward_function.name": "compute_score",
+        "trainer.total_training_steps": 30,
+        "trainer.logger": ["console"],
+        "trainer.project_name": "verl_eopd",
+        "trainer.experiment_name": f"tiny_{algorithm}",
+        "trainer.val_before_train": False,
+        "trainer.test_freq": -1,
+        "trainer.save_freq": 30,
+    }
