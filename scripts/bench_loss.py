@@ -145,6 +145,30 @@ class _PeakRSS:
             self._thread.join()
 
 
+def _system_busy_s():
+    """Seconds of CPU time all processes of the machine have spent busy (for the contention check)."""
+    try:
+        import psutil
+
+        t = psutil.cpu_times()
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+    except Exception:
+        return None
+
+
+def wait_idle(max_wait_s: float, busy_pct: float = 10.0) -> float:
+    """Wait until the machine's CPU use over 2 s is below busy_pct (at most max_wait_s); returns seconds waited."""
+    if max_wait_s <= 0:
+        return 0.0
+    import psutil
+
+    t0 = time.time()
+    while time.time() - t0 < max_wait_s:
+        if psutil.cpu_percent(interval=2.0) < busy_pct:
+            break
+    return time.time() - t0
+
+
 def build_inputs(T: int, K: int, V: int, dtype: str, device: str, seed: int = 0):
     import torch
 
@@ -267,6 +291,7 @@ def worker(impl: str, T: int, K: int, dtype: str, device: str, V: int, reps: int
         meter.start()
     times, cpu_times = [], []
     load0 = os.getloadavg()[0]
+    busy0, own0, wall0 = _system_busy_s(), time.process_time(), time.perf_counter()
     for i in range(1 + reps):
         x["logits"].grad = None
         if cuda:
@@ -282,6 +307,8 @@ def worker(impl: str, T: int, K: int, dtype: str, device: str, V: int, reps: int
             cpu_times.append(c1 - c0)
         loss_val = float(loss.detach())
         del loss
+    busy1, own1, wall1 = _system_busy_s(), time.process_time(), time.perf_counter()
+    others = None if busy0 is None else max(0.0, ((busy1 - busy0) - (own1 - own0)) / (wall1 - wall0))
     if cuda:
         peak = torch.cuda.max_memory_allocated()
         method = "cuda.max_memory_allocated"
@@ -295,6 +322,7 @@ def worker(impl: str, T: int, K: int, dtype: str, device: str, V: int, reps: int
         "chunk_bytes": chunk_bytes if impl == "eopd" else None,
         "time_ms": 1e3 * statistics.median(times), "times_ms": [1e3 * t for t in times],
         "cpu_time_ms": 1e3 * statistics.median(cpu_times), "loadavg_1m": [load0, os.getloadavg()[0]],
+        "others_cores": others,
         "extra_peak_mib": (peak - base) / MiB, "base_mib": base / MiB, "peak_mib": peak / MiB,
         "mem_method": method, "loss": loss_val, "grad_finite": grad_ok, "threads": ncores,
     }
@@ -344,6 +372,7 @@ def run_case(args, device, impl, T, K, dtype, V, reps, budget):
     key = dict(device=device, impl=impl, T=T, K=K, dtype=dtype, V=V)
     if est > budget:
         return {**key, "skipped": f"skipped (est. {est / GiB:.1f} GiB)", "est_gib": est / GiB}
+    waited = wait_idle(args.wait_idle)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, str(T), str(K), dtype,
            "--device", device, "--V", str(V), "--reps", str(reps), "--chunk-bytes", str(args.chunk_bytes)]
     t0 = time.time()
@@ -357,6 +386,7 @@ def run_case(args, device, impl, T, K, dtype, V, reps, budget):
     res = json.loads(p.stdout.strip().splitlines()[-1])
     res["est_gib"] = est / GiB
     res["wall_s"] = time.time() - t0
+    res["waited_idle_s"] = waited
     return res
 
 
@@ -369,7 +399,7 @@ def _fmt_t(r):
 
 
 def _fmt_m(r):
-    return r.get("skipped", None) or f"{r['extra_peak_mib']:.0f}"
+    return "—" if "skipped" in r else f"{r['extra_peak_mib']:.0f}"
 
 
 def render_table(results, devices, Ts, Ks, dtypes) -> str:
@@ -404,6 +434,13 @@ def render_table(results, devices, Ts, Ks, dtypes) -> str:
                         c_md = "n/a"
                     out.append(f"| {dtype} | {K} | {T} | {grad:.0f} | {_fmt_t(e)} | {_fmt_t(n)} | {_fmt_t(d)} "
                                f"| {_fmt_m(e)} | {_fmt_m(n)} | {_fmt_m(d)} | {c_t} | {c_mn} | {c_md} |")
+    others = [r["others_cores"] for r in results if r.get("others_cores") is not None]
+    if others:
+        worst = max((r for r in results if r.get("others_cores") is not None), key=lambda r: r["others_cores"])
+        out.append(f"\nCPU used by other processes during the timed passes (cores, average per case): median "
+                   f"{statistics.median(others):.2f}, max {worst['others_cores']:.2f} "
+                   f"({worst['impl']} {worst['dtype']} K={worst['K']} T={worst['T']}); "
+                   f"the benchmark itself uses {worst.get('threads', '?')} threads.")
     return "\n".join(out) + "\n"
 
 
@@ -434,7 +471,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reps-large", type=int, default=None, help="reps for T >= 16384 (default: --reps)")
     ap.add_argument("--chunk-bytes", type=int, default=None, help="eopd_loss chunk_bytes (default: its default)")
     ap.add_argument("--max-gib", type=float, default=16.0, help="skip cases estimated above this (per process)")
-    ap.add_argument("--timeout", type=float, default=300.0, help="per-case timeout, seconds")
+    ap.add_argument("--wait-idle", type=float, default=0.0,
+                    help="before each case wait up to this many seconds for the CPUs to be idle (< 10%% busy)")
+    ap.add_argument("--timeout", type=float, default=600.0, help="per-case timeout, seconds")
     ap.add_argument("--quick", action="store_true", help="V=32768, T 256 512, K 16, 1 rep (smoke test)")
     ap.add_argument("--out", help="also write the markdown (header + table) here")
     ap.add_argument("--json", help="also write the raw results here")
@@ -479,7 +518,8 @@ def main(argv=None) -> int:
                         r = run_case(args, device, impl, T, K, dtype, args.V, reps, budget)
                         results.append(r)
                         msg = r.get("skipped") or (f"{r['time_ms']:.1f} ms (cpu {r['cpu_time_ms']:.0f} ms, "
-                                                   f"load {r['loadavg_1m'][1]:.1f}), +{r['extra_peak_mib']:.0f} MiB "
+                                                   f"others {r['others_cores'] or 0:.2f} cores, "
+                                                   f"waited {r['waited_idle_s']:.0f} s), +{r['extra_peak_mib']:.0f} MiB "
                                                    f"(est. {r['est_gib']:.2f} GiB, base {r['base_mib']:.0f} MiB, "
                                                    f"{r['mem_method']}, wall {r['wall_s']:.0f} s)")
                         print(f"[{device} {dtype} K={K} T={T} {impl}] {msg}", file=sys.stderr, flush=True)

@@ -203,6 +203,10 @@ def install() -> None:
     from verl.plugin.platform import set_platform
 
     os.environ["VERL_PLATFORM"] = "cpu"  # inherited by Ray workers started from here
+    # ...and imported by verl/__init__ in every worker, before any entry point, failing loudly
+    modules = [m for m in os.environ.get("VERL_USE_EXTERNAL_MODULES", "").split(",") if m]
+    if __name__ not in modules:
+        os.environ["VERL_USE_EXTERNAL_MODULES"] = ",".join(modules + [__name__])
     install_light()
     set_platform(_platform_class()())
     _register_cpu_engines()
@@ -263,3 +267,7 @@ def check_ray_resources(config) -> None:
             f"ray_kwargs.ray_init.num_gpus={num_gpus} is below trainer.n_gpus_per_node x trainer.nnodes = "
             f"{gpus_needed}: verl's resource pool would never be placed. Fix: ray_kwargs.ray_init.num_gpus={gpus_needed}"
         )
+
+
+if os.environ.get("VERL_PLATFORM", "").lower() == "cpu":  # imported via VERL_USE_EXTERNAL_MODULES in workers
+    install_light()

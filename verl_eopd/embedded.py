@@ -2,7 +2,7 @@
 
 `python -m verl_eopd.main algorithm=eopd` with no model given runs EOPD on this pair, so the whole loop
 runs on a laptop CPU or in CI with no hub access. Built once and cached (`EOPD_CACHE`, default
-`~/.cache/verl_eopd/tiny-v1`):
+`~/.cache/verl_eopd/tiny-v2`):
 
   tokenizer   byte-level BPE trained on the task's text, ChatML template, specials
               <|endoftext|> <|im_start|> <|im_end|> (ids 0, 1, 2)
@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-VERSION = "tiny-v1"
+VERSION = "tiny-v2"
 DATA_SOURCE = "eopd_tiny_add"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -172,7 +172,7 @@ def sft(model_dir: str, tokenizer, pairs, *, end_token: str, steps: int, lr: flo
     return losses
 
 
-def ensure_embedded_default(root: Optional[Path] = None, *, teacher_steps: int = 400, student_steps: int = 60,
+def ensure_embedded_default(root: Optional[Path] = None, *, teacher_steps: int = 300, student_steps: int = 150,
                             verbose: bool = True) -> dict[str, str]:
     """Build (once) and return the paths of the tiny teacher, student and task data."""
     import torch
@@ -227,7 +227,7 @@ def embedded_settings(info: dict, algorithm: str) -> dict:
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 16,
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": 16,
         "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu": 16,
-        "actor_rollout_ref.actor.optim.lr": 2e-4,
+        "actor_rollout_ref.actor.optim.lr": 5e-3,
         "actor_rollout_ref.model.enable_gradient_checkpointing": False,
         "actor_rollout_ref.rollout.val_kwargs.temperature": 0.0,
         "reward.custom_reward_function.path": "pkg://verl_eopd.embedded",

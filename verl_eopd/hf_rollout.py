@@ -31,16 +31,44 @@ import os
 import threading
 from typing import Any, Generator, Optional
 
-import ray
-import torch
+BACKEND_NAME = "hf"
+ADAPTER_FQN = "verl_eopd.hf_rollout.HFServerAdapter"
 
-from verl.workers.rollout.base import BaseRollout
-from verl.workers.rollout.replica import RolloutMode, RolloutReplica, TokenOutput
+
+# ------------------------------------------------------------------------------------------------ registration
+# Defined before this module imports verl: when it is the first to import verl in a process (a Ray server
+# actor unpickling HFRolloutServer), verl's plugin entry point calls `register()` on this partially imported
+# module. `_load_replica` and ADAPTER_FQN are resolved only at lookup time.
+
+
+def _load_replica():
+    return HFReplica
+
+
+def register() -> None:
+    """Make rollout name "hf" resolvable in this process (both verl registries). Idempotent."""
+    from verl.workers.rollout import base
+    from verl.workers.rollout.replica import RolloutReplicaRegistry
+
+    current = RolloutReplicaRegistry._registry.get(BACKEND_NAME)
+    ours = getattr(current, "__module__", None) == __name__ and getattr(current, "__name__", "") == "_load_replica"
+    if current is not None and not ours:
+        raise RuntimeError(f"another package already registered rollout '{BACKEND_NAME}': {current!r}")
+    adapter = base._ROLLOUT_REGISTRY.get((BACKEND_NAME, "async"))
+    if adapter is not None and adapter != ADAPTER_FQN:
+        raise RuntimeError(f"another package already registered rollout adapter '{BACKEND_NAME}': {adapter}")
+    RolloutReplicaRegistry.register(BACKEND_NAME, _load_replica)
+    base._ROLLOUT_REGISTRY[(BACKEND_NAME, "async")] = ADAPTER_FQN
+
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from verl.workers.rollout.base import BaseRollout  # noqa: E402
+from verl.workers.rollout.replica import RolloutMode, RolloutReplica, TokenOutput  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-BACKEND_NAME = "hf"
-ADAPTER_FQN = "verl_eopd.hf_rollout.HFServerAdapter"
 THREADS_ENV = "EOPD_HF_ROLLOUT_THREADS"  # torch intra-op threads of each server (default: os.cpu_count())
 GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: temperature below this means greedy
 _PREFILL_LOGITS_BYTES = 256 << 20  # fp32 logits one prompt-log-prob forward may hold at once
@@ -69,7 +97,7 @@ def _num_threads() -> int:
 
 
 class _SampledLogProbs:
-    """A logits processor placed FIRST in `generate`'s list, so it sees the raw logits [B, V] of every step.
+    """A (duck-typed) logits processor placed FIRST in `generate`'s list: it sees the raw logits [B, V] of every step.
 
     It keeps one step of log_softmax(raw_logits / T) and, at the next step (whose input_ids end with the token
     just sampled), gathers the sampled token's log-prob: O(B * V) memory instead of `output_logits`' O(steps * B * V).
@@ -167,9 +195,9 @@ class HFRolloutServer:
         dtype = _DTYPES.get(str(self.config.dtype).replace("torch.", ""))
         if dtype is None:
             raise ValueError(f"hf rollout: unsupported rollout.dtype={self.config.dtype!r} (use float32 on CPU)")
-        self.model = AutoModelForCausalLM.from_pretrained(
+        self.model = AutoModelForCausalLM.from_pretrained(  # flash-attn (verl's default) is CUDA only: sdpa
             self.model_config.local_path, config=hf_config, dtype=dtype,
-            attn_implementation=attn if attn in ("sdpa", "eager") else "sdpa",  # flash-attn (verl's default) is CUDA only
+            attn_implementation=attn if attn in ("sdpa", "eager") else "sdpa",
             trust_remote_code=self.model_config.trust_remote_code,
         ).eval()
 
@@ -227,6 +255,8 @@ class HFRolloutServer:
         for key in set(params) - _KNOWN_PARAMS - self._warned:
             self._warned.add(key)
             logger.warning("hf rollout: ignoring sampling param %r", key)
+        if self.config.full_determinism:  # as vLLMHttpServer: a fixed per-replica sampling seed
+            params.setdefault("seed", self.replica_rank + self.config.seed)
         if int(params.get("n", 1)) != 1:
             raise NotImplementedError("hf rollout: n > 1 in one request (verl sends one request per sample)")
 
@@ -323,7 +353,8 @@ class HFRolloutServer:
         return tokens, log_probs
 
     def _forward_rows(self, prompts, rows_needed: bool):
-        """Left-padded forwards in chunks; yields (chunk index range, logits [b, L or 1, V] fp32, pad widths)."""
+        """Left-padded forwards in chunks of prompts. Yields (index of the chunk's first prompt,
+        logits [b, L or 1, V] fp32, left-pad width of each prompt)."""
         vocab = self.model.config.get_text_config().vocab_size
         width = max(len(p) for p in prompts)
         per_chunk = max(1, _PREFILL_LOGITS_BYTES // (4 * vocab * width)) if rows_needed else len(prompts)
@@ -476,8 +507,9 @@ class HFReplica(RolloutReplica):
                        max_concurrency=self.max_concurrency, num_cpus=0)
         if os.environ.get(THREADS_ENV):  # the server's thread count follows the TaskRunner's setting
             options["runtime_env"] = {"env_vars": {THREADS_ENV: os.environ[THREADS_ENV]}}
-        server = self.server_class.options(**options).remote(config=self.config, model_config=self.model_config, rollout_mode=self.rollout_mode,
-                 replica_rank=self.replica_rank)
+        server = self.server_class.options(**options).remote(
+            config=self.config, model_config=self.model_config, rollout_mode=self.rollout_mode,
+            replica_rank=self.replica_rank)
         await server.ready.remote()  # surfaces model-loading errors here, not at the first request
         self.servers = [server]
         self._server_handle = server
@@ -520,7 +552,6 @@ class HFServerAdapter(BaseRollout):
         if self.config.free_cache_engine and self.is_leader_rank:
             await self._server().sleep.remote()
 
-    @torch.no_grad()
     async def update_weights(self, weights: Generator[tuple[str, torch.Tensor], None, None],
                              wire_format: str = "named_tensors", global_steps: Optional[int] = None, **kwargs):
         if wire_format != "named_tensors":
@@ -547,26 +578,3 @@ class HFServerAdapter(BaseRollout):
         if in_flight is not None:
             await in_flight
         return await self._server().update_weights.remote(bucket, is_last=True, global_steps=global_steps)
-
-
-# ------------------------------------------------------------------------------------------------ registration
-
-
-def _load_replica() -> type[HFReplica]:
-    return HFReplica
-
-
-def register() -> None:
-    """Make rollout name "hf" resolvable in this process (both verl registries). Idempotent."""
-    from verl.workers.rollout import base
-    from verl.workers.rollout.replica import RolloutReplicaRegistry
-
-    current = RolloutReplicaRegistry._registry.get(BACKEND_NAME)
-    ours = getattr(current, "__module__", None) == __name__ and getattr(current, "__name__", "") == "_load_replica"
-    if current is not None and not ours:
-        raise RuntimeError(f"another package already registered rollout '{BACKEND_NAME}': {current!r}")
-    adapter = base._ROLLOUT_REGISTRY.get((BACKEND_NAME, "async"))
-    if adapter is not None and adapter != ADAPTER_FQN:
-        raise RuntimeError(f"another package already registered rollout adapter '{BACKEND_NAME}': {adapter}")
-    RolloutReplicaRegistry.register(BACKEND_NAME, _load_replica)
-    base._ROLLOUT_REGISTRY[(BACKEND_NAME, "async")] = ADAPTER_FQN

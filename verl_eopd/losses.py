@@ -71,6 +71,36 @@ def _entropy_from_logp(logp: torch.Tensor) -> torch.Tensor:
     return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
 
 
+class _ChunkBuffers:
+    """fp32 work buffers of `rows` rows, reused for every chunk: fresh allocations of this size cost page
+    faults on CPU and allocator churn on GPU."""
+
+    def __init__(self, rows: int, V: int, device, need_second: bool):
+        self.work = torch.empty(rows, V, dtype=torch.float32, device=device)
+        self.second = torch.empty(rows, V, dtype=torch.float32, device=device) if need_second else None
+
+
+def _chunk_lse_entropy(z: torch.Tensor, buf: _ChunkBuffers, with_entropy: bool):
+    """Per-row log-normaliser and (optionally) entropy of one chunk of logits z [n, V] (any float dtype).
+
+        lse = m + log S,   S = sum_v exp(z_v - m),   m = max_v z_v
+        H   = log S - sum_v exp(z_v - m) (z_v - m) / S          (= -sum_v p_v log p_v)
+    Returns (lse [n, 1] fp32, H [n] fp32 or None). Uses buf.work (and buf.second for H).
+    """
+    n = z.shape[0]
+    m = z.amax(-1, keepdim=True).float()
+    q = torch.sub(z, m, out=buf.work[:n])  # z - m in fp32 (bf16 input is promoted on the fly)
+    p = torch.exp(q, out=buf.second[:n]) if with_entropy else q.exp_()  # unnormalised softmax
+    total = p.sum(-1, keepdim=True)
+    log_total = total.log()
+    h = None
+    if with_entropy:
+        h = (log_total - torch.bmm(p.unsqueeze(1), q.unsqueeze(2)).view(n, 1) / total).squeeze(-1)
+        if torch.isnan(h).any():  # logits of -inf: exp(-inf) * -inf; recompute with 0 log 0 = 0
+            h = _entropy_from_logp(z.float() - (m + log_total))
+    return m + log_total, h
+
+
 # --------------------------------------------------------------------------------------------------
 # Teacher side
 # --------------------------------------------------------------------------------------------------
@@ -114,15 +144,15 @@ def teacher_stats(
     entropy = torch.empty(N, dtype=torch.float32, device=dev)
     token_lp = torch.empty(N, dtype=torch.float32, device=dev)
     rows = _rows_per_chunk(V, chunk_bytes)
+    buf = _ChunkBuffers(min(rows, N), V, dev, need_second=True) if N else None
     with torch.autocast(dev.type, enabled=False):
         for s in range(0, N, rows):
             e = min(s + rows, N)
-            logp = flat[s:e].float()
-            logp = logp - torch.logsumexp(logp, dim=-1, keepdim=True)  # log pi_T, one fp32 chunk
-            vals, idx = logp.topk(k, dim=-1)
-            topk_ids[s:e], topk_lp[s:e] = idx, vals
-            token_lp[s:e] = logp.gather(-1, ids[s:e, None]).squeeze(-1)
-            entropy[s:e] = _entropy_from_logp(logp)
+            z = flat[s:e]
+            lse, entropy[s:e] = _chunk_lse_entropy(z, buf, with_entropy=True)
+            vals, idx = z.topk(k, dim=-1)  # top-k of the logits = top-k of the log-probs
+            topk_ids[s:e], topk_lp[s:e] = idx, vals.float() - lse
+            token_lp[s:e] = z.gather(-1, ids[s:e, None]).squeeze(-1).float() - lse.squeeze(-1)
     return {
         "topk_ids": topk_ids.reshape(*lead, k),
         "topk_logprobs": topk_lp.reshape(*lead, k),
@@ -254,30 +284,19 @@ class _GatherLogSoftmax(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, index: torch.Tensor, rows: int, with_entropy: bool):
         N, V = logits.shape
         M = index.shape[1]
-        dev, fp32 = logits.device, logits.dtype == torch.float32
+        dev = logits.device
         out = torch.empty(N, M, dtype=torch.float32, device=dev)
         lse = torch.empty(N, dtype=torch.float32, device=dev)
         ent = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=dev)
-        c = min(rows, N)
-        work = torch.empty(c, V, dtype=torch.float32, device=dev)
-        zbuf = None if fp32 else torch.empty(c, V, dtype=torch.float32, device=dev)
+        buf = _ChunkBuffers(min(rows, N), V, dev, need_second=with_entropy) if N else None
         with torch.autocast(dev.type, enabled=False):
             for s in range(0, N, rows):
                 e = min(s + rows, N)
-                n = e - s
                 z = logits[s:e]
-                m = z.amax(-1, keepdim=True).float()
-                q = torch.sub(z, m, out=work[:n])  # z - max, fp32 (bf16 input is promoted on the fly)
-                p = q.exp_() if fp32 or not with_entropy else torch.exp(q, out=zbuf[:n])  # unnormalised softmax
-                total = p.sum(-1, keepdim=True)
-                lse_c = m + total.log()
+                lse_c, h = _chunk_lse_entropy(z, buf, with_entropy)
                 lse[s:e] = lse_c.squeeze(-1)
                 out[s:e] = z.gather(-1, index[s:e]).float() - lse_c
-                if with_entropy:  # H = lse - sum_v p_v z_v / S = log S - sum_v p_v (z_v - m) / S
-                    dot = torch.bmm(p.unsqueeze(1), (z if fp32 else q).unsqueeze(2)).view(n, 1)
-                    h = ((lse_c - dot / total) if fp32 else (total.log() - dot / total)).squeeze(-1)
-                    if torch.isnan(h).any():  # -inf logits: 0 * -inf; recompute with 0 log 0 = 0
-                        h = _entropy_from_logp(z.float() - lse_c)
+                if with_entropy:
                     ent[s:e] = h
         ctx.save_for_backward(logits, index, lse)
         ctx.rows = rows

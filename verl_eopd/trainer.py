@@ -127,6 +127,52 @@ class EOPDTrainer(PPOTrainerSync):
         self.role_worker_mapping[Role.ActorRolloutRef] = ray.remote(EOPDActorRolloutRefWorker)
         self.mapping[Role.ActorRolloutRef] = "global_pool"
 
+    # ------------------------------------------------------------------ checkpoints
+    EOPD_SETTINGS_FILE = "eopd_settings.json"
+
+    def _eopd_settings(self) -> dict:
+        from omegaconf import OmegaConf
+
+        node = OmegaConf.to_container(self.config.distillation.distillation_loss, resolve=True)
+        node["teacher_model_path"] = self.config.distillation.teacher_models.teacher_model.model_path
+        return node
+
+    def _save_checkpoint(self):
+        """verl's checkpoint plus the EOPD settings it was trained with (compared on resume)."""
+        import json
+        import os
+
+        super()._save_checkpoint()
+        folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
+        if os.path.isdir(folder):
+            with open(os.path.join(folder, self.EOPD_SETTINGS_FILE), "w") as f:
+                json.dump(self._eopd_settings(), f, indent=1, sort_keys=True)
+
+    def _load_checkpoint(self):
+        """verl's resume; then the EOPD settings saved with the checkpoint are compared with this run's."""
+        import json
+        import os
+
+        super()._load_checkpoint()
+        if self.global_steps <= 0:
+            return
+        folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
+        if self.config.trainer.resume_mode == "resume_path":
+            folder = self.config.trainer.resume_from_path
+        path = os.path.join(folder, self.EOPD_SETTINGS_FILE)
+        if not os.path.exists(path):
+            logger.warning("[verl_eopd] resumed from %s, which has no %s", folder, self.EOPD_SETTINGS_FILE)
+            return
+        with open(path) as f:
+            saved = json.load(f)
+        now = self._eopd_settings()
+        changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+        if changed:
+            logger.warning("[verl_eopd] resumed at step %d with EOPD settings that differ from the checkpoint's "
+                           "(saved -> now): %s", self.global_steps, changed)
+        print(f"[verl_eopd] resumed at step {self.global_steps} from {folder}; EOPD settings "
+              f"{'CHANGED: ' + str(changed) if changed else 'unchanged'}", flush=True)
+
     def _compute_ref_log_prob(self, batch, metrics: dict):
         if not self.eopd_ref_route:
             return super()._compute_ref_log_prob(batch, metrics)
