@@ -361,6 +361,15 @@ def machine_info(devices) -> dict:
         info["verl"] = getattr(verl, "__version__", "?")
     except Exception:
         info["verl"] = "not importable"
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        rev = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "verl_eopd"],
+                               capture_output=True, text=True)
+        if rev.returncode == 0:
+            info["git"] = rev.stdout.strip() + (" (verl_eopd/ modified)" if dirty.stdout.strip() else "")
+    except OSError:
+        pass
     if "cuda" in devices:
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_mem_gib"] = torch.cuda.get_device_properties(0).total_memory / GiB
@@ -448,7 +457,7 @@ def render_header(info, args, V) -> str:
     lines = [
         f"- date: {info['date']}",
         f"- CPU: {info['cpu']}, {info['cores']} cores used (torch.set_num_threads), RAM {info['ram_gib']:.1f} GiB",
-        f"- torch {info['torch']}, verl {info['verl']}, Python {info['python']}",
+        f"- torch {info['torch']}, verl {info['verl']}, Python {info['python']}, verl_eopd at git {info.get('git', '?')}",
         f"- V = {V}, reps = {args.reps} (+1 warm-up), eopd chunk_bytes = {args.chunk_bytes / MiB:g} MiB, "
         f"skip above {args.max_gib:g} GiB estimated",
     ]

@@ -1,6 +1,6 @@
 """End to end on CPU: verl's real v1 trainer distils the embedded tiny student from the tiny teacher.
 
-One Ray session for the module; each run goes through `verl_eopd.main.run` exactly as the command line
+Each run (its own Ray session) goes through `verl_eopd.main.run` exactly as the command line
 does (embedded default, CPU settings, checks, EOPD trainer, HF rollout backend, teacher in the reference
 worker). Metrics are read back from verl's file logger.
 """
@@ -18,22 +18,18 @@ from test_entrypoint import _compose
 
 DESIGN_METRICS = ("teacher_entropy_mean", "gate_frac", "fkl_mean", "fkl_gated_mean", "rkl_mean",
                   "student_entropy_mean", "student_entropy_gated_mean", "teacher_topk_mass_mean")
-STEPS = 6
+STEPS = 8
 
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
-    import ray
-
     root = tmp_path_factory.mktemp("e2e")
     os.environ["VERL_FILE_LOGGER_ROOT"] = str(root / "metrics")
     os.environ.setdefault("EOPD_CACHE", str(Path(os.environ.get("EOPD_TEST_CACHE", root / "cache"))))
     from verl_eopd import cpu
 
     cpu.install()  # sets VERL_PLATFORM / VERL_USE_EXTERNAL_MODULES before Ray starts its workers
-    yield root
-    if ray.is_initialized():
-        ray.shutdown()
+    return root
 
 
 def _run(root: Path, algorithm: str, name: str, *overrides: str) -> list[dict]:
@@ -43,7 +39,12 @@ def _run(root: Path, algorithm: str, name: str, *overrides: str) -> list[dict]:
                  f"trainer.default_local_dir={root / 'ckpt' / name}", *overrides)
     cfg = _compose(*overrides)
     keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
-    run(cfg, user_keys=keys, algorithm=algorithm)
+    import ray
+
+    try:
+        run(cfg, user_keys=keys, algorithm=algorithm)
+    finally:  # verl names its placement groups per run: each run needs a fresh Ray session
+        ray.shutdown()
     path = Path(os.environ["VERL_FILE_LOGGER_ROOT"]) / "verl_eopd" / f"{name}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -62,8 +63,8 @@ def _check_run(records, steps):
         assert all(math.isfinite(v) for k, v in d.items() if k.startswith(("actor/", "critic/")) and isinstance(v, float))
         assert 0.0 < d["actor/eopd/gate_frac"] < 1.0
     rkl = _series(train, "actor/eopd/rkl_mean")
-    # the student's reverse KL to the teacher falls (mean of the last two steps vs the first step)
-    assert sum(rkl[-2:]) / 2 < rkl[0], rkl
+    # the student's reverse KL to the teacher falls (last three steps vs the first three, on-policy noise)
+    assert sum(rkl[-3:]) < sum(rkl[:3]), rkl
     return train
 
 
