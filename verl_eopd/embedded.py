@@ -2,7 +2,7 @@
 
 `python -m verl_eopd.main algorithm=eopd` with no model given runs EOPD on this pair, so the whole loop
 runs on a laptop CPU or in CI with no hub access. Built once and cached (`EOPD_CACHE`, default
-`~/.cache/verl_eopd/tiny-v2`):
+`~/.cache/verl_eopd/tiny-v3`):
 
   tokenizer   byte-level BPE trained on the task's text, ChatML template, specials
               <|endoftext|> <|im_start|> <|im_end|> (ids 0, 1, 2)
@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-VERSION = "tiny-v2"
+VERSION = "tiny-v3"
 DATA_SOURCE = "eopd_tiny_add"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -172,7 +172,7 @@ def sft(model_dir: str, tokenizer, pairs, *, end_token: str, steps: int, lr: flo
     return losses
 
 
-def ensure_embedded_default(root: Optional[Path] = None, *, teacher_steps: int = 300, student_steps: int = 150,
+def ensure_embedded_default(root: Optional[Path] = None, *, teacher_steps: int = 400, student_steps: int = 60,
                             verbose: bool = True) -> dict[str, str]:
     """Build (once) and return the paths of the tiny teacher, student and task data."""
     import torch
@@ -209,7 +209,8 @@ def ensure_embedded_default(root: Optional[Path] = None, *, teacher_steps: int =
 def embedded_settings(info: dict, algorithm: str) -> dict:
     """verl config values for a run on the embedded pair (each applied unless the user set that key).
 
-    Sized for a 2-core CPU: 16 prompts per step, one PPO mini-batch, short prompts and responses.
+    Sized for a 2-core CPU and for a visible learning signal in a few steps: 64 responses per step in
+    four PPO mini-batches of 16 (the paper's shape: 128 prompts, mini-batch 32), short prompts/responses.
     """
     grpo = algorithm == "eopd_grpo"
     return {
@@ -220,21 +221,21 @@ def embedded_settings(info: dict, algorithm: str) -> dict:
         "data.prompt_key": "prompt",
         "data.max_prompt_length": 32,
         "data.max_response_length": 16,
-        "data.train_batch_size": 8 if grpo else 16,
+        "data.train_batch_size": 16 if grpo else 64,  # prompts; x rollout.n responses
         "data.val_max_samples": 32,
         "actor_rollout_ref.rollout.n": 4 if grpo else 1,
-        "actor_rollout_ref.actor.ppo_mini_batch_size": 8 if grpo else 16,
+        "actor_rollout_ref.actor.ppo_mini_batch_size": 4 if grpo else 16,  # prompts per optimizer step
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 16,
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": 16,
         "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu": 16,
-        "actor_rollout_ref.actor.optim.lr": 5e-3,
+        "actor_rollout_ref.actor.optim.lr": 1e-3,
         "actor_rollout_ref.model.enable_gradient_checkpointing": False,
         "actor_rollout_ref.rollout.val_kwargs.temperature": 0.0,
         "reward.custom_reward_function.path": "pkg://verl_eopd.embedded",
         "reward.custom_reward_function.name": "compute_score",
         "trainer.total_training_steps": 30,
         "trainer.logger": ["console"],
-        "trainer.project_name": "verl_eopd",
+        "trainer.project_name": "verl-eopd",  # not "verl_eopd": a ./verl_eopd log folder would shadow the package
         "trainer.experiment_name": f"tiny_{algorithm}",
         "trainer.val_before_train": False,
         "trainer.test_freq": -1,

@@ -45,13 +45,14 @@ def _cli_keys() -> list[str]:
     return keys
 
 
-def _algorithm_name(user_keys: Iterable[str], config) -> str:
+def _algorithm_name(config) -> str:
+    """The chosen `algorithm=` option (outside hydra, e.g. in tests, inferred from the loss config)."""
     from hydra.core.hydra_config import HydraConfig
 
-    try:
+    if HydraConfig.initialized():
         return HydraConfig.get().runtime.choices.get("algorithm", "eopd")
-    except ValueError:  # called outside hydra (tests)
-        return "eopd_grpo" if config.distillation.distillation_loss.use_task_rewards else "eopd"
+    loss = config.distillation.distillation_loss
+    return "eopd_grpo" if loss.use_task_rewards else ("opd" if loss.fkl_coef == 0 else "eopd")
 
 
 def run(config, user_keys: Optional[Iterable[str]] = None, algorithm: Optional[str] = None) -> None:
@@ -65,7 +66,7 @@ def run(config, user_keys: Optional[Iterable[str]] = None, algorithm: Optional[s
         from .embedded import embedded_settings, ensure_embedded_default
 
         info = ensure_embedded_default()
-        algorithm = algorithm or _algorithm_name(user_keys, config)
+        algorithm = algorithm or _algorithm_name(config)
         apply_settings(config, embedded_settings(info, algorithm), user_keys)
         print(f"[verl_eopd] no model given: embedded tiny default ({info['root']}), algorithm={algorithm}", flush=True)
     on_cpu = config.trainer.get("device", "cuda") == "cpu" or not cpu.gpu_available()
@@ -95,7 +96,7 @@ def run(config, user_keys: Optional[Iterable[str]] = None, algorithm: Optional[s
 
 @hydra.main(config_path="conf", config_name="eopd_trainer", version_base=None)
 def main(config) -> None:
-    run(config, user_keys=_cli_keys(), algorithm=_algorithm_name([], config))
+    run(config, user_keys=_cli_keys(), algorithm=_algorithm_name(config))
 
 
 if __name__ == "__main__":

@@ -157,24 +157,16 @@ def teacher_model_config(student_model_config, teacher_path: str):
     )
 
 
-def _training_worker_class():
-    from verl.workers.engine_workers import TrainingWorker
-
-    return TrainingWorker
-
-
-class _Lazy:
-    """Build the worker class on first use so importing this module stays cheap (no verl workers)."""
-
-    cls = None
+_TEACHER_WORKER = []  # the class, built on first use so importing this module stays cheap
 
 
 def teacher_worker_class():
-    if _Lazy.cls is not None:
-        return _Lazy.cls
+    """verl's TrainingWorker subclass for the teacher (defined lazily: verl's workers import the platform)."""
+    if _TEACHER_WORKER:
+        return _TEACHER_WORKER[0]
     from verl.utils import tensordict_utils as tu
+    from verl.workers.engine_workers import TrainingWorker
 
-    TrainingWorker = _training_worker_class()
     _teacher_engine_class()
 
     class TeacherTrainingWorker(TrainingWorker):
@@ -201,5 +193,5 @@ def teacher_worker_class():
                 out["teacher_ids"] = torch.nested.nested_tensor_from_jagged(mapped, ids.offsets())
             return out
 
-    _Lazy.cls = TeacherTrainingWorker
+    _TEACHER_WORKER.append(TeacherTrainingWorker)
     return TeacherTrainingWorker
