@@ -73,32 +73,38 @@ def _entropy_from_logp(logp: torch.Tensor) -> torch.Tensor:
 
 class _ChunkBuffers:
     """fp32 work buffers of `rows` rows, reused for every chunk: fresh allocations of this size cost page
-    faults on CPU and allocator churn on GPU."""
+    faults on CPU and allocator churn on GPU. `zf` holds an fp32 copy of bf16/fp16 chunks."""
 
-    def __init__(self, rows: int, V: int, device, need_second: bool):
-        self.work = torch.empty(rows, V, dtype=torch.float32, device=device)
-        self.second = torch.empty(rows, V, dtype=torch.float32, device=device) if need_second else None
+    def __init__(self, rows: int, V: int, device, dtype: torch.dtype, need_probs: bool):
+        self.logp = torch.empty(rows, V, dtype=torch.float32, device=device)
+        self.probs = torch.empty(rows, V, dtype=torch.float32, device=device) if need_probs else None
+        self.zf = None if dtype == torch.float32 else torch.empty(rows, V, dtype=torch.float32, device=device)
+
+    def fp32(self, z: torch.Tensor) -> torch.Tensor:
+        """The chunk in fp32 (a view when it already is; one cheap cast copy otherwise)."""
+        return z if self.zf is None else self.zf[: z.shape[0]].copy_(z)
 
 
-def _chunk_lse_entropy(z: torch.Tensor, buf: _ChunkBuffers, with_entropy: bool):
-    """Per-row log-normaliser and (optionally) entropy of one chunk of logits z [n, V] (any float dtype).
+_aten = torch.ops.aten
 
-        lse = m + log S,   S = sum_v exp(z_v - m),   m = max_v z_v
-        H   = log S - sum_v exp(z_v - m) (z_v - m) / S          (= -sum_v p_v log p_v)
-    Returns (lse [n, 1] fp32, H [n] fp32 or None). Uses buf.work (and buf.second for H).
+
+def _chunk_logp(z: torch.Tensor, buf: _ChunkBuffers, with_entropy: bool):
+    """log_softmax of one chunk of logits z [n, V] in fp32, and optionally its entropy.
+
+        log p = z - logsumexp(z),   H = -sum_v p_v log p_v
+    Uses the fused (log_)softmax kernels writing into the reused buffers. Returns (log p [n, V] (a view of
+    buf.logp, valid until the next chunk), H [n] fp32 or None).
     """
     n = z.shape[0]
-    m = z.amax(-1, keepdim=True).float()
-    q = torch.sub(z, m, out=buf.work[:n])  # z - m in fp32 (bf16 input is promoted on the fly)
-    p = torch.exp(q, out=buf.second[:n]) if with_entropy else q.exp_()  # unnormalised softmax
-    total = p.sum(-1, keepdim=True)
-    log_total = total.log()
+    zf = buf.fp32(z)
+    logp = _aten._log_softmax.out(zf, -1, False, out=buf.logp[:n])
     h = None
     if with_entropy:
-        h = (log_total - torch.bmm(p.unsqueeze(1), q.unsqueeze(2)).view(n, 1) / total).squeeze(-1)
-        if torch.isnan(h).any():  # logits of -inf: exp(-inf) * -inf; recompute with 0 log 0 = 0
-            h = _entropy_from_logp(z.float() - (m + log_total))
-    return m + log_total, h
+        p = _aten._softmax.out(zf, -1, False, out=buf.probs[:n])
+        h = -torch.bmm(p.unsqueeze(1), logp.unsqueeze(2)).view(n)
+        if torch.isnan(h).any():  # logits of -inf: 0 * -inf; recompute with 0 log 0 = 0
+            h = _entropy_from_logp(logp)
+    return logp, h
 
 
 # --------------------------------------------------------------------------------------------------
@@ -144,15 +150,14 @@ def teacher_stats(
     entropy = torch.empty(N, dtype=torch.float32, device=dev)
     token_lp = torch.empty(N, dtype=torch.float32, device=dev)
     rows = _rows_per_chunk(V, chunk_bytes)
-    buf = _ChunkBuffers(min(rows, N), V, dev, need_second=True) if N else None
+    buf = _ChunkBuffers(min(rows, N), V, dev, flat.dtype, need_probs=True) if N else None
     with torch.autocast(dev.type, enabled=False):
         for s in range(0, N, rows):
             e = min(s + rows, N)
-            z = flat[s:e]
-            lse, entropy[s:e] = _chunk_lse_entropy(z, buf, with_entropy=True)
-            vals, idx = z.topk(k, dim=-1)  # top-k of the logits = top-k of the log-probs
-            topk_ids[s:e], topk_lp[s:e] = idx, vals.float() - lse
-            token_lp[s:e] = z.gather(-1, ids[s:e, None]).squeeze(-1).float() - lse.squeeze(-1)
+            logp, entropy[s:e] = _chunk_logp(flat[s:e], buf, with_entropy=True)
+            vals, idx = logp.topk(k, dim=-1)
+            topk_ids[s:e], topk_lp[s:e] = idx, vals
+            token_lp[s:e] = logp.gather(-1, ids[s:e, None]).squeeze(-1)
     return {
         "topk_ids": topk_ids.reshape(*lead, k),
         "topk_logprobs": topk_lp.reshape(*lead, k),
@@ -270,57 +275,49 @@ def token_logprob_from_topk(
 
 
 class _GatherLogSoftmax(torch.autograd.Function):
-    """log_softmax(logits)[n, index[n, j]] for every row n, without a [N, V] fp32 buffer.
+    """log_softmax(logits)[n, index[n, j]] for every row n, without a [N, V] fp32 tensor.
 
-    forward:  out[n, j] = z[n, i_nj] - lse_n,          lse_n = logsumexp_v z[n, v]
+    forward:  out[n, j] = log softmax(z_n)[i_nj]
     backward: dz[n, v] = sum_j g[n, j] 1[v = i_nj] - softmax(z_n)_v sum_j g[n, j]
-    Only lse [N] is saved; softmax is recomputed chunk by chunk in backward. The optional student entropy
-    H_n = lse_n - sum_v softmax(z_n)_v z_nv is a detached by-product of the forward pass.
-    One fp32 work buffer of `rows` rows is reused for every chunk (fresh allocations of that size cost
-    page faults on CPU); fp32 gradients are computed in place in the gradient tensor.
+    Nothing of size [N, V] is saved: the softmax is recomputed chunk by chunk in backward (fp32 gradients
+    are computed in place in the gradient tensor). The optional student entropy H_n is a detached
+    by-product of the forward pass.
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, index: torch.Tensor, rows: int, with_entropy: bool):
         N, V = logits.shape
-        M = index.shape[1]
         dev = logits.device
-        out = torch.empty(N, M, dtype=torch.float32, device=dev)
-        lse = torch.empty(N, dtype=torch.float32, device=dev)
+        out = torch.empty(N, index.shape[1], dtype=torch.float32, device=dev)
         ent = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=dev)
-        buf = _ChunkBuffers(min(rows, N), V, dev, need_second=with_entropy) if N else None
+        buf = _ChunkBuffers(min(rows, N), V, dev, logits.dtype, need_probs=with_entropy) if N else None
         with torch.autocast(dev.type, enabled=False):
             for s in range(0, N, rows):
                 e = min(s + rows, N)
-                z = logits[s:e]
-                lse_c, h = _chunk_lse_entropy(z, buf, with_entropy)
-                lse[s:e] = lse_c.squeeze(-1)
-                out[s:e] = z.gather(-1, index[s:e]).float() - lse_c
+                logp, h = _chunk_logp(logits[s:e], buf, with_entropy)
+                out[s:e] = logp.gather(-1, index[s:e])
                 if with_entropy:
                     ent[s:e] = h
-        ctx.save_for_backward(logits, index, lse)
+        ctx.save_for_backward(logits, index)
         ctx.rows = rows
         ctx.mark_non_differentiable(ent)
         return out, ent
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor, _grad_ent: Optional[torch.Tensor]):
-        logits, index, lse = ctx.saved_tensors
+        logits, index = ctx.saved_tensors
         grad = torch.empty_like(logits)
         N, V = logits.shape
         rows = ctx.rows
         fp32 = logits.dtype == torch.float32
-        work = None if fp32 else torch.empty(min(rows, N), V, dtype=torch.float32, device=logits.device)
+        buf = _ChunkBuffers(min(rows, N), V, logits.device, logits.dtype, need_probs=not fp32) if N else None
         grad_out = grad_out.float()
         with torch.autocast(logits.device.type, enabled=False):
             for s in range(0, N, rows):
                 e = min(s + rows, N)
                 g = grad_out[s:e]
-                if fp32:  # softmax chunk written straight into the gradient
-                    d = torch.sub(logits[s:e], lse[s:e].unsqueeze(-1), out=grad[s:e])
-                else:  # bf16/fp16 logits promoted to fp32 by the subtraction itself
-                    d = torch.sub(logits[s:e], lse[s:e].unsqueeze(-1), out=work[: e - s])
-                d.exp_()
+                target = grad[s:e] if fp32 else buf.probs[: e - s]  # fp32: softmax straight into the gradient
+                d = _aten._softmax.out(buf.fp32(logits[s:e]), -1, False, out=target)
                 d.mul_(-g.sum(-1, keepdim=True))
                 d.scatter_add_(-1, index[s:e], g)
                 if not fp32:
