@@ -43,11 +43,6 @@ logger = logging.getLogger("verl_eopd")
 LOSS_NAME = "eopd"
 _STATE = {"registered": False}
 
-# Keys the logits processor adds to verl's model_output (all per token).
-PROCESSOR_KEYS = (
-    "eopd_fkl", "eopd_logp", "eopd_student_entropy", "eopd_teacher_entropy", "eopd_teacher_entropy_lower",
-    "eopd_teacher_entropy_upper", "eopd_teacher_token_logprob", "eopd_in_topk", "eopd_topk_mass",
-)
 
 
 class VerlVersionError(RuntimeError):
@@ -89,7 +84,9 @@ def eopd_logits_processor(config, distillation_config, data, student_logits: tor
         student_logits: [1, nnz (/ sp), V] temperature-scaled student logits (grad enabled).
         data: verl micro-batch with nested `input_ids` [B, j], `teacher_ids` / `teacher_logprobs` [B, j, K]
             (row j predicts token j+1; the last row of each sequence is a dummy).
-    Returns: dict of [1, nnz (/ sp)] tensors (keys in PROCESSOR_KEYS).
+    Returns: dict of [1, nnz (/ sp)] tensors: eopd_fkl, eopd_logp (differentiable), eopd_student_entropy,
+        eopd_topk_mass and, unless the batch carries the exact teacher fields, the top-k estimates
+        eopd_teacher_entropy(_lower/_upper), eopd_teacher_token_logprob, eopd_in_topk.
     """
     if config.strategy not in ("fsdp", "fsdp2"):
         raise NotImplementedError(
@@ -118,17 +115,18 @@ def eopd_logits_processor(config, distillation_config, data, student_logits: tor
     chunk_bytes = int(getattr(cfg, "logits_chunk_mb", 64)) * 2**20
     lq, student_entropy = student_logprobs_at(logits, index, with_entropy=True, chunk_bytes=chunk_bytes)
     fkl, mass = fkl_topk(lq[:, :-1], t_lp, valid)
+    out = {"eopd_fkl": fkl, "eopd_logp": lq[:, -1], "eopd_student_entropy": student_entropy, "eopd_topk_mass": mass}
     t_vocab = getattr(cfg, "teacher_vocab_size", None) or V
-    with torch.no_grad():
-        est, lo, hi = entropy_from_topk(t_lp, t_vocab, _valid_topk(t_lp, t_ids))
-        estimator = getattr(cfg, "entropy_estimator", "midpoint")
-        t_ent = {"midpoint": est, "lower": lo, "upper": hi}[estimator]
-        t_tok, in_topk = token_logprob_from_topk(t_ids, t_lp, labels, t_vocab, valid)
-    out = {
-        "eopd_fkl": fkl, "eopd_logp": lq[:, -1], "eopd_student_entropy": student_entropy,
-        "eopd_teacher_entropy": t_ent, "eopd_teacher_entropy_lower": lo, "eopd_teacher_entropy_upper": hi,
-        "eopd_teacher_token_logprob": t_tok, "eopd_in_topk": in_topk.float(), "eopd_topk_mass": mass,
-    }
+    keys = set(data.keys())
+    with torch.no_grad():  # top-k estimates, only where the batch lacks the exact teacher fields
+        if "teacher_entropy" not in keys:
+            est, lo, hi = entropy_from_topk(t_lp, t_vocab, _valid_topk(t_lp, t_ids))
+            estimator = getattr(cfg, "entropy_estimator", "midpoint")
+            out["eopd_teacher_entropy"] = {"midpoint": est, "lower": lo, "upper": hi}[estimator]
+            out["eopd_teacher_entropy_lower"], out["eopd_teacher_entropy_upper"] = lo, hi
+        if "teacher_token_logprob" not in keys:
+            out["eopd_teacher_token_logprob"], in_topk = token_logprob_from_topk(t_ids, t_lp, labels, t_vocab, valid)
+            out["eopd_in_topk"] = in_topk.float()
     return {k: v.unsqueeze(0) for k, v in out.items()}
 
 
