@@ -101,7 +101,7 @@ def _chunk_logp(z: torch.Tensor, buf: _ChunkBuffers, with_entropy: bool):
     h = None
     if with_entropy:
         p = _aten._softmax.out(zf, -1, False, out=buf.probs[:n])
-        h = -torch.bmm(p.unsqueeze(1), logp.unsqueeze(2)).view(n)
+        h = -p.mul_(logp).sum(-1)  # in place: the probabilities are not needed afterwards
         if torch.isnan(h).any():  # logits of -inf: 0 * -inf; recompute with 0 log 0 = 0
             h = _entropy_from_logp(logp)
     return logp, h
