@@ -145,6 +145,16 @@ class _PeakRSS:
             self._thread.join()
 
 
+def _losses_sha1() -> str:
+    """Short hash of verl_eopd/losses.py as imported (to tell runs of different loss code apart)."""
+    import hashlib
+
+    import verl_eopd.losses as L
+
+    with open(L.__file__, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()[:10]
+
+
 def _system_busy_s():
     """Seconds of CPU time all processes of the machine have spent busy (for the contention check)."""
     try:
@@ -324,7 +334,7 @@ def worker(impl: str, T: int, K: int, dtype: str, device: str, V: int, reps: int
         "cpu_time_ms": 1e3 * statistics.median(cpu_times), "loadavg_1m": [load0, os.getloadavg()[0]],
         "others_cores": others,
         "extra_peak_mib": (peak - base) / MiB, "base_mib": base / MiB, "peak_mib": peak / MiB,
-        "mem_method": method, "loss": loss_val, "grad_finite": grad_ok, "threads": ncores,
+        "mem_method": method, "loss": loss_val, "losses_py_sha1": _losses_sha1(), "grad_finite": grad_ok, "threads": ncores,
     }
 
 
@@ -404,10 +414,14 @@ def _mark(ok: bool) -> str:
 
 
 def _fmt_t(r):
+    if r is None:
+        return "not run"
     return r.get("skipped", None) or f"{r['time_ms']:.0f}"
 
 
 def _fmt_m(r):
+    if r is None:
+        return "not run"
     return "—" if "skipped" in r else f"{r['extra_peak_mib']:.0f}"
 
 
@@ -544,6 +558,11 @@ def main(argv=None) -> int:
                                                    f"{r['mem_method']}, wall {r['wall_s']:.0f} s)")
                         print(f"[{device} {dtype} K={K} T={T} {impl}] {msg}", file=sys.stderr, flush=True)
 
+    hashes = sorted({r["losses_py_sha1"] for r in results if r.get("losses_py_sha1")})
+    if len(hashes) > 1:
+        print(f"WARNING: verl_eopd/losses.py changed during the run (sha1 {hashes})", file=sys.stderr)
+    if hashes:
+        header += f"- verl_eopd/losses.py sha1 {', '.join(hashes)}\n"
     table = render_table(results, devices, args.T, args.K, args.dtype)
     print(table, flush=True)
     if args.out:
