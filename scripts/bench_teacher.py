@@ -61,6 +61,7 @@ def main():
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--topk", type=int, default=16)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--chunk-mb", type=int, default=64, help="distillation_loss.logits_chunk_mb")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -103,7 +104,7 @@ def main():
         def run(kind):
             td = make_batch(batch, args.seqlen, args.seqlen // 4, args.vocab)
             if kind == "eopd":
-                tu.assign_non_tensor(td, eopd_topk=args.topk)
+                tu.assign_non_tensor(td, eopd_topk=args.topk, eopd_logits_chunk_mb=args.chunk_mb)
             with engine.eval_mode():
                 if on_gpu:
                     torch.cuda.synchronize()
@@ -124,7 +125,7 @@ def main():
         plain, eopd = statistics.median(times["plain"]), statistics.median(times["eopd"])
         print(f"device={'cuda' if on_gpu else 'cpu'} threads={args.threads} torch={torch.__version__} "
               f"vocab={args.vocab} hidden={args.hidden} layers={args.layers} tokens={batch * args.seqlen} "
-              f"topk={args.topk} reps={args.reps}")
+              f"topk={args.topk} chunk_mb={args.chunk_mb} reps={args.reps}")
         print("| pass | median ms | ratio to plain |")
         print("|---|---|---|")
         print(f"| verl reference log-probs (plain) | {plain * 1000:.1f} | 1.00 |")

@@ -235,6 +235,8 @@ CPU_SETTINGS = {
     "actor_rollout_ref.actor.fsdp_config.strategy": "fsdp2",
     "actor_rollout_ref.ref.fsdp_config.use_torch_compile": False,
     "actor_rollout_ref.ref.fsdp_config.strategy": "fsdp2",
+    # 4 MiB chunks fit this class of CPU's cache: fastest in the chunk sweep of docs/benchmarks.md
+    "distillation.distillation_loss.logits_chunk_mb": 4,
     "reward.num_workers": 1,
     "data.dataloader_num_workers": 0,
     # Ray: logical resources (one logical GPU per pool; verl's pools always ask for one)
