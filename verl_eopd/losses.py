@@ -20,9 +20,9 @@ the log-softmax normaliser). FKL_t >= KL(p~ || q~) >= 0 because q sums to at mos
 no clamping.
 
 Memory: nothing here materialises an fp32 copy of a [tokens, V] tensor. Student and teacher logits are
-visited in chunks of rows (`chunk_bytes` of fp32 per chunk); the student side is a custom autograd
-function that saves only the per-row log-normaliser and recomputes the softmax chunk by chunk in the
-backward pass.
+visited in chunks of rows (`chunk_bytes` of fp32 per chunk, in buffers reused across chunks, through
+torch's fused (log_)softmax kernels); the student side is a custom autograd function that saves nothing
+but its inputs and recomputes the softmax chunk by chunk in the backward pass.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ __all__ = [
     "entropy_gate",
     "ppo_clipped_rkl",
     "eopd_token_losses",
+    "eopd_stats",
     "eopd_loss",
 ]
 
