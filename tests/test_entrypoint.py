@@ -149,3 +149,12 @@ def test_padded_teacher_vocabulary_is_accepted(tiny_models, no_model_loads):
     """Same tokenizer, teacher table 352 rows vs student 320: passes the checks and reaches run_ppo."""
     with pytest.raises(AssertionError, match="before the config was validated"):
         _run(tiny_models)
+
+
+def test_server_route_preset_composes_and_is_checked(tiny_models, no_model_loads):
+    cfg = _compose("algorithm=eopd_server")
+    loss = _loss(cfg)
+    assert cfg.distillation.enabled is True and loss.teacher_route == "server" and loss.topk == 16
+    assert cfg.trainer.v1.trainer_mode == "eopd" and loss.use_task_rewards is False
+    with pytest.raises(ValueError, match="teacher_route=server needs verl's teacher pool"):
+        _run(tiny_models, "distillation.distillation_loss.teacher_route=server")
