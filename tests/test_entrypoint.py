@@ -158,3 +158,23 @@ def test_server_route_preset_composes_and_is_checked(tiny_models, no_model_loads
     assert cfg.trainer.v1.trainer_mode == "eopd" and loss.use_task_rewards is False
     with pytest.raises(ValueError, match="teacher_route=server needs verl's teacher pool"):
         _run(tiny_models, "distillation.distillation_loss.teacher_route=server")
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (("ray_kwargs.ray_init.num_cpus=4", "transfer_queue.backend.SimpleStorage.num_data_storage_units=8"),
+         "ray_kwargs.ray_init.num_cpus"),
+        (("+ray_kwargs.ray_init.num_gpus=0", "trainer.device=cpu"), "ray_kwargs.ray_init.num_gpus"),
+    ],
+)
+def test_unsatisfiable_ray_resources_on_cpu_are_an_error_not_a_hang(tiny_models, no_model_loads, overrides, key):
+    """CPU runs: a placement Ray could never satisfy (it would wait silently) fails at start, naming the key."""
+    from verl_eopd.main import run
+
+    cfg = _compose("algorithm=eopd", f"actor_rollout_ref.model.path={tiny_models['student']}",
+                   f"distillation.teacher_models.teacher_model.model_path={tiny_models['teacher']}",
+                   "trainer.device=cpu", *overrides)
+    with pytest.raises(ValueError) as e:
+        run(cfg, user_keys=[o.split("=", 1)[0].lstrip("+") for o in overrides])
+    assert key in str(e.value) and "Fix:" in str(e.value)
