@@ -54,7 +54,6 @@ def main():
     gen = torch.Generator().manual_seed(args.seed)
     V, tau, kmax = args.vocab, args.tau, max(args.ks)
 
-    rows = []  # per token: exact H, top-kmax ids/logprobs, sampled id, exact token logprob, student logits row id
     H, TOPI, TOPL, TOK, TOKLP, STUDENT = [], [], [], [], [], []
     for start in range(0, args.tokens, 256):
         n = min(256, args.tokens - start)

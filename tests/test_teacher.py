@@ -165,7 +165,7 @@ def test_actor_update_fed_by_teacher_worker_equals_dense_reference(verl_cpu, tin
     from verl.trainer.distillation.losses import distillation_ppo_loss
     from verl.workers.config import DistillationConfig
 
-    from test_verl_engine import actor_config, engine_grads, make_engine, run_step, _compare_grads, _total_loss
+    from test_verl_engine import _compare_grads, _total_loss, actor_config, make_engine, run_step
     from verl_eopd.config import EOPDLossConfig
 
     batch = _batch(seed=5)
