@@ -166,6 +166,27 @@ class EOPDLossConfig(DistillationLossConfig):
 # --------------------------------------------------------------------------------------------------
 
 
+def build_loss_config(distillation) -> "EOPDLossConfig":
+    """The validated EOPDLossConfig of a `distillation` config node; errors name the key and the fix."""
+    from verl.utils.config import omega_conf_to_dataclass
+
+    try:
+        loss = omega_conf_to_dataclass(distillation.distillation_loss)
+    except Exception as e:  # hydra wraps our ValueError in an InstantiationException: surface ours
+        cause = e
+        while cause.__cause__ is not None and not isinstance(cause, ValueError):
+            cause = cause.__cause__
+        if isinstance(cause, ValueError) and _KEY in str(cause):
+            raise ValueError(str(cause)) from None
+        raise
+    if not isinstance(loss, EOPDLossConfig):
+        raise ValueError(
+            f"{_KEY}._target_: expected verl_eopd.config.EOPDLossConfig, got {type(loss).__name__}. "
+            "Fix: launch with algorithm=eopd|opd|eopd_grpo"
+        )
+    return loss
+
+
 def check_tokenizers(student_path: str, teacher_path: str, trust_remote_code: bool = False) -> None:
     """The teacher must score the student's token ids: same tokenizer family, teacher vocab covering the student's.
 
@@ -197,22 +218,8 @@ def check_tokenizers(student_path: str, teacher_path: str, trust_remote_code: bo
 def check_run_config(config) -> "EOPDLossConfig":
     """Validate a composed EOPD run config; raises ValueError naming the key and the fix."""
     from omegaconf import OmegaConf
-    from verl.utils.config import omega_conf_to_dataclass
 
-    try:
-        loss = omega_conf_to_dataclass(config.distillation.distillation_loss)
-    except Exception as e:  # hydra wraps our ValueError in an InstantiationException: surface ours
-        cause = e
-        while cause.__cause__ is not None and not isinstance(cause, ValueError):
-            cause = cause.__cause__
-        if isinstance(cause, ValueError) and _KEY in str(cause):
-            raise ValueError(str(cause)) from None
-        raise
-    if not isinstance(loss, EOPDLossConfig):
-        raise ValueError(
-            f"{_KEY}._target_: expected verl_eopd.config.EOPDLossConfig, got {type(loss).__name__}. "
-            "Fix: launch with algorithm=eopd|opd|eopd_grpo"
-        )
+    loss = build_loss_config(config.distillation)
     dist, aref = config.distillation, config.actor_rollout_ref
     teacher_path = OmegaConf.select(config, "distillation.teacher_models.teacher_model.model_path")
     if not aref.model.get("path"):

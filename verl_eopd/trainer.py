@@ -32,23 +32,11 @@ from verl.utils import tensordict_utils as tu
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
+from .config import build_loss_config
 from .teacher import TeacherSettings, teacher_worker_class
 
 logger = logging.getLogger("verl_eopd")
 TRAINER_NAME = "eopd"
-
-
-def eopd_loss_config(distillation_config: DictConfig):
-    """The EOPDLossConfig at distillation.distillation_loss (validated when built)."""
-    from .config import EOPDLossConfig
-
-    cfg = omega_conf_to_dataclass(distillation_config.distillation_loss)
-    if not isinstance(cfg, EOPDLossConfig):
-        raise ValueError(
-            "distillation.distillation_loss._target_ must be verl_eopd.config.EOPDLossConfig for the EOPD trainer "
-            f"(got {type(cfg).__name__}). Fix: launch with algorithm=eopd|opd|eopd_grpo"
-        )
-    return cfg
 
 
 def _eos_token_id(path: str, trust_remote_code: bool = False) -> Optional[int]:
@@ -59,7 +47,7 @@ def _eos_token_id(path: str, trust_remote_code: bool = False) -> Optional[int]:
 
 def teacher_settings(distillation_config: DictConfig, model_config: DictConfig) -> TeacherSettings:
     """Teacher path, top-k and end-token ids for the reference-worker teacher (ids resolved from tokenizers)."""
-    loss = eopd_loss_config(distillation_config)
+    loss = build_loss_config(distillation_config)
     path = distillation_config.teacher_models.teacher_model.model_path
     student_eos = teacher_eos = None
     if loss.eos_remap:
@@ -79,7 +67,7 @@ class EOPDActorRolloutRefWorker(ActorRolloutRefWorker):
 
     def __init__(self, config: DictConfig, role: str, distillation_config=None, **kwargs):
         super().__init__(config, role, distillation_config=distillation_config, **kwargs)
-        self._eopd_use_task_rewards = bool(eopd_loss_config(distillation_config).use_task_rewards)
+        self._eopd_use_task_rewards = bool(build_loss_config(distillation_config).use_task_rewards)
         if self._is_ref:  # an instance attribute shadows the class attribute read by init_model
             self.ref_worker_cls = partial(teacher_worker_class(), teacher=teacher_settings(distillation_config, config.model))
 
@@ -107,7 +95,7 @@ class EOPDTrainer(PPOTrainerSync):
 
     def __init__(self, config: DictConfig):
         super().__init__(config)
-        self.eopd_ref_route = eopd_loss_config(config.distillation).teacher_route == "ref"
+        self.eopd_ref_route = build_loss_config(config.distillation).teacher_route == "ref"
         if self.eopd_ref_route:
             self.use_reference_policy = True
 
