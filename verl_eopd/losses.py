@@ -241,6 +241,15 @@ def entropy_from_topk(
     return 0.5 * (lower + upper), lower, upper
 
 
+def estimated_entropy(
+    topk_logprobs: torch.Tensor, vocab_size: int, estimator: str = "midpoint", valid: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the entropy `estimator` picks: "midpoint" | "lower" | "upper", lower bound, upper bound), see
+    `entropy_from_topk`."""
+    est, lo, hi = entropy_from_topk(topk_logprobs, vocab_size, valid)
+    return {"midpoint": est, "lower": lo, "upper": hi}[estimator], lo, hi
+
+
 def token_logprob_from_topk(
     topk_ids: torch.Tensor,
     topk_logprobs: torch.Tensor,
@@ -617,8 +626,8 @@ def eopd_loss(
 
     bounds = None
     if teacher_entropy is None:
-        est, lo, hi = entropy_from_topk(teacher_topk_logprobs, t_vocab, _valid_topk(teacher_topk_logprobs, t_ids))
-        teacher_entropy = {"midpoint": est, "lower": lo, "upper": hi}[entropy_estimator]
+        teacher_entropy, lo, hi = estimated_entropy(teacher_topk_logprobs, t_vocab, entropy_estimator,
+                                                    _valid_topk(teacher_topk_logprobs, t_ids))
         bounds = (lo, hi)
     in_topk = None
     if teacher_token_logprobs is None:

@@ -33,7 +33,7 @@ from .losses import (
     _valid_topk,
     eopd_stats,
     eopd_token_losses,
-    entropy_from_topk,
+    estimated_entropy,
     fkl_topk,
     student_logprobs_at,
     token_logprob_from_topk,
@@ -42,7 +42,6 @@ from .losses import (
 logger = logging.getLogger("verl_eopd")
 LOSS_NAME = "eopd"
 _STATE = {"registered": False}
-
 
 
 class VerlVersionError(RuntimeError):
@@ -120,10 +119,8 @@ def eopd_logits_processor(config, distillation_config, data, student_logits: tor
     keys = set(data.keys())
     with torch.no_grad():  # top-k estimates, only where the batch lacks the exact teacher fields
         if "teacher_entropy" not in keys:
-            est, lo, hi = entropy_from_topk(t_lp, t_vocab, _valid_topk(t_lp, t_ids))
-            estimator = getattr(cfg, "entropy_estimator", "midpoint")
-            out["eopd_teacher_entropy"] = {"midpoint": est, "lower": lo, "upper": hi}[estimator]
-            out["eopd_teacher_entropy_lower"], out["eopd_teacher_entropy_upper"] = lo, hi
+            out["eopd_teacher_entropy"], out["eopd_teacher_entropy_lower"], out["eopd_teacher_entropy_upper"] = (
+                estimated_entropy(t_lp, t_vocab, getattr(cfg, "entropy_estimator", "midpoint"), _valid_topk(t_lp, t_ids)))
         if "teacher_token_logprob" not in keys:
             out["eopd_teacher_token_logprob"], in_topk = token_logprob_from_topk(t_ids, t_lp, labels, t_vocab, valid)
             out["eopd_in_topk"] = in_topk.float()
