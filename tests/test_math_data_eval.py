@@ -289,15 +289,62 @@ def test_evaluate_script_end_to_end_with_the_hf_backend(tmp_path, fixtures, tiny
 # ---------------------------------------------------------------------------------------------- wiring
 
 
-def test_eopd_grpo_uses_the_math_reward_through_verls_loader(tiny_models):
-    """algorithm=eopd_grpo with user models scores with verl_eopd.reward, loaded by verl's own loader."""
+@pytest.mark.parametrize("algorithm", ["eopd", "opd", "eopd_grpo", "eopd_server"])
+def test_presets_score_with_the_math_reward_through_verls_loader(algorithm):
+    """Every preset with user models scores with verl_eopd.reward (GRPO reward / logged accuracy), loaded by
+    verl's own custom-reward loader."""
     from hydra import compose, initialize_config_dir
     from verl.trainer.ppo.reward import get_custom_reward_fn
 
     conf = os.path.join(ROOT, "verl_eopd", "conf")
     with initialize_config_dir(config_dir=conf, version_base=None):
-        cfg = compose("eopd_trainer", overrides=["algorithm=eopd_grpo"])
+        cfg = compose("eopd_trainer", overrides=[f"algorithm={algorithm}"])
     assert cfg.reward.custom_reward_function.path == "pkg://verl_eopd.reward"
     fn = get_custom_reward_fn(cfg)
     assert fn(data_source="math500", solution_str="so \\boxed{\\frac{1}{2}}", ground_truth="0.5", extra_info={}) == 1.0
     assert fn(data_source="math500", solution_str="so 0.5", ground_truth="0.5", extra_info={}) == 0.0
+
+
+def _recipe(setting, algo, *extra):
+    env = {**os.environ, "DRY_RUN": "1", "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    return subprocess.run(["bash", os.path.join(ROOT, "scripts", "paper_recipe.sh"), setting, algo, *extra],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.parametrize("setting,algo,student,train,epochs,n,fkl", [
+    ("qwen3-1.7b-math", "eopd", "Qwen/Qwen3-1.7B-Base", "math_train", 3, 1, 1.0),
+    ("qwen3-0.6b-math", "opd", "Qwen/Qwen3-0.6B-Base", "math_train", 3, 1, 0.0),
+    ("qwen3-4b-dapo", "eopd_grpo", "Qwen/Qwen3-4B-Base", "dapo_math", 2, 8, 1.0),
+])
+def test_paper_recipes_compose_with_the_papers_hyperparameters(setting, algo, student, train, epochs, n, fkl):
+    import yaml
+
+    out = _recipe(setting, algo, "trainer.nnodes=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    cfg = yaml.safe_load(out.stdout)
+    actor, rollout = cfg["actor_rollout_ref"]["actor"], cfg["actor_rollout_ref"]["rollout"]
+    loss = cfg["distillation"]["distillation_loss"]
+    assert cfg["actor_rollout_ref"]["model"]["path"] == student
+    assert cfg["distillation"]["teacher_models"]["teacher_model"]["model_path"] == "Qwen/Qwen3-8B"
+    assert cfg["data"]["train_files"].endswith(f"{train}.parquet")
+    assert cfg["data"]["train_batch_size"] == 128 and cfg["data"]["max_response_length"] == 4096
+    assert cfg["data"]["apply_chat_template_kwargs"] == {"enable_thinking": False}
+    assert (rollout["n"], rollout["temperature"], rollout["top_p"], rollout["name"]) == (n, 1.0, 1.0, "vllm")
+    assert actor["ppo_mini_batch_size"] == 32 and actor["ppo_epochs"] == 1
+    assert (actor["optim"]["lr"], actor["optim"]["lr_scheduler_type"], actor["optim"]["min_lr_ratio"]) == (3e-6, "cosine", 0.0)
+    assert actor["optim"]["lr_warmup_steps_ratio"] == 0.0 and actor["use_kl_loss"] is False
+    assert actor["entropy_coeff"] == 0.0
+    assert cfg["trainer"]["total_epochs"] == epochs and cfg["trainer"]["nnodes"] == 2  # user overrides win
+    assert (loss["topk"], loss["entropy_threshold"], loss["fkl_coef"]) == (16, 0.8, fkl)
+    assert (loss["clip_ratio_low"], loss["clip_ratio_high"]) == (0.2, 0.2)
+    assert loss["use_task_rewards"] is (algo == "eopd_grpo")
+    assert cfg["reward"]["custom_reward_function"]["path"] == "pkg://verl_eopd.reward"
+
+
+def test_paper_recipe_rejects_unknown_names_and_missing_data(tmp_path):
+    assert "unknown SETTING" in _recipe("qwen3-32b", "eopd").stderr
+    assert "unknown ALGO" in _recipe("qwen3-1.7b-math", "ppo").stderr
+    env = {**os.environ, "DATA_DIR": str(tmp_path)}
+    out = subprocess.run(["bash", os.path.join(ROOT, "scripts", "paper_recipe.sh"), "qwen3-1.7b-math", "eopd"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 2 and "prepare_data.py" in out.stderr
