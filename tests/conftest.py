@@ -8,6 +8,10 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/dense_reference.py, tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# one embedded tiny pair per test session (built on first use, ~1 min), shared by the end-to-end tests and
+# the scripts they run as subprocesses; set EOPD_CACHE to reuse a built one
+if "EOPD_CACHE" not in os.environ:
+    os.environ["EOPD_CACHE"] = tempfile.mkdtemp(prefix="verl_eopd_cache_")
 
 STUDENT_VOCAB = 320  # rows of the student's embedding
 TEACHER_VOCAB = 352  # the teacher's table is padded, like Qwen's 151,936 vs 152,064

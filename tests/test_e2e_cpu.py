@@ -25,7 +25,6 @@ STEPS = 6
 def e2e(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     os.environ["VERL_FILE_LOGGER_ROOT"] = str(root / "metrics")
-    os.environ.setdefault("EOPD_CACHE", str(Path(os.environ.get("EOPD_TEST_CACHE", root / "cache"))))
     from verl_eopd import cpu
 
     cpu.install()  # sets VERL_PLATFORM / VERL_USE_EXTERNAL_MODULES before Ray starts its workers

@@ -178,3 +178,27 @@ def test_unsatisfiable_ray_resources_on_cpu_are_an_error_not_a_hang(tiny_models,
     with pytest.raises(ValueError) as e:
         run(cfg, user_keys=[o.split("=", 1)[0].lstrip("+") for o in overrides])
     assert key in str(e.value) and "Fix:" in str(e.value)
+
+
+@pytest.mark.parametrize("mode,value", [("exact", "1"), ("fallback", "0")])
+def test_server_route_switches_the_token_column_patch_in_every_process(tiny_models, no_model_loads, monkeypatch,
+                                                                       mode, value):
+    """teacher_route=server: EOPD_TEACHER_TOKEN_COLUMN reaches this process and, through Ray's runtime_env,
+    every worker (the teacher servers patch their extraction at import, verl_eopd.server_logprobs)."""
+    import verl.trainer.main_ppo as main_ppo
+
+    from verl_eopd.main import run
+    from verl_eopd.server_logprobs import ENV
+
+    seen = {}
+    monkeypatch.setattr(main_ppo, "run_ppo", lambda cfg, **kw: seen.setdefault("cfg", cfg))
+    monkeypatch.delenv(ENV, raising=False)
+    cfg = _compose("algorithm=eopd_server", f"actor_rollout_ref.model.path={tiny_models['student']}",
+                   f"distillation.teacher_models.teacher_model.model_path={tiny_models['teacher']}",
+                   f"distillation.distillation_loss.server_token_logprob={mode}",
+                   "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+                   "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2")
+    run(cfg)
+    assert os.environ[ENV] == value
+    assert seen["cfg"].ray_kwargs.ray_init.runtime_env.env_vars[ENV] == value
+    monkeypatch.delenv(ENV, raising=False)

@@ -344,3 +344,23 @@ def test_replica_server_actor_and_adapter_weight_sync(ray_session, student, run)
         run(adapter.update_weights(iter([]), wire_format="delta_flush"))
     with pytest.raises(NotImplementedError, match="lora.merge=True"):
         run(adapter.update_weights(iter([]), peft_config={"r": 8}))
+
+
+def test_teacher_prompt_logprobs_carry_the_exact_token_column_when_switched_on(server, dense, run, monkeypatch):
+    """With EOPD_TEACHER_TOKEN_COLUMN=1 (teacher_route=server, server_token_logprob=exact) the hf teacher
+    ships what the patched vLLM/SGLang servers ship: top-k columns unchanged, column k = next token, exact."""
+    from verl_eopd import server_logprobs
+
+    monkeypatch.setenv(server_logprobs.ENV, "1")
+    k, seq = 4, [7, 8, 9, 10, 11, 12]
+    params = {"max_tokens": 1, "temperature": 1.0, "prompt_logprobs": k, "detokenize": False}
+    (out,) = run(generate_all(server, [seq], params))
+    ids = torch.tensor(out.extra_fields["prompt_ids"])
+    vals = torch.tensor(out.extra_fields["prompt_logprobs"])
+    assert ids.shape == vals.shape == (len(seq), k + 1)
+    lp = dense_logprobs(dense, seq)
+    ref_vals, ref_ids = lp.topk(k, dim=-1)
+    assert ids[:-1, :k].tolist() == ref_ids.tolist()
+    assert ids[:-1, k].tolist() == seq[1:]
+    torch.testing.assert_close(vals[:-1, k], lp.gather(-1, ids[:-1, k:]).squeeze(-1), atol=TOL, rtol=0)
+    assert ids[-1].tolist() == [0] * (k + 1) and vals[-1].tolist() == [0.0] * (k + 1)

@@ -135,7 +135,7 @@ def to_tensordict(batch: dict, *, topk: bool, distillation_only: bool, use_remov
     return td
 
 
-def reference(batch, model_path, *, tau, fkl_coef=1.0, exact_teacher=False):
+def reference(batch, model_path, *, tau, fkl_coef=1.0, exact_teacher=False, exact_token=False):
     """Dense float64 loss over the whole mini-batch and the gradients of the HF parameters."""
     from transformers import AutoModelForCausalLM
 
@@ -159,6 +159,8 @@ def reference(batch, model_path, *, tau, fkl_coef=1.0, exact_teacher=False):
     else:
         t_ent, _, _ = entropy_from_topk(t_lp, V)
         t_tok, _ = token_logprob_from_topk(t_ids, t_lp, ids, V)
+        if exact_token:  # the server's exact sampled-token column (verl_eopd.server_logprobs)
+            t_tok = batch["teacher_token_logprob"][:, sl].double()
     t_ids = torch.where(mask.unsqueeze(-1), t_ids, torch.arange(K).expand(B, R, K))  # padding rows: any valid ids
     t_lp = torch.where(mask.unsqueeze(-1), t_lp, torch.full_like(t_lp, -1.0))
     loss, _ = dense_eopd_loss(logits, ids, batch["old_log_probs"], t_ids, t_lp, mask, t_ent.double(),
@@ -276,3 +278,55 @@ def test_eopd_trains_with_task_rewards_and_metrics(env):
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0]
     assert "eopd/gate_frac" in out["metrics"] and "actor/pg_loss" in out["metrics"]
+
+
+def with_token_column(batch, wrong_row=None):
+    """The patched servers' [B, S, K + 1] payload: column K = the next token and its exact teacher log-prob
+    (id 0 / 0.0 on each sequence's dummy last row), beside the unchanged top-k columns."""
+    ids, lp = batch["teacher_ids"], batch["teacher_logprobs"]
+    nxt = torch.zeros(B, P + R, dtype=ids.dtype)
+    nxt[:, :-1] = batch["input_ids"][:, 1:]
+    tok = batch["teacher_token_logprob"].clone()
+    for b in range(B):
+        last = P + batch["resp_lens"][b] - 1
+        nxt[b, last], tok[b, last] = 0, 0.0
+    if wrong_row is not None:
+        nxt[wrong_row] = (nxt[wrong_row] + 1) % V
+    out = dict(batch)
+    out["teacher_ids"] = torch.cat([ids, nxt.unsqueeze(-1)], -1)
+    out["teacher_logprobs"] = torch.cat([lp, tok.unsqueeze(-1)], -1)
+    return out
+
+
+def test_server_payload_with_exact_token_column_matches_dense_reference(env):
+    """Top-k entropy estimate, exact sampled-token log-prob from column K: loss and gradients equal the
+    float64 reference built the same way; no token needs the fallback (it would for the plain payload)."""
+    batch = make_batch(env["model_path"])
+    tau = _median_teacher_entropy(batch)
+    engine = make_engine(env["model_path"])
+    out, grads = run_step(engine, to_tensordict(with_token_column(batch), topk=True, distillation_only=True),
+                          eopd_loss_fn(entropy_threshold=tau))
+    ref_loss, ref_grads = reference(batch, env["model_path"], tau=tau, exact_token=True)
+    assert _total_loss(out) == pytest.approx(ref_loss, abs=1e-5, rel=1e-5)
+    _compare_grads(grads, ref_grads)
+    m = out["metrics"]  # one value per micro-batch
+    assert m["eopd/teacher_token_fallback_frac"] == [0.0] * len(m["eopd/teacher_token_fallback_frac"])
+    assert min(m["eopd/token_in_topk_frac"]) < 1.0  # the batch has sampled tokens outside the top-k
+    plain, _ = run_step(engine, to_tensordict(batch, topk=True, distillation_only=True),
+                        eopd_loss_fn(entropy_threshold=tau))
+    pm = plain["metrics"]
+    assert pm["eopd/teacher_token_fallback_frac"] == pytest.approx([1.0 - x for x in pm["eopd/token_in_topk_frac"]])
+    assert max(pm["eopd/teacher_token_fallback_frac"]) > 0.0
+    assert _total_loss(plain) != pytest.approx(ref_loss, abs=1e-4)  # the fallback really differs
+
+
+def test_token_column_for_other_tokens_is_refused(env):
+    batch = make_batch(env["model_path"])
+    engine = make_engine(env["model_path"])
+    bad = with_token_column(batch, wrong_row=(1, P + 1))
+    with pytest.raises(ValueError, match="sampled-token column"):
+        run_step(engine, to_tensordict(bad, topk=True, distillation_only=True), eopd_loss_fn())
+    wide = dict(batch, teacher_ids=torch.cat([batch["teacher_ids"]] * 2, -1),
+                teacher_logprobs=torch.cat([batch["teacher_logprobs"]] * 2, -1))
+    with pytest.raises(ValueError, match="columns; expected distillation_loss.topk"):
+        run_step(engine, to_tensordict(wide, topk=True, distillation_only=True), eopd_loss_fn())

@@ -19,6 +19,7 @@ plugin.register()  # the loss name must be registered before DistillationLossCon
 
 _KEY = "distillation.distillation_loss"
 TEACHER_ROUTES = ("ref", "server")
+SERVER_TOKEN_LOGPROB = ("exact", "fallback")
 
 
 def _fail(key: str, value, why: str, fix: str):
@@ -59,6 +60,9 @@ class EOPDLossConfig(DistillationLossConfig):
       teacher_route: "ref" (the teacher runs in verl's reference worker: exact entropy and sampled-token
             log-prob, distillation.enabled false) | "server" (verl's vLLM/SGLang teacher pool,
             distillation.enabled true: top-k only).
+      server_token_logprob: server route only. "exact" (default): the teacher servers' extraction is patched
+            (verl_eopd.server_logprobs) to also ship the sampled token's exact log-prob; "fallback": verl's
+            top-k payload unchanged, the uniform-tail estimate for sampled tokens outside the top-k.
       eos_remap: map the student's first end token to the teacher's on the teacher's copy of the response
             (ref route); active only when the two ids differ.
       student_eos_token_id / teacher_eos_token_id: the end tokens; null = the eos_token_id of each model's
@@ -87,6 +91,7 @@ class EOPDLossConfig(DistillationLossConfig):
     teacher_vocab_size: Optional[int] = None
     logits_chunk_mb: int = 64
     teacher_route: str = "ref"
+    server_token_logprob: str = "exact"
     eos_remap: bool = True
     student_eos_token_id: Optional[int] = None
     teacher_eos_token_id: Optional[int] = None
@@ -143,6 +148,9 @@ class EOPDLossConfig(DistillationLossConfig):
             _fail("logits_chunk_mb", self.logits_chunk_mb, "must be an integer >= 1", "use 64")
         if self.teacher_route not in TEACHER_ROUTES:
             _fail("teacher_route", self.teacher_route, f"choose one of {list(TEACHER_ROUTES)}", "use teacher_route=ref")
+        if self.server_token_logprob not in SERVER_TOKEN_LOGPROB:
+            _fail("server_token_logprob", self.server_token_logprob, f"choose one of {list(SERVER_TOKEN_LOGPROB)}",
+                  "use exact")
         if not isinstance(self.eos_remap, bool):
             _fail("eos_remap", self.eos_remap, "must be true or false", "use true")
         for key in ("student_eos_token_id", "teacher_eos_token_id"):

@@ -185,6 +185,24 @@ def _patch_offload_policy() -> None:
         impl.CPUOffloadPolicy = CPUOffloadPolicyNoPin
 
 
+def _patch_teacher_engine_check() -> None:
+    """verl 0.9.1 accepts top-k teachers only on vllm/sglang (`_validate_topk_logprobs`); on CPU the teacher
+    pool runs the `hf` backend (verl_eopd.hf_rollout), which returns verl's top-k layout with no engine cap."""
+    from verl.workers.config.distillation import DistillationTeacherModelConfig as cls
+
+    check = cls._validate_topk_logprobs
+    if getattr(check, "_eopd_cpu", False):
+        return
+
+    def _validate_topk_logprobs(self, use_topk, topk):
+        if use_topk and topk is not None and self.inference.name == "hf":
+            return
+        return check(self, use_topk=use_topk, topk=topk)
+
+    _validate_topk_logprobs._eopd_cpu = True
+    cls._validate_topk_logprobs = _validate_topk_logprobs
+
+
 def install_light() -> None:
     """What every process needs to run verl on CPU, cheap enough for the `import verl` entry point:
     the platform class (found through VERL_PLATFORM=cpu), engine lookup under "cuda", and the gloo and
@@ -193,6 +211,7 @@ def install_light() -> None:
     os.environ.setdefault("VERL_ENGINE_DEVICE", "cuda")  # verl's FSDP engines are registered for cuda/npu
     _patch_gloo_backend_string()
     _patch_offload_policy()
+    _patch_teacher_engine_check()
 
 
 def install() -> None:
@@ -248,6 +267,15 @@ CPU_SETTINGS = {
 }
 
 
+# the teacher-server route (distillation.enabled) on CPU: one hf teacher server on its own logical GPU
+CPU_SERVER_SETTINGS = {
+    "distillation.n_gpus_per_node": 1,
+    "distillation.nnodes": 1,
+    "distillation.teacher_models.teacher_model.inference.tensor_model_parallel_size": 1,
+    "ray_kwargs.ray_init.num_gpus": 2,
+}
+
+
 def check_ray_resources(config) -> None:
     """Refuse configs whose Ray placement can never be satisfied (Ray would wait silently)."""
     from omegaconf import OmegaConf
@@ -263,11 +291,14 @@ def check_ray_resources(config) -> None:
             f"Fix: ray_kwargs.ray_init.num_cpus>={need} (logical CPUs, they need not exist) or fewer storage units"
         )
     gpus_needed = int(config.trainer.n_gpus_per_node) * int(config.trainer.nnodes)
+    if OmegaConf.select(config, "distillation.enabled"):  # verl's teacher pool takes its own (logical) GPUs
+        gpus_needed += int(config.distillation.n_gpus_per_node) * int(config.distillation.nnodes)
     num_gpus = OmegaConf.select(config, "ray_kwargs.ray_init.num_gpus")
     if num_gpus is not None and int(num_gpus) < gpus_needed:
         raise ValueError(
-            f"ray_kwargs.ray_init.num_gpus={num_gpus} is below trainer.n_gpus_per_node x trainer.nnodes = "
-            f"{gpus_needed}: verl's resource pool would never be placed. Fix: ray_kwargs.ray_init.num_gpus={gpus_needed}"
+            f"ray_kwargs.ray_init.num_gpus={num_gpus} is below the {gpus_needed} logical GPUs verl's resource pools "
+            "need (trainer.n_gpus_per_node x trainer.nnodes, plus distillation.n_gpus_per_node x distillation.nnodes "
+            f"when distillation.enabled): they would never be placed. Fix: ray_kwargs.ray_init.num_gpus={gpus_needed}"
         )
 
 

@@ -2,15 +2,17 @@
 
 `python -m verl_eopd.main algorithm=eopd` with no model given runs EOPD on this pair, so the whole loop
 runs on a laptop CPU or in CI with no hub access. Built once and cached (`EOPD_CACHE`, default
-`~/.cache/verl_eopd/tiny-v3`):
+`~/.cache/verl_eopd/tiny-v4`):
 
-  tokenizer   byte-level BPE trained on the task's text, ChatML template, specials
-              <|endoftext|> <|im_start|> <|im_end|> (ids 0, 1, 2)
+  tokenizer   byte-level BPE trained on the task's text, digits split one per token (as Qwen's), ChatML
+              template, specials <|endoftext|> <|im_start|> <|im_end|> (ids 0, 1, 2)
   teacher     Qwen3 (hidden 64, 2 layers), fine-tuned to answer "What is a plus b?" in one of three
-              phrasings and to end with <|im_end|> (a chat model); the phrasing choice and the harder sums
-              keep its entropy high on some tokens and near zero on others, so the gate has work to do
+              phrasings and to end with <|im_end|> (a chat model). It adds well (about 96% greedy, 91% at
+              T = 1 on held-out sums): near-zero entropy on the digits, about ln 3 nats on the phrasing
+              choice, so the gate has work to do
   student     Qwen3 (hidden 32, 2 layers), fine-tuned briefly on the same text ending with <|endoftext|>
-              (a "Base" model: a different end token, as Qwen3-Base vs Qwen3 chat, exercising the EOS remap)
+              (a "Base" model: a different end token, as Qwen3-Base vs Qwen3 chat, exercising the EOS remap);
+              it knows the answer formats and adds poorly (about 12% at T = 1 on held-out sums, 56% Pass@8)
   data        train/val parquet in verl's RL format: chat `prompt`, `data_source`, `reward_model.ground_truth`
 
 The fine-tuning is a plain PyTorch loop (a few hundred steps of next-token loss on the responses).
@@ -27,7 +29,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-VERSION = "tiny-v3"
+VERSION = "tiny-v4"
 DATA_SOURCE = "eopd_tiny_add"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -85,7 +87,8 @@ def build_tokenizer(out_dir: str, *, eos_token: str = "<|im_end|>", vocab_size: 
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     corpus = [question(a, b) + " " + p.format(a=a, b=b, s=a + b) + " user assistant"
               for a in range(MAX_OPERAND) for b in range(0, MAX_OPERAND, 3) for p in PHRASINGS]
@@ -172,7 +175,7 @@ def sft(model_dir: str, tokenizer, pairs, *, end_token: str, steps: int, lr: flo
     return losses
 
 
-def ensure_embedded_default(root: Optional[Path] = None, *, teacher_steps: int = 400, student_steps: int = 60,
+def ensure_embedded_default(root: Optional[Path] = None, *, teacher_steps: int = 1200, student_steps: int = 600,
                             verbose: bool = True) -> dict[str, str]:
     """Build (once) and return the paths of the tiny teacher, student and task data."""
     import torch

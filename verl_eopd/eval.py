@@ -238,13 +238,20 @@ def _read_done(samples: Path) -> dict[tuple[str, int], list[float]]:
 
 def run_eval(benchmarks: dict[str, str], out_dir: str, settings: EvalSettings, generator: Generator, *,
              chunk: int = 64, max_problems: Optional[int] = None, ks: Optional[Sequence[int]] = None,
+             score_fn: Optional[Callable[..., float]] = None,
              log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
     """Evaluate every benchmark (name -> prepared parquet); returns and writes the summary.
 
     Writes `<out_dir>/samples.jsonl` (one line per problem: responses, extracted answers, scores),
-    `summary.json`, `results.md`. Problems already in samples.jsonl are not generated again.
+    `summary.json`, `results.md`. Problems already in samples.jsonl are not generated again. `score_fn`
+    (verl's custom-reward signature) defaults to verl_eopd.reward.compute_score with `box_required`.
     """
     from .reward import compute_score, extract_answer
+
+    if score_fn is None:
+        def score_fn(data_source, solution_str, ground_truth, extra_info=None):
+            return compute_score(data_source, solution_str, ground_truth, extra_info,
+                                 box_required=settings.box_required)
 
     settings.check()
     out = Path(out_dir)
@@ -265,8 +272,7 @@ def run_eval(benchmarks: dict[str, str], out_dir: str, settings: EvalSettings, g
                 seed = settings.seed + 1_000_003 * (hash_name(name) % 1000) + part[0]["index"]
                 responses = generator([r["prompt"] for r in part], settings, seed)
                 for r, resp in zip(part, responses):
-                    scores = [compute_score(r["data_source"], x, r["ground_truth"], box_required=settings.box_required)
-                              for x in resp]
+                    scores = [float(score_fn(r["data_source"], x, r["ground_truth"])) for x in resp]
                     rec = {"benchmark": name, "index": r["index"], "ground_truth": str(r["ground_truth"]),
                            "answers": [extract_answer(x, settings.box_required) for x in resp],
                            "scores": scores, "responses": resp}

@@ -67,6 +67,8 @@ import torch  # noqa: E402
 from verl.workers.rollout.base import BaseRollout  # noqa: E402
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica, TokenOutput  # noqa: E402
 
+from . import server_logprobs  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 THREADS_ENV = "EOPD_HF_ROLLOUT_THREADS"  # torch intra-op threads of each server (default: os.cpu_count())
@@ -189,6 +191,8 @@ class HFRolloutServer:
         self.rollout_mode, self.replica_rank, self.batch_window_s = rollout_mode, replica_rank, batch_window_s
         self.num_threads = _num_threads()
         torch.set_num_threads(self.num_threads)  # Ray starts actors with OMP_NUM_THREADS=1
+        # as vLLM seeds its engine with rollout.seed: unseeded requests draw from this replica's stream
+        torch.manual_seed(int(self.config.seed) + int(replica_rank))
 
         hf_config = self.model_config.hf_config
         attn = getattr(hf_config, "_attn_implementation", None)
@@ -390,6 +394,9 @@ class HFRolloutServer:
                 width = max(k, 1)
                 extras[start + j]["prompt_ids"] = ids.tolist() + [[0] * width]
                 extras[start + j]["prompt_logprobs"] = vals.tolist() + [[0.0] * width]
+                if k > 0 and server_logprobs.enabled():  # the exact sampled-token column, as the patched servers
+                    token_lp = log_probs.gather(-1, torch.tensor(seq[1:]).unsqueeze(-1)).squeeze(-1)
+                    server_logprobs.append_token_column(extras[start + j], seq[1:], token_lp.tolist())
         return torch.cat(last)
 
     def _sample_one(self, prompts, last_logits: torch.Tensor, spec: _Sampling):

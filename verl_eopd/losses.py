@@ -520,6 +520,7 @@ def eopd_stats(
     in_topk: Optional[torch.Tensor] = None,
     student_entropy: Optional[torch.Tensor] = None,
     teacher_entropy_bounds: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    token_fallback: Optional[torch.Tensor] = None,
 ) -> dict[str, float]:
     """Diagnostics of DESIGN.md section 4 (token means over the mask; *_gated_mean weighted by the gate)."""
     m, g = parts["mask"].float(), parts["gate"]
@@ -542,6 +543,8 @@ def eopd_stats(
             s["teacher_topk_mass_mean"] = _masked_mean(teacher_topk_mass, m)
         if in_topk is not None:
             s["token_in_topk_frac"] = _masked_mean(in_topk.float(), m)
+        if token_fallback is not None:  # sampled tokens whose teacher log-prob is the uniform-tail estimate
+            s["teacher_token_fallback_frac"] = _masked_mean(token_fallback.float(), m)
         if teacher_entropy_bounds is not None:
             s["teacher_entropy_lower_mean"] = _masked_mean(teacher_entropy_bounds[0], m)
             s["teacher_entropy_upper_mean"] = _masked_mean(teacher_entropy_bounds[1], m)

@@ -72,8 +72,11 @@ def run(config, user_keys: Optional[Iterable[str]] = None, algorithm: Optional[s
     on_cpu = config.trainer.get("device", "cuda") == "cpu" or not cpu.gpu_available()
     if on_cpu:
         apply_settings(config, cpu.CPU_SETTINGS, user_keys)
+        if config.distillation.get("enabled", False):
+            apply_settings(config, cpu.CPU_SERVER_SETTINGS, user_keys)
         cpu.check_ray_resources(config)
     loss = check_run_config(config)
+    _server_token_column(config, loss)
     if on_cpu:
         cpu.install()  # before verl's engine/worker modules are imported (here and, via env, in Ray workers)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -92,6 +95,17 @@ def run(config, user_keys: Optional[Iterable[str]] = None, algorithm: Optional[s
     from .trainer import EOPDTaskRunner
 
     run_ppo(config, task_runner_class=EOPDTaskRunner)
+
+
+def _server_token_column(config, loss) -> None:
+    """teacher_route=server with server_token_logprob=exact: turn on verl_eopd.server_logprobs in every process
+    (this one, Ray workers of a local cluster through the environment, any cluster through runtime_env)."""
+    from .server_logprobs import ENV
+
+    value = "1" if loss.teacher_route == "server" and loss.server_token_logprob == "exact" else "0"
+    os.environ[ENV] = value
+    with open_dict(config):
+        OmegaConf.update(config, f"ray_kwargs.ray_init.runtime_env.env_vars.{ENV}", value, force_add=True)
 
 
 @hydra.main(config_path="conf", config_name="eopd_trainer", version_base=None)

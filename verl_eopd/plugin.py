@@ -76,6 +76,27 @@ def _rows(t: torch.Tensor, n: int, fill) -> torch.Tensor:
     return torch.cat([t, pad], dim=0)
 
 
+def _split_token_column(t_ids: torch.Tensor, t_lp: torch.Tensor, labels: torch.Tensor, k: int,
+                        offsets: torch.Tensor):
+    """Column K of a [nnz, K + 1] server payload: the exact teacher log-prob of the token each row predicts
+    (verl_eopd.server_logprobs). Returns it as [nnz], or None for verl's plain [nnz, K] payload."""
+    width = t_ids.shape[-1]
+    if width == k:
+        return None
+    if width != k + 1:
+        raise ValueError(f"teacher_ids has {width} columns; expected distillation_loss.topk={k} (verl's payload) or "
+                         f"{k + 1} (with the exact sampled-token column). Fix: the same topk for teacher and loss")
+    ids = t_ids[:, -1]
+    real = torch.ones_like(ids, dtype=torch.bool)
+    real[offsets[1:].long() - 1] = False  # the last row of each sequence is verl's dummy
+    bad = real & (ids != labels)
+    if bool(bad.any()):
+        j = int(bad.nonzero()[0, 0])
+        raise ValueError(f"teacher_ids[..., {k}] (the sampled-token column) holds token {int(ids[j])} at packed row {j} "
+                         f"but the sequence's next token is {int(labels[j])}: the teacher scored other tokens")
+    return t_lp[:, -1]
+
+
 def eopd_logits_processor(config, distillation_config, data, student_logits: torch.Tensor, data_format: str = "thd"):
     """Student-side EOPD terms, per packed token; called by verl's engine with the student logits.
 
@@ -99,12 +120,17 @@ def eopd_logits_processor(config, distillation_config, data, student_logits: tor
     t_lp, t_ids, input_ids = data["teacher_logprobs"], data["teacher_ids"], data["input_ids"]
     if not (t_lp.is_nested and t_ids.is_nested and input_ids.is_nested):
         raise ValueError("eopd expects verl's no-padding micro-batches: teacher_logprobs, teacher_ids and input_ids nested")
-    t_lp, t_ids = t_lp.values(), t_ids.values().long()  # [nnz, K]
+    t_lp, t_ids = t_lp.values(), t_ids.values().long()  # [nnz, K] or [nnz, K + 1]
     labels = torch.roll(input_ids.values(), shifts=-1, dims=0).long()  # y_{j+1} for row j
+    token_column = _split_token_column(t_ids, t_lp, labels, int(cfg.topk), input_ids.offsets())
+    if token_column is not None:
+        t_ids, t_lp = t_ids[:, :-1], t_lp[:, :-1]
     if get_ulysses_sequence_parallel_world_size() > 1:
         t_lp = slice_input_tensor(t_lp.unsqueeze(0), dim=1).squeeze(0)
         t_ids = slice_input_tensor(t_ids.unsqueeze(0), dim=1).squeeze(0)
         labels = slice_input_tensor(labels.unsqueeze(0), dim=1).squeeze(0)
+        if token_column is not None:
+            token_column = slice_input_tensor(token_column.unsqueeze(0), dim=1).squeeze(0)
     t_lp = _rows(t_lp, n, float("-inf"))
     t_ids = _rows(t_ids, n, 0)
     labels = _rows(labels, n, 0).clamp(0, V - 1)  # dummy rows only; response labels are < V
@@ -122,8 +148,14 @@ def eopd_logits_processor(config, distillation_config, data, student_logits: tor
             out["eopd_teacher_entropy"], out["eopd_teacher_entropy_lower"], out["eopd_teacher_entropy_upper"] = (
                 estimated_entropy(t_lp, t_vocab, getattr(cfg, "entropy_estimator", "midpoint"), _valid_topk(t_lp, t_ids)))
         if "teacher_token_logprob" not in keys:
-            out["eopd_teacher_token_logprob"], in_topk = token_logprob_from_topk(t_ids, t_lp, labels, t_vocab, valid)
+            fallback, in_topk = token_logprob_from_topk(t_ids, t_lp, labels, t_vocab, valid)
             out["eopd_in_topk"] = in_topk.float()
+            if token_column is not None:  # exact log pi_T(y) from the server (verl_eopd.server_logprobs)
+                out["eopd_teacher_token_logprob"] = _rows(token_column, n, 0.0)
+                out["eopd_token_fallback"] = torch.zeros_like(fallback)
+            else:  # exact inside the top-k, the uniform-tail estimate outside it
+                out["eopd_teacher_token_logprob"] = fallback
+                out["eopd_token_fallback"] = (~in_topk).float()
     return {k: v.unsqueeze(0) for k, v in out.items()}
 
 
@@ -173,6 +205,7 @@ def eopd_distillation_loss(config, distillation_config, model_output: dict, data
         parts, fkl=fkl, teacher_entropy=t_ent, old_log_probs=old, teacher_token_logprobs=t_tok,
         teacher_topk_mass=resp(model_output["eopd_topk_mass"]),
         in_topk=None if exact_token else resp(model_output["eopd_in_topk"]),
+        token_fallback=None if exact_token else resp(model_output["eopd_token_fallback"]),
         student_entropy=resp(model_output["eopd_student_entropy"]),
         teacher_entropy_bounds=None if exact_entropy else (
             resp(model_output["eopd_teacher_entropy_lower"]), resp(model_output["eopd_teacher_entropy_upper"])),
@@ -249,6 +282,9 @@ def _entry_point() -> None:
 
             cpu.install_light()
         register()
+        from . import server_logprobs
+
+        server_logprobs.install()  # only with EOPD_TEACHER_TOKEN_COLUMN=1 (teacher_route=server)
     except Exception as e:  # noqa: BLE001 - re-raised after logging
         logger.error("verl_eopd plugin failed to load: %s", e)
         raise
