@@ -26,7 +26,8 @@ PANELS = {
     "student token entropy (nats)": "actor/eopd/student_entropy_mean",
     "teacher entropy (nats)": "actor/eopd/teacher_entropy_mean",
     "gated fraction of tokens": "actor/eopd/gate_frac",
-    "forward KL on gated tokens": "actor/eopd/fkl_gated_mean",
+    "forward KL on the run's gated tokens": "actor/eopd/fkl_gated_mean",
+    "forward KL on tokens with teacher entropy > tau": "actor/eopd/fkl_high_entropy_mean",
     "reverse KL (log pi_old - log pi_T)": "actor/eopd/rkl_mean",
     "reward / accuracy": "critic/score/mean",
 }

@@ -392,3 +392,28 @@ def test_eopd_loss_rejects_bad_shapes_and_values():
     bad[0, 0] = -math.inf
     with pytest.raises(ValueError, match="teacher_token_logprobs"):
         eopd_loss(student, ids, old, ts["topk_ids"], ts["topk_logprobs"], mask, teacher_token_logprobs=bad)
+
+
+def test_high_entropy_metrics_do_not_depend_on_the_gate():
+    """fkl_high_entropy_mean / student_entropy_high_entropy_mean average over H_T > tau for any gate."""
+    from verl_eopd import fkl_topk
+
+    student, _, ids, old, ts, mask = _batch()
+    tau = float(ts["entropy"][mask].median())
+    kw = dict(teacher_entropy=ts["entropy"], teacher_token_logprobs=ts["token_logprobs"], entropy_threshold=tau)
+    _, hard = eopd_loss(student, ids, old, ts["topk_ids"], ts["topk_logprobs"], mask, **kw)
+    _, quant = eopd_loss(student, ids, old, ts["topk_ids"], ts["topk_logprobs"], mask, gate="quantile",
+                         gate_quantile=0.1, **kw)
+    _, opd = eopd_loss(student, ids, old, ts["topk_ids"], ts["topk_logprobs"], mask, fkl_coef=0.0, **kw)
+    high = mask & (ts["entropy"] > tau)
+    logits = student.reshape(-1, student.shape[-1]).double()
+    index = ts["topk_ids"].reshape(-1, ts["topk_ids"].shape[-1])
+    lq = torch.log_softmax(logits, -1).gather(-1, index).reshape(ts["topk_ids"].shape)
+    fkl, _ = fkl_topk(lq, ts["topk_logprobs"].double(), torch.ones_like(lq, dtype=torch.bool))
+    p = torch.softmax(logits, -1)
+    h = -(p * torch.log_softmax(logits, -1)).sum(-1).reshape(ids.shape)
+    for stats in (hard, quant, opd):
+        assert stats["high_entropy_frac"] == pytest.approx(float(high.sum() / mask.sum()), abs=1e-6)
+        assert stats["fkl_high_entropy_mean"] == pytest.approx(float(fkl[high].mean()), rel=1e-4)
+        assert stats["student_entropy_high_entropy_mean"] == pytest.approx(float(h[high].mean()), rel=1e-4)
+    assert quant["fkl_gated_mean"] != pytest.approx(hard["fkl_gated_mean"], rel=1e-3)  # the gated one does move

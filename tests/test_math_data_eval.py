@@ -348,3 +348,41 @@ def test_paper_recipe_rejects_unknown_names_and_missing_data(tmp_path):
     out = subprocess.run(["bash", os.path.join(ROOT, "scripts", "paper_recipe.sh"), "qwen3-1.7b-math", "eopd"],
                          capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 2 and "prepare_data.py" in out.stderr
+
+
+def test_math_reward_scores_inside_verls_reward_loop(tmp_path):
+    """eopd_grpo on data written by prepare_data, scored by verl_eopd.reward inside verl's reward-loop
+    worker (a Ray actor calling the reward from a thread pool: the scorer-subprocess path). The problems are
+    the embedded task's, so the tiny student gets some right; its answers are unboxed, hence the evaluation
+    fallback via reward_kwargs."""
+    from test_entrypoint import _compose
+
+    from verl_eopd import cpu, embedded
+    from verl_eopd.main import run
+
+    info = embedded.ensure_embedded_default()
+    raw = pd.read_parquet(info["train"]).head(64)
+    rows = [{"problem": r["prompt"][0]["content"], "answer": r["reward_model"]["ground_truth"]}
+            for r in raw.to_dict("records")]
+    src = _write(tmp_path / "raw" / "sums.jsonl", rows)
+    prepare(["math500"], str(tmp_path / "data"), sources={"math500": src}, eval_instruction="", log=lambda m: None)
+    data = str(tmp_path / "data" / "math500.parquet")
+    os.environ["VERL_FILE_LOGGER_PATH"] = str(tmp_path / "metrics.jsonl")
+    cpu.install()
+    overrides = ["algorithm=eopd_grpo", f"data.train_files={data}", f"data.val_files={data}",
+                 "reward.custom_reward_function.path=pkg://verl_eopd.reward",
+                 "+reward.custom_reward_function.reward_kwargs.box_required=false",
+                 "trainer.total_training_steps=2", "trainer.save_freq=-1", "trainer.logger=[console,file]",
+                 f"trainer.default_local_dir={tmp_path / 'ckpt'}", "trainer.experiment_name=ci_math_reward"]
+    import ray
+
+    try:
+        run(_compose(*overrides), user_keys=[o.split("=", 1)[0].lstrip("+") for o in overrides],
+            algorithm="eopd_grpo")
+    finally:
+        ray.shutdown()
+        os.environ.pop("VERL_FILE_LOGGER_PATH", None)
+    records = [json.loads(x)["data"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    scores = [r["critic/score/mean"] for r in records if "critic/score/mean" in r]
+    assert len(scores) == 2 and all(0.0 <= s <= 1.0 for s in scores)
+    assert sum(scores) > 0.0, scores  # 128 samples at ~5-10% accuracy: some are right and scored so

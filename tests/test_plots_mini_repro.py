@@ -93,7 +93,8 @@ def test_mini_repro_quick_end_to_end(tmp_path):
         (run,) = results["runs"][variant]
         assert set(run["eval"]) >= {"avg@4", "pass@1", "pass@4"}
         assert 0.0 <= run["eval"]["pass@1"] <= run["eval"]["pass@4"] <= 100.0
-        for key in ("actor/eopd/student_entropy_mean", "actor/eopd/fkl_gated_mean", "actor/eopd/gate_frac"):
+        for key in ("actor/eopd/student_entropy_mean", "actor/eopd/fkl_gated_mean", "actor/eopd/gate_frac",
+                    "actor/eopd/fkl_high_entropy_mean", "actor/eopd/high_entropy_frac"):
             assert math.isfinite(run["end"][key])
     text = doc.read_text()
     assert "| student token entropy, end (nats) |" in text and "held-out Pass@4 (%)" in text

@@ -129,7 +129,7 @@ def hf_generator(model_path: str, batch_size: int = 16, device: Optional[str] = 
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
 
     def generate(prompts: list[list[dict]], s: EvalSettings, seed: int) -> list[list[str]]:
         texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False, **s.chat_template_kwargs)

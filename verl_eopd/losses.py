@@ -521,8 +521,13 @@ def eopd_stats(
     student_entropy: Optional[torch.Tensor] = None,
     teacher_entropy_bounds: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     token_fallback: Optional[torch.Tensor] = None,
+    entropy_threshold: Optional[float] = None,
 ) -> dict[str, float]:
-    """Diagnostics of DESIGN.md section 4 (token means over the mask; *_gated_mean weighted by the gate)."""
+    """Diagnostics of DESIGN.md section 4 (token means over the mask; *_gated_mean weighted by the gate).
+
+    With `entropy_threshold` (tau) also the gate-independent `*_high_entropy_mean`: means over the tokens
+    whose teacher entropy exceeds tau, whatever gate trained the run (OPD, soft or quantile gates), so runs
+    with different gates compare on the same tokens; `high_entropy_frac` is their share."""
     m, g = parts["mask"].float(), parts["gate"]
     with torch.no_grad():
         s = {
@@ -543,6 +548,12 @@ def eopd_stats(
             s["teacher_topk_mass_mean"] = _masked_mean(teacher_topk_mass, m)
         if in_topk is not None:
             s["token_in_topk_frac"] = _masked_mean(in_topk.float(), m)
+        if entropy_threshold is not None:
+            high = m * (teacher_entropy > entropy_threshold).float()
+            s["high_entropy_frac"] = _masked_mean(high, m)
+            s["fkl_high_entropy_mean"] = _masked_mean(fkl.detach(), high)
+            if student_entropy is not None:
+                s["student_entropy_high_entropy_mean"] = _masked_mean(student_entropy, high)
         if token_fallback is not None:  # sampled tokens whose teacher log-prob is the uniform-tail estimate
             s["teacher_token_fallback_frac"] = _masked_mean(token_fallback.float(), m)
         if teacher_entropy_bounds is not None:
@@ -646,7 +657,8 @@ def eopd_loss(
     loss = per_token.sum() / n
     stats = eopd_stats(parts, fkl=fkl, teacher_entropy=teacher_entropy, old_log_probs=old_log_probs,
                        teacher_token_logprobs=teacher_token_logprobs, teacher_topk_mass=topk_mass,
-                       in_topk=in_topk, student_entropy=student_entropy, teacher_entropy_bounds=bounds)
+                       in_topk=in_topk, student_entropy=student_entropy, teacher_entropy_bounds=bounds,
+                       entropy_threshold=entropy_threshold)
     stats["loss"] = float(loss.detach())
     stats["rkl_loss"] = float(parts["rkl"].detach().where(mask, 0.0).sum() / n)
     stats["fkl_loss"] = float((fkl_coef * parts["gate"] * fkl.detach().where(mask, 0.0)).sum() / n)

@@ -206,6 +206,7 @@ def eopd_distillation_loss(config, distillation_config, model_output: dict, data
         teacher_topk_mass=resp(model_output["eopd_topk_mass"]),
         in_topk=None if exact_token else resp(model_output["eopd_in_topk"]),
         token_fallback=None if exact_token else resp(model_output["eopd_token_fallback"]),
+        entropy_threshold=cfg.entropy_threshold,
         student_entropy=resp(model_output["eopd_student_entropy"]),
         teacher_entropy_bounds=None if exact_entropy else (
             resp(model_output["eopd_teacher_entropy_lower"]), resp(model_output["eopd_teacher_entropy_upper"])),
