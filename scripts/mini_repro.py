@@ -89,13 +89,10 @@ def evaluate(model: str, out_dir: Path, val: str, k: int, problems: int, max_tok
     return summary["heldout"]
 
 
-def start_value(series: dict[int, float]) -> float:
-    steps = sorted(series)[:END_WINDOW]
-    return sum(series[s] for s in steps) / len(steps)
-
-
-def end_value(series: dict[int, float]) -> float:
-    steps = sorted(series)[-END_WINDOW:]
+def window_mean(series: dict[int, float], where: str) -> float:
+    """Mean over the first ("start") or last ("end") END_WINDOW logged steps."""
+    steps = sorted(series)
+    steps = steps[:END_WINDOW] if where == "start" else steps[-END_WINDOW:]
     return sum(series[s] for s in steps) / len(steps)
 
 
@@ -287,8 +284,8 @@ def main(argv=None) -> int:
                 f"Pass@{args.k} {ev[f'pass@{args.k}']:.2f}")
             results.setdefault(variant, []).append({
                 "seed": seed, "metrics": metrics, "eval": ev,
-                "end": {key: end_value(series) for key, series in metrics.items() if series},
-                "start": {key: start_value(series) for key, series in metrics.items() if series}})
+                **{where: {key: window_mean(series, where) for key, series in metrics.items() if series}
+                   for where in ("start", "end")}})
             # the per-step log is small: keep a copy beside the figures (committed)
             (fig_dir / f"{variant}_s{seed}.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
     refs = {"student before training": evaluate(info["student"], out / "ref_student", info["val"], args.k,
@@ -304,9 +301,7 @@ def main(argv=None) -> int:
                "runs": {v: [{"seed": r["seed"], "eval": r["eval"], "start": r["start"], "end": r["end"]} for r in runs]
                         for v, runs in results.items()}}
     (fig_dir / "results.json").write_text(json.dumps(summary, indent=1))
-    command = "python scripts/mini_repro.py" + ("" if argv is None else " " + " ".join(argv))
-    if argv is None:
-        command = "python " + " ".join([os.path.relpath(sys.argv[0], os.getcwd())] + sys.argv[1:])
+    command = " ".join(["python scripts/mini_repro.py", *(sys.argv[1:] if argv is None else argv)])
     write_doc(doc, fig_dir, results, refs, args, command, seconds)
     log(f"[mini_repro] wrote {doc} and {fig_dir} in {seconds / 60:.1f} min")
     return 0

@@ -118,6 +118,12 @@ class EvalSettings:
 Generator = Callable[[list[list[dict]], EvalSettings, int], list[list[str]]]
 
 
+def _chat_texts(tok, prompts: list[list[dict]], s: EvalSettings) -> list[str]:
+    """Chat prompts rendered with the model's template and a generation prompt (both backends)."""
+    return [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False, **s.chat_template_kwargs)
+            for p in prompts]
+
+
 def hf_generator(model_path: str, batch_size: int = 16, device: Optional[str] = None) -> Generator:
     """Hugging Face `generate` (CPU or one GPU): k sampled responses per chat prompt, left-padded batches."""
     import torch
@@ -132,8 +138,7 @@ def hf_generator(model_path: str, batch_size: int = 16, device: Optional[str] = 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
 
     def generate(prompts: list[list[dict]], s: EvalSettings, seed: int) -> list[list[str]]:
-        texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False, **s.chat_template_kwargs)
-                 for p in prompts]
+        texts = _chat_texts(tok, prompts, s)
         out: list[list[str]] = []
         per_batch = max(1, batch_size // s.k)
         for start in range(0, len(texts), per_batch):
@@ -162,8 +167,7 @@ def vllm_generator(model_path: str, tensor_parallel_size: int = 1, **llm_kwargs:
     tok = llm.get_tokenizer()
 
     def generate(prompts: list[list[dict]], s: EvalSettings, seed: int) -> list[list[str]]:
-        texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False, **s.chat_template_kwargs)
-                 for p in prompts]
+        texts = _chat_texts(tok, prompts, s)
         params = SamplingParams(n=s.k, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=seed)
         results = llm.generate(texts, params)
         return [[o.text for o in r.outputs] for r in results]

@@ -116,12 +116,20 @@ def _canonical(s: str) -> str:
 # ----------------------------------------------------------------------------------------- equivalence
 
 
-def equivalent(pred: str, golds: list[str], timeout_s: int = DEFAULT_TIMEOUT_S) -> bool:
-    """math-verify equivalence of an extracted answer and any gold answer. Main thread only (signal timeouts)."""
+def _quick_verdict(pred: str, golds: list[str]) -> Optional[bool]:
+    """What needs no sympy: False for an empty or oversized answer, True when identical up to spacing."""
     if not pred or len(pred) > MAX_ANSWER_CHARS:
         return False
     if any(_canonical(pred) == _canonical(g) for g in golds):
-        return True  # identical up to spacing: no sympy needed
+        return True
+    return None
+
+
+def equivalent(pred: str, golds: list[str], timeout_s: int = DEFAULT_TIMEOUT_S) -> bool:
+    """math-verify equivalence of an extracted answer and any gold answer. Main thread only (signal timeouts)."""
+    quick = _quick_verdict(pred, golds)
+    if quick is not None:
+        return quick
     from math_verify import parse, verify
 
     timeout_s = max(1, int(timeout_s))
@@ -140,11 +148,6 @@ def equivalent(pred: str, golds: list[str], timeout_s: int = DEFAULT_TIMEOUT_S) 
         if isinstance(exc, KeyboardInterrupt):
             raise
     return False
-
-
-def _score_here(solution_str: str, golds: list[str], box_required: bool, timeout_s: int) -> float:
-    pred = extract_answer(solution_str, box_required)
-    return 1.0 if pred is not None and equivalent(pred, golds, timeout_s) else 0.0
 
 
 # ------------------------------------------------------------- scorer subprocesses (off the main thread)
@@ -246,12 +249,12 @@ def _pool() -> _ScorerPool:
 
 
 def _serve() -> None:
-    """Subprocess loop: read JSON requests from stdin, write `{"score": x}` lines to stdout."""
+    """Subprocess loop: read `{"pred", "golds", "timeout_s"}` lines from stdin, write `{"score": x}` lines."""
     print("ready", flush=True)
     for line in sys.stdin:
         try:
             req = json.loads(line)
-            score = _score_here(req["solution"], req["golds"], req["box_required"], req["timeout_s"])
+            score = float(equivalent(req["pred"], req["golds"], req["timeout_s"]))
         except Exception:  # noqa: BLE001 - a bad request scores 0.0
             score = 0.0
         print(json.dumps({"score": score}), flush=True)
@@ -273,14 +276,16 @@ def compute_score(data_source: Any, solution_str: Any, ground_truth: Any, extra_
     golds = gold_answers(ground_truth)
     if text is None or not golds:
         return 0.0
-    if threading.current_thread() is threading.main_thread():
-        return _score_here(text, golds, bool(box_required), int(timeout_s))
     pred = extract_answer(text, bool(box_required))
-    if pred is None or not pred or len(pred) > MAX_ANSWER_CHARS:
+    if pred is None:
         return 0.0
-    if any(_canonical(pred) == _canonical(g) for g in golds):
-        return 1.0
-    request = {"solution": text, "golds": golds, "box_required": bool(box_required), "timeout_s": int(timeout_s)}
+    if threading.current_thread() is threading.main_thread():
+        return float(equivalent(pred, golds, int(timeout_s)))
+    quick = _quick_verdict(pred, golds)
+    if quick is not None:
+        return float(quick)
+    # only the extracted answer crosses the pipe: the subprocess runs `equivalent` under its own signals
+    request = {"pred": pred, "golds": golds, "timeout_s": int(timeout_s)}
     return _pool().score(request, wall_s=4.0 * max(1, int(timeout_s)))
 
 
