@@ -2,7 +2,7 @@
 """Forward+backward time and peak memory of three top-k distillation losses on the same inputs.
 
 Implementations (all on student logits [1, T, V] that require grad):
-  eopd         verl_eopd.losses.eopd_loss (chunked custom autograd, exact teacher entropy and token
+  eopd         verl_eopd.core.eopd_loss (chunked custom autograd, exact teacher entropy and token
                log-prob passed in, i.e. the "ref route"; student entropy on).
   verl_native  verl's forward-KL top-k processor alone,
                verl.trainer.distillation.fsdp.losses.compute_forward_kl_topk (default, non-chunked path),
@@ -148,13 +148,16 @@ class _PeakRSS:
 
 
 def _losses_sha1() -> str:
-    """Short hash of verl_eopd/losses.py as imported (to tell runs of different loss code apart)."""
+    """Short hash of the loss code as imported (verl_eopd/core/*.py; to tell runs of different code apart)."""
     import hashlib
+    from pathlib import Path
 
-    import verl_eopd.losses as L
+    import verl_eopd.core as core
 
-    with open(L.__file__, "rb") as f:
-        return hashlib.sha1(f.read()).hexdigest()[:10]
+    h = hashlib.sha1()
+    for path in sorted(Path(core.__file__).parent.glob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:10]
 
 
 def _system_busy_s():
@@ -214,7 +217,7 @@ def make_step(impl: str, x: dict, K: int, chunk_bytes: int):
     import torch
 
     if impl == "eopd":
-        from verl_eopd.losses import eopd_loss
+        from verl_eopd.core import eopd_loss
 
         def step():
             loss, stats = eopd_loss(
@@ -508,7 +511,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.chunk_bytes is None:
-        from verl_eopd.losses import DEFAULT_CHUNK_BYTES
+        from verl_eopd.core import DEFAULT_CHUNK_BYTES
 
         args.chunk_bytes = DEFAULT_CHUNK_BYTES
 
@@ -562,9 +565,9 @@ def main(argv=None) -> int:
 
     hashes = sorted({r["losses_py_sha1"] for r in results if r.get("losses_py_sha1")})
     if len(hashes) > 1:
-        print(f"WARNING: verl_eopd/losses.py changed during the run (sha1 {hashes})", file=sys.stderr)
+        print(f"WARNING: the loss code (verl_eopd/core/) changed during the run (sha1 {hashes})", file=sys.stderr)
     if hashes:
-        header += f"- verl_eopd/losses.py sha1 {', '.join(hashes)}\n"
+        header += f"- verl_eopd/core/ sha1 {', '.join(hashes)}\n"
     table = render_table(results, devices, args.T, args.K, args.dtype)
     if args.quick:
         table += ("\n--quick is a smoke test of the script: at these sizes one eopd chunk covers the whole input, "

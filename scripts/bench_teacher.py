@@ -15,18 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def build_model(out: str, vocab: int, hidden: int, layers: int):
-    from verl_eopd.embedded import build_tiny_qwen3, build_tokenizer
+    from verl_eopd.cpu.embedded import build_tiny_qwen3, build_tokenizer
 
     tok = build_tokenizer(os.path.join(out, "tok"))
     build_tiny_qwen3(out, tok, vocab_size=vocab, hidden=hidden, layers=layers, seed=0)
@@ -81,7 +77,7 @@ def main():
     from verl.workers.config import FSDPEngineConfig, HFModelConfig
     from verl.workers.engine import EngineRegistry
 
-    from verl_eopd.teacher import TEACHER_MODEL_TYPE, _teacher_engine_class
+    from verl_eopd.integration.teacher import TEACHER_MODEL_TYPE, _teacher_engine_class
 
     _teacher_engine_class()
     with tempfile.TemporaryDirectory() as d:

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from verl_eopd.eval import PAPER_BENCHMARKS, EvalSettings, check_resume, make_generator, markdown_table, run_eval
+from verl_eopd.math.eval import PAPER_BENCHMARKS, EvalSettings, check_resume, make_generator, markdown_table, run_eval
 
 
 def main(argv=None) -> int:

@@ -1,10 +1,10 @@
-"""Write the paper's math datasets as verl RL parquet (see verl_eopd/data.py for the schemas).
+"""Write the paper's math datasets as verl RL parquet (see verl_eopd/math/data.py for the schemas).
 
     python scripts/prepare_data.py --out-dir data/math                     # all: MATH, DAPO, six benchmarks
     python scripts/prepare_data.py --out-dir data/math --datasets math_train math500 aime24
     python scripts/prepare_data.py --out-dir data/math --datasets aime25 --source aime25=/data/aime25.jsonl
 
-Sources default to the Hugging Face ids in verl_eopd.data.DATASETS; `--source NAME=ID_OR_PATH` reads another
+Sources default to the Hugging Face ids in verl_eopd.math.data.DATASETS; `--source NAME=ID_OR_PATH` reads another
 id or a local json/jsonl/parquet file or folder in the same schema. Dropped rows are counted per reason,
 printed and stored in <out-dir>/prepare_report.json.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from verl_eopd.data import DATASETS, EVAL_INSTRUCTION, TRAIN_INSTRUCTION, prepare
+from verl_eopd.math.data import DATASETS, EVAL_INSTRUCTION, TRAIN_INSTRUCTION, prepare
 
 
 def main(argv=None) -> int:

@@ -16,14 +16,11 @@ K the script compares, token by token:
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from verl_eopd.losses import (  # noqa: E402
+from verl_eopd.core import (
     entropy_from_topk,
     eopd_loss,
     teacher_stats,

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -17,11 +18,26 @@ STUDENT_VOCAB = 320  # rows of the student's embedding
 TEACHER_VOCAB = 352  # the teacher's table is padded, like Qwen's 151,936 vs 152,064
 
 
+def run_main(overrides, cwd, timeout: int = 1500, **env) -> subprocess.CompletedProcess:
+    """`python -m verl_eopd.main OVERRIDES` in a subprocess (the command line, with its own process state);
+    fails the test with the end of its output when it fails."""
+    proc = subprocess.run([sys.executable, "-m", "verl_eopd.main", *overrides], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+_CPU_ENV = ("VERL_PLATFORM", "VERL_USE_EXTERNAL_MODULES", "VERL_ENGINE_DEVICE")
+
+
 @pytest.fixture(scope="session")
 def verl_cpu():
-    """verl on CPU in this process: the CPU platform and a one-process gloo group."""
-    from verl_eopd import cpu
+    """verl on CPU in this process (the integration tests that drive verl's engine and workers directly): the
+    CPU platform and a one-process gloo group. The environment it sets is restored at the end of the session;
+    the end-to-end tests run the command line in subprocesses and never depend on this."""
+    from verl_eopd.cpu import platform as cpu
 
+    saved = {k: os.environ.get(k) for k in _CPU_ENV}
     cpu.install()
     import torch.distributed as dist
 
@@ -34,7 +50,12 @@ def verl_cpu():
         os.close(fd)
         os.unlink(path)
         dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
-    return True
+    yield True
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +69,14 @@ def tiny_models(tmp_path_factory):
     teacher = build_tiny_qwen3(str(root / "teacher"), vocab_size=TEACHER_VOCAB, hidden=48, layers=3, seed=1,
                                tokenizer=tok)
     return {"student": student, "teacher": teacher, "tokenizer": tok}
+
+
+LAYERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test carries exactly one layer marker (pyproject.toml registers them)."""
+    bad = [f"{item.nodeid}: {[m for m in LAYERS if item.get_closest_marker(m)]}" for item in items
+           if sum(1 for m in LAYERS if item.get_closest_marker(m)) != 1]
+    if bad:
+        raise pytest.UsageError("tests need exactly one of the markers " + ", ".join(LAYERS) + ":\n" + "\n".join(bad))

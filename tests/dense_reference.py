@@ -1,4 +1,4 @@
-"""Dense float64 references written straight from the paper's formulas (DESIGN.md section 2).
+"""Dense float64 references written straight from the paper's formulas (verl_eopd/core/objective.py docstring).
 
 Deliberately naive: full-vocabulary log_softmax, no chunking, no custom autograd, no masking tricks.
 """
@@ -9,6 +9,8 @@ import math
 from fractions import Fraction
 
 import torch
+
+from verl_eopd import EOPDSettings
 
 
 def dense_teacher(teacher_logits: torch.Tensor, sampled_ids: torch.Tensor, k: int) -> dict:
@@ -22,12 +24,13 @@ def dense_teacher(teacher_logits: torch.Tensor, sampled_ids: torch.Tensor, k: in
     }
 
 
-def dense_gate(teacher_entropy, mask, gate="hard", tau=0.8, temperature=0.1, quantile=0.2):
+def dense_gate(teacher_entropy, mask, s: EOPDSettings):
     H = teacher_entropy.double()
-    if gate == "hard":
+    tau, quantile = s.entropy_threshold, s.gate_quantile
+    if s.gate == "hard":
         g = (H > tau).double()
-    elif gate == "soft":
-        g = 1.0 / (1.0 + torch.exp(-(H - tau) / temperature))
+    elif s.gate == "soft":
+        g = 1.0 / (1.0 + torch.exp(-(H - tau) / s.gate_temperature))
     else:  # quantile: the ceil(q n) largest entropies among valid tokens (ties included)
         vals = sorted(H[mask.bool()].tolist(), reverse=True)
         n = math.ceil(Fraction(str(quantile)) * len(vals))  # exact ceil(q n)
@@ -38,8 +41,7 @@ def dense_gate(teacher_entropy, mask, gate="hard", tau=0.8, temperature=0.1, qua
 
 def dense_eopd_loss(
     student_logits, sampled_ids, old_log_probs, teacher_topk_ids, teacher_topk_logprobs, mask,
-    teacher_entropy, teacher_token_logprobs, *, tau=0.8, fkl_coef=1.0, eps_low=0.2, eps_high=0.2,
-    gate="hard", gate_temperature=0.1, gate_quantile=0.2,
+    teacher_entropy, teacher_token_logprobs, s: EOPDSettings,
 ):
     """L = (1/N) sum_t m_t [max(-r A, -clip(r) A) + alpha g FKL], all in float64. Returns (loss, per-token fkl)."""
     V = student_logits.shape[-1]
@@ -54,8 +56,8 @@ def dense_eopd_loss(
     old = old_log_probs.double()
     A = teacher_token_logprobs.double() - old
     r = torch.exp(logp - old)
-    rkl = torch.maximum(-r * A, -torch.clamp(r, 1 - eps_low, 1 + eps_high) * A)
-    g = dense_gate(teacher_entropy, mask, gate, tau, gate_temperature, gate_quantile)
+    rkl = torch.maximum(-r * A, -torch.clamp(r, 1 - s.clip_ratio_low, 1 + s.clip_ratio_high) * A)
+    g = dense_gate(teacher_entropy, mask, s)
     m = mask.double()
-    loss = ((rkl + fkl_coef * g * fkl) * m).sum() / m.sum().clamp_min(1)
+    loss = ((rkl + s.fkl_coef * g * fkl) * m).sum() / m.sum().clamp_min(1)
     return loss, fkl

@@ -12,7 +12,9 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from verl_eopd.config import EOPDLossConfig
+from verl_eopd.integration.config import EOPDLossConfig
+
+pytestmark = pytest.mark.integration
 
 RUNTIME_FIELDS = {"global_batch_info", "loss_settings"}
 
@@ -34,7 +36,7 @@ def test_yaml_defaults_equal_dataclass_defaults_and_every_key_is_commented():
     for name, f in fields.items():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if name == "_target_":
-            assert node[name] == "verl_eopd.config.EOPDLossConfig"
+            assert node[name] == "verl_eopd.integration.config.EOPDLossConfig"
         else:
             assert node[name] == default, name
     lines = text.splitlines()
@@ -71,26 +73,57 @@ def test_invalid_values_fail_at_build_time_naming_the_key(key, value):
     assert "Fix:" in str(e.value)
 
 
-def test_registration_is_idempotent_and_dispatch_leaves_other_modes_alone():
+def test_registration_is_idempotent_and_refuses_a_foreign_eopd(monkeypatch):
     import verl.trainer.distillation.losses as vl
 
     from verl_eopd import plugin
+    from verl_eopd.integration.loss import eopd_distillation_loss, register_loss
 
-    plugin.register()
-    plugin.register()
-    assert vl.DISTILLATION_LOSS_REGISTRY["eopd"] is plugin.eopd_distillation_loss
-    assert vl.compute_topk_loss.__wrapped__.__module__ == "verl.trainer.distillation.losses"
+    register_loss()
+    register_loss()
+    assert vl.DISTILLATION_LOSS_REGISTRY["eopd"] is eopd_distillation_loss
+    assert vl.DISTILLATION_SETTINGS_REGISTRY["eopd"].use_topk
     assert plugin.check()["registered"]
+    monkeypatch.setitem(vl.DISTILLATION_LOSS_REGISTRY, "eopd", lambda **kw: None)
+    with pytest.raises(RuntimeError, match="already registered"):
+        register_loss()
+
+
+def test_verls_topk_processor_is_not_rebound():
+    """No global patch of verl's loss module: its top-k processor is verl's own function."""
+    import verl.trainer.distillation.losses as vl
+
+    import verl_eopd.plugin  # noqa: F401  (the plugin is loaded: still nothing rebound)
+
+    assert vl.compute_topk_loss.__module__ == "verl.trainer.distillation.losses"
+    assert not hasattr(vl.compute_topk_loss, "__wrapped__")
+
+
+def test_bound_loss_routes_eopd_to_its_processor_and_other_calls_to_verl(monkeypatch):
+    """`eopd_ppo_loss` sends the processor call (student_logits given) to EOPD's processor and the final call
+    to verl's distillation_ppo_loss, unchanged: both branches are called here with spies."""
+    import verl.trainer.distillation.losses as vl
+
+    from verl_eopd.integration import loss as L
+
+    calls = []
+    monkeypatch.setattr(L, "eopd_logits_processor", lambda *a, **k: calls.append(("eopd", a, k)) or "eopd-out")
+    monkeypatch.setattr(vl, "distillation_ppo_loss", lambda *a, **k: calls.append(("verl", a, k)) or "verl-out")
+    logits = object()
+    assert L.eopd_ppo_loss("cfg", "dcfg", data="td", student_logits=logits) == "eopd-out"
+    assert L.eopd_ppo_loss("cfg", "dcfg", model_output="mo", data="td", dp_group="g") == "verl-out"
+    assert calls[0] == ("eopd", ("cfg", "dcfg", "td", logits, "thd"), {})
+    assert calls[1] == ("verl", ("cfg", "dcfg"), {"model_output": "mo", "data": "td", "dp_group": "g"})
 
 
 def test_other_verl_version_is_refused_loudly(monkeypatch):
     import verl
 
-    from verl_eopd import plugin
+    from verl_eopd.integration.version import VerlVersionError, check_verl_version
 
     monkeypatch.setattr(verl, "__version__", "0.10.0")
-    with pytest.raises(plugin.VerlVersionError, match="0.10.0"):
-        plugin._check_verl_version()
+    with pytest.raises(VerlVersionError, match="0.10.0"):
+        check_verl_version()
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
@@ -101,16 +134,40 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
 def test_plain_import_verl_registers_eopd_in_a_fresh_process():
     """No import of verl_eopd: verl's own `verl.plugins` entry-point discovery must register the loss."""
     code = ("import json, verl, verl.trainer.distillation.losses as L; "
-            "print(json.dumps({'eopd': 'eopd' in L.DISTILLATION_LOSS_REGISTRY, "
-            "'dispatch': getattr(L.compute_topk_loss, '_eopd_dispatch', False)}))")
+            "from verl.workers.rollout.replica import RolloutReplicaRegistry as R; "
+            "print(json.dumps({'eopd': 'eopd' in L.DISTILLATION_LOSS_REGISTRY, 'hf': 'hf' in R._registry}))")
     out = _run(code)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"eopd": True, "dispatch": True}
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"eopd": True, "hf": True}
     off = _run(code, VERL_USE_EXTERNAL_PLUGINS="none")
     assert json.loads(off.stdout.strip().splitlines()[-1])["eopd"] is False
 
 
-def test_plugin_check_command():
+def test_plugin_command_checks_and_lists_every_patch():
+    from verl_eopd.integration.patches import PATCHES
+
     out = subprocess.run([sys.executable, "-m", "verl_eopd.plugin"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "'registered': True" in out.stdout
+    for name, patch in PATCHES.items():
+        assert f"] {name}  (verl {patch.verl_version})" in out.stdout, name
+    assert "[ACTIVE  ] rollout-registry-hf" in out.stdout  # every process registers the hf backend
+    assert "[inactive] cpu-offload-no-pin" in out.stdout  # only with VERL_PLATFORM=cpu
+    cpu = subprocess.run([sys.executable, "-m", "verl_eopd.plugin"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "VERL_PLATFORM": "cpu"})
+    assert cpu.returncode == 0, cpu.stderr
+    assert "[ACTIVE  ] cpu-offload-no-pin" in cpu.stdout and "[ACTIVE  ] teacher-topk-hf" in cpu.stdout
+
+
+def test_integration_doc_lists_exactly_the_declared_patches():
+    """docs/verl_integration.md's patch table names every declared patch and no other."""
+    import re
+
+    from verl_eopd.integration.patches import PATCHES
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "verl_integration.md")) as f:
+        text = f.read()
+    table = text[text.index("<!-- patches -->"):text.index("<!-- /patches -->")]
+    documented = set(re.findall(r"^\| `([a-z0-9-]+)` \|", table, flags=re.M))
+    assert documented == set(PATCHES), documented ^ set(PATCHES)

@@ -1,8 +1,8 @@
 """End to end on CPU: verl's real v1 trainer distils the embedded tiny student from the tiny teacher.
 
-Each run (its own Ray session) goes through `verl_eopd.main.run` exactly as the command line
-does (embedded default, CPU settings, checks, EOPD trainer, HF rollout backend, teacher in the reference
-worker). Metrics are read back from verl's file logger.
+Each run is the command line itself, `python -m verl_eopd.main ...` in a subprocess (its own Ray session and
+process state: embedded default, CPU settings, checks, EOPD trainer, HF rollout backend, teacher in the
+reference worker). Metrics are read back from verl's file logger.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from test_entrypoint import _compose
+from conftest import run_main
+
+pytestmark = pytest.mark.e2e
 
 DESIGN_METRICS = ("teacher_entropy_mean", "gate_frac", "fkl_mean", "fkl_gated_mean", "rkl_mean",
                   "student_entropy_mean", "student_entropy_gated_mean", "teacher_topk_mass_mean")
@@ -31,33 +33,22 @@ LR = "1e-3"
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
+    """A folder for the runs and an EOPD_CACHE holding the weak-student pair (built here, read by the runs)."""
+    from verl_eopd.cpu import embedded
+
     root = tmp_path_factory.mktemp("e2e")
-    os.environ["VERL_FILE_LOGGER_ROOT"] = str(root / "metrics")
-    from verl_eopd import cpu, embedded
-
-    cpu.install()  # sets VERL_PLATFORM / VERL_USE_EXTERNAL_MODULES before Ray starts its workers
-    weak = embedded.cache_dir().parent / f"{embedded.VERSION}-student{WEAK_STUDENT_STEPS}"
-    original = embedded.ensure_embedded_default
-    embedded.ensure_embedded_default = lambda *a, **k: original(weak, student_steps=WEAK_STUDENT_STEPS)
-    yield root
-    embedded.ensure_embedded_default = original
+    cache = Path(os.environ["EOPD_CACHE"]).parent / f"weak_student_{WEAK_STUDENT_STEPS}"
+    embedded.ensure_embedded_default(cache / embedded.VERSION, student_steps=WEAK_STUDENT_STEPS, verbose=False)
+    return {"root": root, "cache": cache}
 
 
-def _run(root: Path, algorithm: str, name: str, *overrides: str) -> list[dict]:
-    from verl_eopd.main import run
-
-    overrides = (f"algorithm={algorithm}", f"trainer.experiment_name={name}", "trainer.logger=[console,file]",
-                 f"actor_rollout_ref.actor.optim.lr={LR}",
-                 f"trainer.default_local_dir={root / 'ckpt' / name}", *overrides)
-    cfg = _compose(*overrides)
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
-    import ray
-
-    try:
-        run(cfg, user_keys=keys, algorithm=algorithm)
-    finally:  # verl names its placement groups per run: each run needs a fresh Ray session
-        ray.shutdown()
-    path = Path(os.environ["VERL_FILE_LOGGER_ROOT"]) / "verl-eopd" / f"{name}.jsonl"
+def _run(e2e: dict, algorithm: str, name: str, *overrides: str) -> list[dict]:
+    root = e2e["root"]
+    cmd = [f"algorithm={algorithm}", f"trainer.experiment_name={name}",
+           "trainer.logger=[console,file]", f"actor_rollout_ref.actor.optim.lr={LR}",
+           f"trainer.default_local_dir={root / 'ckpt' / name}", *overrides]
+    run_main(cmd, cwd=root, VERL_FILE_LOGGER_ROOT=str(root / "metrics"), EOPD_CACHE=str(e2e["cache"]))
+    path = root / "metrics" / "verl-eopd" / f"{name}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -92,7 +83,7 @@ def test_tiny_default_end_to_end(e2e, algorithm):
 
 def test_checkpoint_and_resume(e2e):
     """Stop after 1 step with a checkpoint, rerun to 2: it resumes at step 1 and trains only step 2."""
-    ckpt = e2e / "ckpt" / "resume"
+    ckpt = e2e["root"] / "ckpt" / "resume"
     first = _run(e2e, "eopd", "ci_resume_a", "trainer.total_training_steps=1", "trainer.save_freq=1",
                  f"trainer.default_local_dir={ckpt}")
     assert [r["step"] for r in first if "actor/loss" in r["data"]] == [1]

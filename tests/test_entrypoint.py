@@ -12,6 +12,8 @@ from hydra import compose, initialize_config_dir
 
 import verl_eopd
 
+pytestmark = pytest.mark.integration
+
 CONF = str(Path(verl_eopd.__file__).parent / "conf")
 
 
@@ -35,7 +37,7 @@ def _loss(cfg):
 def test_each_algorithm_composes_with_the_intended_values(algorithm, expected):
     cfg = _compose(f"algorithm={algorithm}")
     loss = _loss(cfg)
-    assert loss._target_ == "verl_eopd.config.EOPDLossConfig" and loss.loss_mode == "eopd"
+    assert loss._target_ == "verl_eopd.integration.config.EOPDLossConfig" and loss.loss_mode == "eopd"
     assert (loss.topk, loss.entropy_threshold, loss.clip_ratio_low, loss.clip_ratio_high) == (16, 0.8, 0.2, 0.2)
     assert loss.fkl_coef == expected["fkl_coef"] and loss.use_task_rewards == expected["use_task_rewards"]
     assert cfg.actor_rollout_ref.rollout.n == expected["n"]
@@ -49,7 +51,7 @@ def test_each_algorithm_composes_with_the_intended_values(algorithm, expected):
     # the composed node builds the validated dataclass
     from verl.utils.config import omega_conf_to_dataclass
 
-    from verl_eopd.config import EOPDLossConfig
+    from verl_eopd.integration.config import EOPDLossConfig
 
     assert isinstance(omega_conf_to_dataclass(loss), EOPDLossConfig)
 
@@ -68,7 +70,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_main_prints_the_composed_config():
     out = _cli("-m", "verl_eopd.main", "algorithm=opd", "--cfg", "job")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "_target_: verl_eopd.config.EOPDLossConfig" in out.stdout and "fkl_coef: 0.0" in out.stdout
+    assert "_target_: verl_eopd.integration.config.EOPDLossConfig" in out.stdout and "fkl_coef: 0.0" in out.stdout
     assert "trainer_mode: eopd" in out.stdout
 
 
@@ -76,7 +78,7 @@ def test_stock_verl_entrypoint_composes_our_config():
     out = _cli("-m", "verl.trainer.main_ppo", f"--config-path={CONF}", "--config-name=eopd_trainer",
                "algorithm=eopd_grpo", "--cfg", "job")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "use_task_rewards: true" in out.stdout and "_target_: verl_eopd.config.EOPDLossConfig" in out.stdout
+    assert "use_task_rewards: true" in out.stdout and "_target_: verl_eopd.integration.config.EOPDLossConfig" in out.stdout
 
 
 # ------------------------------------------------------------------------------------------------ fail fast
@@ -99,14 +101,15 @@ def no_model_loads(monkeypatch):
 
 
 def _run(tiny_models, *overrides):
-    from verl_eopd.main import run
+    """verl_eopd.main.prepare: every check of a run, no process state touched (run() = prepare + launch)."""
+    from verl_eopd.main import prepare
 
     cfg = _compose("algorithm=eopd", f"actor_rollout_ref.model.path={tiny_models['student']}",
                    f"distillation.teacher_models.teacher_model.model_path={tiny_models['teacher']}",
                    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
                    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
                    "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=2", *overrides)
-    run(cfg)
+    return prepare(cfg)
 
 
 @pytest.mark.parametrize(
@@ -146,9 +149,9 @@ def test_mismatched_tokenizer_is_refused(tmp_path, tiny_models, no_model_loads):
 
 
 def test_padded_teacher_vocabulary_is_accepted(tiny_models, no_model_loads):
-    """Same tokenizer, teacher table 352 rows vs student 320: passes the checks and reaches run_ppo."""
-    with pytest.raises(AssertionError, match="before the config was validated"):
-        _run(tiny_models)
+    """Same tokenizer, teacher table 352 rows vs student 320: passes every check, ours and verl's."""
+    loss, env, on_cpu = _run(tiny_models)
+    assert loss.teacher_route == "ref" and env["VERL_PLATFORM"] == "cpu" and on_cpu
 
 
 def test_server_route_preset_composes_and_is_checked(tiny_models, no_model_loads):
@@ -170,13 +173,13 @@ def test_server_route_preset_composes_and_is_checked(tiny_models, no_model_loads
 )
 def test_unsatisfiable_ray_resources_on_cpu_are_an_error_not_a_hang(tiny_models, no_model_loads, overrides, key):
     """CPU runs: a placement Ray could never satisfy (it would wait silently) fails at start, naming the key."""
-    from verl_eopd.main import run
+    from verl_eopd.main import prepare
 
     cfg = _compose("algorithm=eopd", f"actor_rollout_ref.model.path={tiny_models['student']}",
                    f"distillation.teacher_models.teacher_model.model_path={tiny_models['teacher']}",
                    "trainer.device=cpu", *overrides)
     with pytest.raises(ValueError) as e:
-        run(cfg, user_keys=[o.split("=", 1)[0].lstrip("+") for o in overrides])
+        prepare(cfg, user_keys=[o.split("=", 1)[0].lstrip("+") for o in overrides])
     assert key in str(e.value) and "Fix:" in str(e.value)
 
 
@@ -184,21 +187,18 @@ def test_unsatisfiable_ray_resources_on_cpu_are_an_error_not_a_hang(tiny_models,
 def test_server_route_switches_the_token_column_patch_in_every_process(tiny_models, no_model_loads, monkeypatch,
                                                                        mode, value):
     """teacher_route=server: EOPD_TEACHER_TOKEN_COLUMN reaches this process and, through Ray's runtime_env,
-    every worker (the teacher servers patch their extraction at import, verl_eopd.server_logprobs)."""
-    import verl.trainer.main_ppo as main_ppo
+    every worker (the teacher servers patch their extraction at import, verl_eopd.integration.server_route)."""
+    from verl_eopd.integration.server_route import ENV
+    from verl_eopd.main import prepare
 
-    from verl_eopd.main import run
-    from verl_eopd.server_logprobs import ENV
-
-    seen = {}
-    monkeypatch.setattr(main_ppo, "run_ppo", lambda cfg, **kw: seen.setdefault("cfg", cfg))
     monkeypatch.delenv(ENV, raising=False)
     cfg = _compose("algorithm=eopd_server", f"actor_rollout_ref.model.path={tiny_models['student']}",
                    f"distillation.teacher_models.teacher_model.model_path={tiny_models['teacher']}",
                    f"distillation.distillation_loss.server_token_logprob={mode}",
                    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
                    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2")
-    run(cfg)
-    assert os.environ[ENV] == value
-    assert seen["cfg"].ray_kwargs.ray_init.runtime_env.env_vars[ENV] == value
-    monkeypatch.delenv(ENV, raising=False)
+    _, env, on_cpu = prepare(cfg)
+    assert env[ENV] == value and ENV not in os.environ  # prepare touches no process state; run() exports env
+    assert cfg.ray_kwargs.ray_init.runtime_env.env_vars[ENV] == value
+    assert env["VERL_USE_EXTERNAL_MODULES"].split(",")[-1] == "verl_eopd.plugin" and on_cpu
+    assert cfg.ray_kwargs.ray_init.runtime_env.env_vars["VERL_PLATFORM"] == "cpu"

@@ -1,4 +1,4 @@
-"""The `hf` rollout backend (verl_eopd.hf_rollout) against verl 0.9.1's rollout contract, on CPU.
+"""The `hf` rollout backend (verl_eopd.cpu.hf_rollout) against verl 0.9.1's rollout contract, on CPU.
 
 The server's plain class runs in this process, driven with asyncio on one module-wide event loop; one
 module-wide Ray session covers the replica (a real server actor) and the in-worker adapter. Every log-prob
@@ -17,8 +17,10 @@ import sys
 import pytest
 import torch
 
-from verl_eopd import hf_rollout
-from verl_eopd.hf_rollout import HFReplica, HFRolloutServer, HFServerAdapter
+from verl_eopd.cpu import hf_registry as hf_rollout
+from verl_eopd.cpu.hf_rollout import HFReplica, HFRolloutServer, HFServerAdapter
+
+pytestmark = pytest.mark.integration
 
 PROMPT_LEN, RESPONSE_LEN = 32, 16
 TRAIN_PARAMS = dict(temperature=1.0, top_p=1.0, top_k=-1, repetition_penalty=1.0, logprobs=True)  # the agent loop's
@@ -108,7 +110,7 @@ def test_register_resolves_hf_in_both_registries(monkeypatch):
     assert get_rollout_replica_class("hf") is HFReplica
     assert get_rollout_class("hf", "async") is HFServerAdapter
     assert not HFReplica.__abstractmethods__ and not HFServerAdapter.__abstractmethods__
-    assert _ROLLOUT_REGISTRY[("hf", "async")] == "verl_eopd.hf_rollout.HFServerAdapter"
+    assert _ROLLOUT_REGISTRY[("hf", "async")] == "verl_eopd.cpu.hf_rollout.HFServerAdapter"
 
     monkeypatch.setitem(RolloutReplicaRegistry._registry, "hf", lambda: None)  # someone else's "hf"
     with pytest.raises(RuntimeError, match="already registered"):
@@ -121,7 +123,7 @@ def test_importing_first_in_a_fresh_process_registers_without_resolving_the_plat
     device platform (a CPU platform is installed later, before the engines are imported)."""
     code = (
         "import json, sys\n"
-        "from verl_eopd import hf_rollout\n"
+        "from verl_eopd.cpu import hf_rollout\n"
         "from verl.workers.rollout.base import get_rollout_class\n"
         "from verl.workers.rollout.replica import get_rollout_replica_class\n"
         "import verl.plugin.platform.platform_manager as pm\n"
@@ -349,7 +351,7 @@ def test_replica_server_actor_and_adapter_weight_sync(ray_session, student, run)
 def test_teacher_prompt_logprobs_carry_the_exact_token_column_when_switched_on(server, dense, run, monkeypatch):
     """With EOPD_TEACHER_TOKEN_COLUMN=1 (teacher_route=server, server_token_logprob=exact) the hf teacher
     ships what the patched vLLM/SGLang servers ship: top-k columns unchanged, column k = next token, exact."""
-    from verl_eopd import server_logprobs
+    from verl_eopd.integration import server_route as server_logprobs
 
     monkeypatch.setenv(server_logprobs.ENV, "1")
     k, seq = 4, [7, 8, 9, 10, 11, 12]

@@ -10,8 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dense_reference import dense_eopd_loss, dense_gate, dense_teacher
-from verl_eopd import losses as L
+from verl_eopd import core as L
 from verl_eopd import (
+    EOPDSettings,
     entropy_from_topk,
     eopd_loss,
     fkl_topk,
@@ -20,6 +21,8 @@ from verl_eopd import (
     teacher_stats,
     token_logprob_from_topk,
 )
+
+pytestmark = pytest.mark.unit
 
 HYP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -210,17 +213,16 @@ def _ref_and_ours(gate="hard", tau=None, fkl_coef=1.0, exact_teacher=True, dtype
     t_ent = ts["entropy"] if exact_teacher else None
     t_tok = ts["token_logprobs"] if exact_teacher else None
     x = student.clone().requires_grad_(True)
-    loss, stats = eopd_loss(x, ids, old, ts["topk_ids"], ts["topk_logprobs"], mask, teacher_entropy=t_ent,
-                            teacher_token_logprobs=t_tok, entropy_threshold=tau, fkl_coef=fkl_coef, gate=gate,
-                            gate_quantile=0.3, gate_temperature=0.2)
+    s = EOPDSettings(entropy_threshold=tau, fkl_coef=fkl_coef, gate=gate, gate_quantile=0.3, gate_temperature=0.2)
+    loss, stats = eopd_loss(x, ids, old, ts["topk_ids"], ts["topk_logprobs"], mask, s, teacher_entropy=t_ent,
+                            teacher_token_logprobs=t_tok)
     loss.backward()
     xr = student.detach().double().requires_grad_(True)
     if not exact_teacher:  # the reference uses what eopd_loss must use: top-k estimates
         est, _, _ = entropy_from_topk(ts["topk_logprobs"].double(), student.shape[-1])
         t_ent = est
         t_tok, _ = token_logprob_from_topk(ts["topk_ids"], ts["topk_logprobs"].double(), ids, student.shape[-1])
-    ref, ref_fkl = dense_eopd_loss(xr, ids, old, ts["topk_ids"], ts["topk_logprobs"], mask, t_ent, t_tok, tau=tau,
-                                   fkl_coef=fkl_coef, gate=gate, gate_quantile=0.3, gate_temperature=0.2)
+    ref, ref_fkl = dense_eopd_loss(xr, ids, old, ts["topk_ids"], ts["topk_logprobs"], mask, t_ent, t_tok, s)
     ref.backward()
     return loss, stats, x.grad, ref, xr.grad, ts, mask
 
@@ -240,7 +242,7 @@ def test_quantile_gate_gates_the_requested_fraction():
     mask = torch.ones(2, 5, dtype=torch.bool)
     g = L.entropy_gate(H, mask, gate="quantile", gate_quantile=0.3)
     assert g.sum().item() == 3 and g.reshape(-1)[-3:].eq(1).all()
-    torch.testing.assert_close(g.double(), dense_gate(H, mask, "quantile", quantile=0.3))
+    torch.testing.assert_close(g.double(), dense_gate(H, mask, EOPDSettings(gate="quantile", gate_quantile=0.3)))
     g = L.entropy_gate(torch.full((1, 30), 2.0) + torch.arange(30.0) / 100, torch.ones(1, 30, dtype=torch.bool),
                        gate="quantile", gate_quantile=0.1)
     assert g.sum().item() == 3  # ceil(0.1 * 30) = 3, not 4 from 0.1 * 30 = 3.0000000000000004
@@ -266,32 +268,6 @@ def test_gate_closed_is_exactly_opd():
     assert closed.item() == pytest.approx(opd.item(), abs=1e-6) and off.item() == pytest.approx(opd.item(), abs=1e-6)
     torch.testing.assert_close(x1.grad, x3.grad, atol=1e-7, rtol=1e-5)
     torch.testing.assert_close(x2.grad, x3.grad, atol=1e-7, rtol=1e-5)
-
-
-@pytest.mark.parametrize("clip_ratio_c", [None, 3.0])
-def test_rkl_surrogate_matches_verls_vanilla_ppo_loss(clip_ratio_c):
-    """With the dual clip at 3 (verl's default), the RKL term is verl's vanilla PPO loss on A = log pi_T - log pi_old."""
-    pytest.importorskip("verl")
-    from types import SimpleNamespace
-
-    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
-
-    g = torch.Generator().manual_seed(3)
-    old = -torch.rand(4, 9, generator=g) * 3
-    logp = (old + torch.randn(4, 9, generator=g) * 0.8).requires_grad_(True)  # ratios far outside [0.8, 1.2]
-    t_tok = -torch.rand(4, 9, generator=g) * 6  # advantages of both signs, some < -1 / 3 of the dual clip
-    mask = torch.rand(4, 9, generator=g) > 0.2
-    ours, adv, _ = ppo_clipped_rkl(logp, old, t_tok, clip_ratio_c=clip_ratio_c)
-    ours = (ours * mask).sum() / mask.sum()
-    ours.backward()
-    g_ours = logp.grad.clone()
-    logp.grad = None
-    cfg = SimpleNamespace(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.2, global_batch_info={},
-                          get=lambda k, d=None: {"clip_ratio_c": clip_ratio_c or 1e30}.get(k, d))
-    verl_loss, _ = compute_policy_loss_vanilla(old, logp, t_tok - old, mask.float(), "token-mean", cfg)
-    verl_loss.backward()
-    assert ours.item() == pytest.approx(verl_loss.item(), abs=1e-6)
-    torch.testing.assert_close(g_ours, logp.grad, atol=1e-7, rtol=1e-6)
 
 
 def test_padding_rows_never_give_nan_or_inf():

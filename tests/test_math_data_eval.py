@@ -9,8 +9,9 @@ import types
 import pandas as pd
 import pytest
 
-from verl_eopd.data import DAPO_PREFIX, DAPO_SUFFIX, EVAL_INSTRUCTION, TRAIN_INSTRUCTION, prepare
-from verl_eopd.eval import EvalSettings, make_generator, run_eval
+from verl_eopd.math.data import DAPO_PREFIX, DAPO_SUFFIX, EVAL_INSTRUCTION, TRAIN_INSTRUCTION, prepare
+from verl_eopd.math.eval import EvalSettings, make_generator, run_eval
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +27,7 @@ def _write(path, rows):
 
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory):
-    """Small local copies, column for column, of the public datasets' schemas (see verl_eopd/data.py)."""
+    """Small local copies, column for column, of the public datasets' schemas (see verl_eopd/math/data.py)."""
     d = tmp_path_factory.mktemp("raw")
     f = {}
     f["math_train"] = _write(d / "math_lighteval" / "train.parquet", [  # DigitalLearningGmbH/MATH-lighteval
@@ -89,6 +90,7 @@ def _read(path):
     return pd.read_parquet(path).to_dict("records")
 
 
+@pytest.mark.integration
 def test_prepare_writes_verl_rl_parquet_and_reports_bad_rows(tmp_path, fixtures):
     names = ["math_train", "dapo_math", "math500", "amc23", "minerva", "olympiadbench", "aime24", "aime25"]
     report = prepare(names, str(tmp_path), sources={n: fixtures[n] for n in names}, log=lambda m: None)
@@ -118,6 +120,7 @@ def test_prepare_writes_verl_rl_parquet_and_reports_bad_rows(tmp_path, fixtures)
     assert set(stored) == set(names) and stored["amc23"]["written"] == 2
 
 
+@pytest.mark.integration
 def test_original_dapo_is_untemplated_deduplicated_and_conflicts_dropped(tmp_path, fixtures):
     report = prepare(["dapo_math"], str(tmp_path), sources={"dapo_math": fixtures["dapo_original"]}, log=lambda m: None)
     rows = _read(tmp_path / "dapo_math.parquet")
@@ -127,11 +130,13 @@ def test_original_dapo_is_untemplated_deduplicated_and_conflicts_dropped(tmp_pat
     assert [r["extra_info"]["index"] for r in rows] == [0, 1]
 
 
+@pytest.mark.integration
 def test_mirror_with_boxed_solution_only(tmp_path, fixtures):
     prepare(["aime24"], str(tmp_path), sources={"aime24": fixtures["aime24_mathai"]}, log=lambda m: None)
     assert _read(tmp_path / "aime24.parquet")[0]["reward_model"]["ground_truth"] == "204"
 
 
+@pytest.mark.integration
 def test_bad_sources_fail_clearly(tmp_path, fixtures):
     with pytest.raises(ValueError, match="unknown dataset"):
         prepare(["gsm8k"], str(tmp_path), log=lambda m: None)
@@ -142,6 +147,7 @@ def test_bad_sources_fail_clearly(tmp_path, fixtures):
         prepare(["aime25"], str(tmp_path), sources={"aime25": bad}, log=lambda m: None)
 
 
+@pytest.mark.integration
 def test_prepared_parquet_loads_in_verls_dataset(tmp_path, fixtures, tiny_models):
     """The output is what verl's RLHFDataset reads: chat template applied, ground truth carried through."""
     from omegaconf import OmegaConf
@@ -157,6 +163,7 @@ def test_prepared_parquet_loads_in_verls_dataset(tmp_path, fixtures, tiny_models
     assert item["raw_prompt"][0]["content"].startswith("Write $0.5$ as a fraction.")
 
 
+@pytest.mark.integration
 def test_prepare_data_script_runs(tmp_path, fixtures):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "prepare_data.py"), "--out-dir", str(tmp_path),
                           "--datasets", "aime25", "--source", f"aime25={fixtures['aime25']}"],
@@ -198,6 +205,7 @@ RIGHT = {"What is $2\\cdot 3$?": ("6", 4), "Write $0.5$ as a fraction.": ("0.5",
          "How many ways ...?": ("27", 0), "Find the sum.": ("1/2", 2)}
 
 
+@pytest.mark.integration
 def test_run_eval_scores_summarizes_and_resumes(tmp_path, fixtures):
     bench = _bench(tmp_path, fixtures)
     settings = EvalSettings(model="scripted", k=4)
@@ -225,6 +233,7 @@ def test_run_eval_scores_summarizes_and_resumes(tmp_path, fixtures):
         run_eval(bench, str(out), EvalSettings(model="scripted", k=4, top_p=0.9), again, log=lambda m: None)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kwargs,match", [({"k": 0}, "--k"), ({"top_p": 0.0}, "--top-p"),
                                           ({"temperature": 0.0}, "greedy"), ({"max_tokens": 0}, "--max-tokens")])
 def test_eval_settings_are_checked(kwargs, match):
@@ -232,6 +241,7 @@ def test_eval_settings_are_checked(kwargs, match):
         EvalSettings(model="m", **kwargs).check()
 
 
+@pytest.mark.integration
 def test_vllm_backend_maps_settings_and_outputs(monkeypatch):
     """vLLM is not installed here: a stand-in module with vLLM's API records what the adapter asks for."""
     calls = {}
@@ -266,6 +276,7 @@ def test_vllm_backend_maps_settings_and_outputs(monkeypatch):
     assert calls["template_kwargs"] == {"enable_thinking": False}
 
 
+@pytest.mark.integration
 def test_evaluate_script_end_to_end_with_the_hf_backend(tmp_path, fixtures, tiny_models):
     """The command line on a real (tiny, untrained) model: generation, scoring, table, resume."""
     bench = _bench(tmp_path, fixtures)
@@ -289,9 +300,10 @@ def test_evaluate_script_end_to_end_with_the_hf_backend(tmp_path, fixtures, tiny
 # ---------------------------------------------------------------------------------------------- wiring
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("algorithm", ["eopd", "opd", "eopd_grpo", "eopd_server"])
 def test_presets_score_with_the_math_reward_through_verls_loader(algorithm):
-    """Every preset with user models scores with verl_eopd.reward (GRPO reward / logged accuracy), loaded by
+    """Every preset with user models scores with verl_eopd.math.reward (GRPO reward / logged accuracy), loaded by
     verl's own custom-reward loader."""
     from hydra import compose, initialize_config_dir
     from verl.trainer.ppo.reward import get_custom_reward_fn
@@ -299,7 +311,7 @@ def test_presets_score_with_the_math_reward_through_verls_loader(algorithm):
     conf = os.path.join(ROOT, "verl_eopd", "conf")
     with initialize_config_dir(config_dir=conf, version_base=None):
         cfg = compose("eopd_trainer", overrides=[f"algorithm={algorithm}"])
-    assert cfg.reward.custom_reward_function.path == "pkg://verl_eopd.reward"
+    assert cfg.reward.custom_reward_function.path == "pkg://verl_eopd.math.reward"
     fn = get_custom_reward_fn(cfg)
     assert fn(data_source="math500", solution_str="so \\boxed{\\frac{1}{2}}", ground_truth="0.5", extra_info={}) == 1.0
     assert fn(data_source="math500", solution_str="so 0.5", ground_truth="0.5", extra_info={}) == 0.0
@@ -311,6 +323,7 @@ def _recipe(setting, algo, *extra):
                           capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("setting,algo,student,train,epochs,n,fkl", [
     ("qwen3-1.7b-math", "eopd", "Qwen/Qwen3-1.7B-Base", "math_train", 3, 1, 1.0),
     ("qwen3-0.6b-math", "opd", "Qwen/Qwen3-0.6B-Base", "math_train", 3, 1, 0.0),
@@ -338,9 +351,10 @@ def test_paper_recipes_compose_with_the_papers_hyperparameters(setting, algo, st
     assert (loss["topk"], loss["entropy_threshold"], loss["fkl_coef"]) == (16, 0.8, fkl)
     assert (loss["clip_ratio_low"], loss["clip_ratio_high"]) == (0.2, 0.2)
     assert loss["use_task_rewards"] is (algo == "eopd_grpo")
-    assert cfg["reward"]["custom_reward_function"]["path"] == "pkg://verl_eopd.reward"
+    assert cfg["reward"]["custom_reward_function"]["path"] == "pkg://verl_eopd.math.reward"
 
 
+@pytest.mark.integration
 def test_paper_recipe_rejects_unknown_names_and_missing_data(tmp_path):
     assert "unknown SETTING" in _recipe("qwen3-32b", "eopd").stderr
     assert "unknown ALGO" in _recipe("qwen3-1.7b-math", "ppo").stderr
@@ -350,15 +364,15 @@ def test_paper_recipe_rejects_unknown_names_and_missing_data(tmp_path):
     assert out.returncode == 2 and "prepare_data.py" in out.stderr
 
 
+@pytest.mark.e2e
 def test_math_reward_scores_inside_verls_reward_loop(tmp_path):
-    """eopd_grpo on data written by prepare_data, scored by verl_eopd.reward inside verl's reward-loop
+    """eopd_grpo on data written by prepare_data, scored by verl_eopd.math.reward inside verl's reward-loop
     worker (a Ray actor calling the reward from a thread pool: the scorer-subprocess path). The problems are
     the embedded task's, so the tiny student gets some right; its answers are unboxed, hence the evaluation
     fallback via reward_kwargs."""
-    from test_entrypoint import _compose
+    from conftest import run_main
 
-    from verl_eopd import cpu, embedded
-    from verl_eopd.main import run
+    from verl_eopd.cpu import embedded
 
     info = embedded.ensure_embedded_default()
     raw = pd.read_parquet(info["train"]).head(64)
@@ -367,21 +381,12 @@ def test_math_reward_scores_inside_verls_reward_loop(tmp_path):
     src = _write(tmp_path / "raw" / "sums.jsonl", rows)
     prepare(["math500"], str(tmp_path / "data"), sources={"math500": src}, eval_instruction="", log=lambda m: None)
     data = str(tmp_path / "data" / "math500.parquet")
-    os.environ["VERL_FILE_LOGGER_PATH"] = str(tmp_path / "metrics.jsonl")
-    cpu.install()
     overrides = ["algorithm=eopd_grpo", f"data.train_files={data}", f"data.val_files={data}",
-                 "reward.custom_reward_function.path=pkg://verl_eopd.reward",
+                 "reward.custom_reward_function.path=pkg://verl_eopd.math.reward",
                  "+reward.custom_reward_function.reward_kwargs.box_required=false",
                  "trainer.total_training_steps=2", "trainer.save_freq=-1", "trainer.logger=[console,file]",
                  f"trainer.default_local_dir={tmp_path / 'ckpt'}", "trainer.experiment_name=ci_math_reward"]
-    import ray
-
-    try:
-        run(_compose(*overrides), user_keys=[o.split("=", 1)[0].lstrip("+") for o in overrides],
-            algorithm="eopd_grpo")
-    finally:
-        ray.shutdown()
-        os.environ.pop("VERL_FILE_LOGGER_PATH", None)
+    run_main(overrides, cwd=tmp_path, VERL_FILE_LOGGER_PATH=str(tmp_path / "metrics.jsonl"))
     records = [json.loads(x)["data"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     scores = [r["critic/score/mean"] for r in records if "critic/score/mean" in r]
     assert len(scores) == 2 and all(0.0 <= s <= 1.0 for s in scores)

@@ -1,4 +1,5 @@
-"""scripts/plot_metrics.py (file-logger and tensorboard runs, seed bands) and scripts/mini_repro.py end to end."""
+"""verl_eopd.math.curves and scripts/plot_metrics.py (file-logger and tensorboard runs, seed bands), the
+mini reproduction's verdict rules, and scripts/mini_repro.py end to end."""
 
 import json
 import math
@@ -8,11 +9,10 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from verl_eopd.math import repro as mini_repro
+from verl_eopd.math.curves import PANELS, plot, read_run, seed_band, smooth
 
-import mini_repro  # noqa: E402
-from plot_metrics import PANELS, plot, read_run, seed_band, smooth  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _jsonl(path, rows):
@@ -20,6 +20,7 @@ def _jsonl(path, rows):
     return str(path)
 
 
+@pytest.mark.unit
 def test_read_run_file_logger_and_tensorboard_agree(tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
@@ -39,6 +40,7 @@ def test_read_run_file_logger_and_tensorboard_agree(tmp_path):
         read_run(str(tmp_path / "missing.jsonl"))
 
 
+@pytest.mark.unit
 def test_seed_band_and_smoothing_by_hand():
     steps, mean, std = seed_band([{1: 1.0, 2: 2.0, 3: 9.0}, {1: 3.0, 2: 4.0}])
     assert steps == [1, 2]  # only steps every seed logged
@@ -47,6 +49,7 @@ def test_seed_band_and_smoothing_by_hand():
     assert smooth([3.0, 1.0], 0.0) == [3.0, 1.0]
 
 
+@pytest.mark.unit
 def test_plot_writes_every_panel(tmp_path):
     def run(offset):
         return {key: {s: offset + s * 0.1 for s in range(1, 6)} for key in PANELS.values()}
@@ -62,6 +65,7 @@ def test_plot_writes_every_panel(tmp_path):
         plot({"x": [{"other": {1: 1.0}}]}, str(tmp_path / "none"))
 
 
+@pytest.mark.integration
 def test_plot_metrics_command_line(tmp_path):
     a = _jsonl(tmp_path / "a.jsonl", [(s, {"actor/eopd/gate_frac": 0.2}) for s in (1, 2)])
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plot_metrics.py"), "--run", f"EOPD={a}",
@@ -71,6 +75,7 @@ def test_plot_metrics_command_line(tmp_path):
     assert os.path.exists(tmp_path / "p" / "actor_eopd_gate_frac.png")
 
 
+@pytest.mark.unit
 def test_verdict_rules():
     assert mini_repro.welch_t([1.0, 1.1, 0.9], [0.0, 0.1, -0.1]) == pytest.approx(1.0 / math.sqrt(0.01 / 3 + 0.01 / 3))
     assert mini_repro.verdict([1.0, 1.1, 0.9], [0.0, 0.1, -0.1], +1).startswith("holds")
@@ -79,6 +84,7 @@ def test_verdict_rules():
     assert mini_repro.verdict([1.0], [0.0], +1) == "not testable with one seed"
 
 
+@pytest.mark.e2e
 def test_mini_repro_quick_end_to_end(tmp_path):
     """The CI version: one seed of OPD and EOPD, 4 steps each on the embedded pair, evaluated and written up."""
     out, doc = tmp_path / "runs", tmp_path / "doc" / "mini_repro.md"

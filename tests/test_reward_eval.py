@@ -10,8 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from verl_eopd.eval import markdown_table, pass_at_k, summarize
-from verl_eopd.reward import compute_score, extract_answer, gold_answers, last_boxed
+from verl_eopd.math.eval import markdown_table, pass_at_k, summarize
+from verl_eopd.math.reward import compute_score, extract_answer, gold_answers, last_boxed
+
+pytestmark = pytest.mark.unit
 
 # (response, ground truth, expected score)
 CASES = [

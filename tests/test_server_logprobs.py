@@ -6,7 +6,6 @@ payloads shaped exactly as vLLM's RequestOutput.prompt_logprobs and SGLang's met
 """
 
 import ast
-import math
 import os
 import sys
 import types
@@ -16,7 +15,9 @@ from typing import Optional
 import pytest
 import torch
 
-from verl_eopd import server_logprobs as sl
+from verl_eopd.integration import server_route as sl
+
+pytestmark = pytest.mark.integration
 
 K, V = 4, 20
 
@@ -108,13 +109,9 @@ def test_vllm_missing_token_entry_is_an_error():
     original = verl_function("workers/rollout/vllm_rollout/utils.py", "extract_prompt_logprobs")
     tokens, logp = teacher(2)
     out = vllm_output(tokens, logp)
-    for j in range(1, len(tokens)):  # drop the actual token wherever it is outside the top-K
-        d = out.prompt_logprobs[j]
-        if len(d) == K + 1:
-            del d[tokens[j]]
-            break
-    else:
-        pytest.skip("no token outside the top-K")
+    outside = [j for j in range(1, len(tokens)) if len(out.prompt_logprobs[j]) == K + 1]
+    assert outside, "the fixture must hold a token outside the top-K for this test to mean anything"
+    del out.prompt_logprobs[outside[0]][tokens[outside[0]]]  # vLLM would never drop the actual token
     with pytest.raises(sl.PatchError, match="lacks the prompt token"):
         sl.with_token_column_vllm(original)(output=out, num_prompt_logprobs=K, result_dict={})
 

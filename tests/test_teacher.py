@@ -13,7 +13,10 @@ import torch
 
 from conftest import STUDENT_VOCAB
 from dense_reference import dense_eopd_loss, dense_teacher
-from verl_eopd.teacher import TeacherSettings, map_teacher_eos_in_topk, remap_first_eos
+from verl_eopd import EOPDSettings, map_teacher_eos_in_topk, remap_first_eos
+from verl_eopd.integration.teacher import TeacherSettings
+
+pytestmark = pytest.mark.integration
 
 K = 6
 PROMPT_LENS, RESP_LENS = [5, 3, 4, 2], [6, 4, 2, 5]
@@ -82,7 +85,7 @@ def _teacher_worker(tiny_models, use_remove_padding=True, eos=(None, None)):
     from verl.trainer.config import CheckpointConfig
     from verl.workers.config import FSDPEngineConfig, HFModelConfig, TrainingWorkerConfig
 
-    from verl_eopd.teacher import teacher_worker_class
+    from verl_eopd.integration.teacher import teacher_worker_class
 
     # what ActorRolloutRefWorker.init_model hands its ref worker: the *student's* model config
     model_cfg = HFModelConfig(path=tiny_models["student"], enable_gradient_checkpointing=False,
@@ -162,11 +165,11 @@ def test_teacher_scores_the_remapped_end_token(verl_cpu, tiny_models):
 def test_actor_update_fed_by_teacher_worker_equals_dense_reference(verl_cpu, tiny_models):
     """Teacher worker fields -> the actor's EOPD update through verl's engine == float64 hand reference."""
     from transformers import AutoModelForCausalLM
-    from verl.trainer.distillation.losses import distillation_ppo_loss
+    from verl_eopd.integration.loss import eopd_ppo_loss
     from verl.workers.config import DistillationConfig
 
     from test_verl_engine import _compare_grads, _total_loss, actor_config, make_engine, run_step
-    from verl_eopd.config import EOPDLossConfig
+    from verl_eopd.integration.config import EOPDLossConfig
 
     batch = _batch(seed=5)
     worker = _teacher_worker(tiny_models)
@@ -201,13 +204,14 @@ def test_actor_update_fed_by_teacher_worker_equals_dense_reference(verl_cpu, tin
                          use_fused_kernels=False, distillation_use_topk=True, distillation_only=True,
                          global_batch_size=B, temperature=1.0)
     dcfg = DistillationConfig(distillation_loss=EOPDLossConfig(topk=K, entropy_threshold=tau))
-    out, grads = run_step(engine, td, partial(distillation_ppo_loss, config=actor_config(), distillation_config=dcfg))
+    out, grads = run_step(engine, td, partial(eopd_ppo_loss, config=actor_config(), distillation_config=dcfg))
 
     x = resp_logits.detach().requires_grad_(True)
     t_ids = torch.where(resp_mask[..., None], padded["teacher_ids"][:, rows].long(), torch.arange(K).expand(B, R, K))
     t_lp = torch.where(resp_mask[..., None], padded["teacher_logprobs"][:, rows], torch.full((B, R, K), -1.0, dtype=torch.float64))
     ref, _ = dense_eopd_loss(x, batch["responses"], old, t_ids, t_lp, resp_mask, t_ent,
-                             torch.where(resp_mask, padded["teacher_token_logprob"][:, rows], 0.0), tau=tau)
+                             torch.where(resp_mask, padded["teacher_token_logprob"][:, rows], 0.0),
+                             EOPDSettings(entropy_threshold=tau))
     assert _total_loss(out) == pytest.approx(ref.item(), abs=1e-5, rel=1e-5)
     assert (t_ids[resp_mask] >= STUDENT_VOCAB).any(), "the padded teacher vocabulary should reach the top-k here"
     # gradients: the same loss backpropagated through the HF student equals the engine's
@@ -219,7 +223,8 @@ def test_actor_update_fed_by_teacher_worker_equals_dense_reference(verl_cpu, tin
         lg = ref_student(batch["input_ids"][b:b + 1, p0:p0 + pl + rl]).logits[0].double()[pl - 1:pl - 1 + rl]
         logits_rows.append(torch.cat([lg, torch.zeros(R - rl, STUDENT_VOCAB, dtype=lg.dtype)]))
     ref2, _ = dense_eopd_loss(torch.stack(logits_rows), batch["responses"], old, t_ids, t_lp, resp_mask, t_ent,
-                              torch.where(resp_mask, padded["teacher_token_logprob"][:, rows], 0.0), tau=tau)
+                              torch.where(resp_mask, padded["teacher_token_logprob"][:, rows], 0.0),
+                             EOPDSettings(entropy_threshold=tau))
     ref2.backward()
     _compare_grads(grads, {n: p.grad for n, p in ref_student.named_parameters()})
     gate_frac = out["metrics"]["eopd/gate_frac"]  # one value per micro-batch

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+pytestmark = pytest.mark.integration
+
 K, V = 4, 40
 LENS = [7, 4, 9]  # three packed sequences, 20 tokens: not a multiple of 3 ranks, padding exercised
 
@@ -41,7 +43,7 @@ def make_data(token_column: bool):
 
 
 def _configs():
-    from verl_eopd.config import EOPDLossConfig
+    from verl_eopd.integration.config import EOPDLossConfig
 
     cfg = types.SimpleNamespace(strategy="fsdp2")
     dcfg = types.SimpleNamespace(distillation_loss=EOPDLossConfig(topk=K, teacher_route="server"))
@@ -51,7 +53,7 @@ def _configs():
 def _worker(rank, world, init_file, token_column, out_file):
     from verl.utils.ulysses import set_ulysses_sequence_parallel_group, slice_input_tensor
 
-    from verl_eopd.plugin import eopd_logits_processor
+    from verl_eopd.integration.loss import eopd_logits_processor
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     set_ulysses_sequence_parallel_group(dist.group.WORLD)
@@ -66,7 +68,7 @@ def _worker(rank, world, init_file, token_column, out_file):
 
 @pytest.mark.parametrize("token_column", [False, True])
 def test_sp_slices_reassemble_to_the_single_process_output(token_column, tmp_path):
-    from verl_eopd.plugin import eopd_logits_processor
+    from verl_eopd.integration.loss import eopd_logits_processor
 
     data, logits = make_data(token_column)
     cfg, dcfg = _configs()

@@ -16,6 +16,9 @@ import torch
 
 from conftest import STUDENT_VOCAB
 from dense_reference import dense_eopd_loss
+from verl_eopd import EOPDSettings
+
+pytestmark = pytest.mark.integration
 
 V, K, B, P, R = STUDENT_VOCAB, 8, 4, 6, 7
 
@@ -159,13 +162,13 @@ def reference(batch, model_path, *, tau, fkl_coef=1.0, exact_teacher=False, exac
     else:
         t_ent, _, _ = entropy_from_topk(t_lp, V)
         t_tok, _ = token_logprob_from_topk(t_ids, t_lp, ids, V)
-        if exact_token:  # the server's exact sampled-token column (verl_eopd.server_logprobs)
+        if exact_token:  # the server's exact sampled-token column (verl_eopd.integration.server_route)
             t_tok = batch["teacher_token_logprob"][:, sl].double()
     t_ids = torch.where(mask.unsqueeze(-1), t_ids, torch.arange(K).expand(B, R, K))  # padding rows: any valid ids
     t_lp = torch.where(mask.unsqueeze(-1), t_lp, torch.full_like(t_lp, -1.0))
     loss, _ = dense_eopd_loss(logits, ids, batch["old_log_probs"], t_ids, t_lp, mask, t_ent.double(),
-                              torch.where(mask, t_tok.double(), torch.zeros_like(t_tok.double())), tau=tau,
-                              fkl_coef=fkl_coef)
+                              torch.where(mask, t_tok.double(), torch.zeros_like(t_tok.double())),
+                              EOPDSettings(entropy_threshold=tau, fkl_coef=fkl_coef))
     loss.backward()
     return loss.item(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
@@ -189,13 +192,14 @@ def run_step(engine, td, loss_fn):
 
 
 def eopd_loss_fn(**cfg):
-    from verl.trainer.distillation.losses import distillation_ppo_loss
+    """The loss function the EOPD worker binds to its actor (integration/trainer.py)."""
     from verl.workers.config import DistillationConfig
 
-    from verl_eopd.config import EOPDLossConfig
+    from verl_eopd.integration.config import EOPDLossConfig
+    from verl_eopd.integration.loss import eopd_ppo_loss
 
     dcfg = DistillationConfig(distillation_loss=EOPDLossConfig(topk=K, **cfg))
-    return partial(distillation_ppo_loss, config=actor_config(), distillation_config=dcfg)
+    return partial(eopd_ppo_loss, config=actor_config(), distillation_config=dcfg)
 
 
 def _median_teacher_entropy(batch):
@@ -330,3 +334,30 @@ def test_token_column_for_other_tokens_is_refused(env):
                 teacher_logprobs=torch.cat([batch["teacher_logprobs"]] * 2, -1))
     with pytest.raises(ValueError, match="columns; expected distillation_loss.topk"):
         run_step(engine, to_tensordict(wide, topk=True, distillation_only=True), eopd_loss_fn())
+
+
+@pytest.mark.parametrize("clip_ratio_c", [None, 3.0])
+def test_rkl_surrogate_matches_verls_vanilla_ppo_loss(clip_ratio_c):
+    """With the dual clip at 3 (verl's default), the RKL term is verl's vanilla PPO loss on A = log pi_T - log pi_old."""
+    from types import SimpleNamespace
+
+    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
+
+    from verl_eopd import ppo_clipped_rkl
+
+    g = torch.Generator().manual_seed(3)
+    old = -torch.rand(4, 9, generator=g) * 3
+    logp = (old + torch.randn(4, 9, generator=g) * 0.8).requires_grad_(True)  # ratios far outside [0.8, 1.2]
+    t_tok = -torch.rand(4, 9, generator=g) * 6  # advantages of both signs, some < -1 / 3 of the dual clip
+    mask = torch.rand(4, 9, generator=g) > 0.2
+    ours, adv, _ = ppo_clipped_rkl(logp, old, t_tok, clip_ratio_c=clip_ratio_c)
+    ours = (ours * mask).sum() / mask.sum()
+    ours.backward()
+    g_ours = logp.grad.clone()
+    logp.grad = None
+    cfg = SimpleNamespace(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.2, global_batch_info={},
+                          get=lambda k, d=None: {"clip_ratio_c": clip_ratio_c or 1e30}.get(k, d))
+    verl_loss, _ = compute_policy_loss_vanilla(old, logp, t_tok - old, mask.float(), "token-mean", cfg)
+    verl_loss.backward()
+    assert ours.item() == pytest.approx(verl_loss.item(), abs=1e-6)
+    torch.testing.assert_close(g_ours, logp.grad, atol=1e-7, rtol=1e-6)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from verl_eopd import embedded
+from verl_eopd.cpu import embedded
 
 
 def build_tokenizer(out_dir: str, vocab_size: int = 320):

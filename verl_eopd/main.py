@@ -2,12 +2,14 @@
 
 The config is verl's `ppo_trainer` plus the EOPD presets (verl_eopd/conf/). Before Ray starts:
   * no model given (actor_rollout_ref.model.path and the teacher path both unset): the embedded tiny
-    default is built once and used (verl_eopd.embedded);
-  * no GPU (or trainer.device=cpu): CPU settings (verl_eopd.cpu.CPU_SETTINGS: the HF rollout backend,
+    default is built once and used (verl_eopd.cpu.embedded);
+  * no GPU (or trainer.device=cpu): CPU settings (verl_eopd.cpu.platform.CPU_SETTINGS: the HF rollout backend,
     gloo, sdpa, logical Ray resources) and the CPU platform;
   * every value a user wrote on the command line wins over both;
   * the whole config is checked (config.check_run_config) so a bad key fails before any model loads.
-Then verl's own `run_ppo` runs with a TaskRunner from verl_eopd.trainer.
+Then verl's own `run_ppo` runs with verl's own TaskRunner, started with EOPD_TASK_RUNNER=1 so that the
+plugin's set-up registers the EOPD trainer in that process (integration/trainer.py), and every process
+imports the plugin through VERL_USE_EXTERNAL_MODULES (failures raise instead of being swallowed).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Iterable, Optional
 
 import hydra
 from omegaconf import OmegaConf, open_dict
+
+from .integration.env import PLUGIN_MODULE, TASK_RUNNER_ENV, TOKEN_COLUMN_ENV
 
 logger = logging.getLogger("verl_eopd")
 
@@ -55,15 +59,20 @@ def _algorithm_name(config) -> str:
     return "eopd_grpo" if loss.use_task_rewards else ("opd" if loss.fkl_coef == 0 else "eopd")
 
 
-def run(config, user_keys: Optional[Iterable[str]] = None, algorithm: Optional[str] = None) -> None:
-    from . import cpu
-    from .config import check_run_config
+def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Optional[str] = None):
+    """Everything before the run that only reads and edits `config` (no process state is touched):
+    the embedded default and the CPU settings for keys the user did not set, every check (errors name the
+    key and the fix), and the environment the run's processes need, also written into Ray's runtime_env.
+
+    Returns (the EOPD loss config, {environment variable: value}, on_cpu)."""
+    from .cpu import platform as cpu
+    from .integration.config import check_run_config
 
     user_keys = list(user_keys or [])
     student = OmegaConf.select(config, "actor_rollout_ref.model.path")
     teacher = OmegaConf.select(config, "distillation.teacher_models.teacher_model.model_path")
     if not student and not teacher:
-        from .embedded import embedded_settings, ensure_embedded_default
+        from .cpu.embedded import embedded_settings, ensure_embedded_default
 
         info = ensure_embedded_default()
         algorithm = algorithm or _algorithm_name(config)
@@ -76,36 +85,44 @@ def run(config, user_keys: Optional[Iterable[str]] = None, algorithm: Optional[s
             apply_settings(config, cpu.CPU_SERVER_SETTINGS, user_keys)
         cpu.check_ray_resources(config)
     loss = check_run_config(config)
-    _server_token_column(config, loss)
-    if on_cpu:
-        cpu.install()  # before verl's engine/worker modules are imported (here and, via env, in Ray workers)
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-    from verl.trainer.main_ppo import run_ppo
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
-    from verl.utils.device import auto_set_device
 
-    auto_set_device(config)
-    validate_config(
+    validate_config(  # verl's own checks of batch sizes and roles
         config=config,
         use_reference_policy=loss.teacher_route == "ref" or need_reference_policy(config),
         use_critic=need_critic(config),
     )
-    from .trainer import EOPDTaskRunner
-
-    run_ppo(config, task_runner_class=EOPDTaskRunner)
-
-
-def _server_token_column(config, loss) -> None:
-    """teacher_route=server with server_token_logprob=exact: turn on verl_eopd.server_logprobs in every process
-    (this one, Ray workers of a local cluster through the environment, any cluster through runtime_env)."""
-    from .server_logprobs import ENV
-
-    value = "1" if loss.teacher_route == "server" and loss.server_token_logprob == "exact" else "0"
-    os.environ[ENV] = value
+    modules = [m for m in os.environ.get("VERL_USE_EXTERNAL_MODULES", "").split(",") if m]
+    env = {
+        # every process imports the plugin through verl's VERL_USE_EXTERNAL_MODULES (errors raise, not DEBUG)
+        "VERL_USE_EXTERNAL_MODULES": ",".join(dict.fromkeys([*modules, PLUGIN_MODULE])),
+        # the server route's exact sampled-token column (integration/server_route.py)
+        TOKEN_COLUMN_ENV: "1" if loss.teacher_route == "server" and loss.server_token_logprob == "exact" else "0",
+    }
+    if on_cpu:
+        env.update(VERL_PLATFORM="cpu", TOKENIZERS_PARALLELISM=os.environ.get("TOKENIZERS_PARALLELISM", "false"))
     with open_dict(config):
-        OmegaConf.update(config, f"ray_kwargs.ray_init.runtime_env.env_vars.{ENV}", value, force_add=True)
+        for name, value in env.items():  # Ray processes of any cluster get them through runtime_env
+            OmegaConf.update(config, f"ray_kwargs.ray_init.runtime_env.env_vars.{name}", value, force_add=True)
+    return loss, env, on_cpu
+
+
+def run(config, user_keys: Optional[Iterable[str]] = None, algorithm: Optional[str] = None) -> None:
+    """`prepare`, then set this process up (environment, CPU platform) and run verl's `run_ppo`."""
+    _, env, on_cpu = prepare(config, user_keys, algorithm)
+    os.environ.update(env)
+    if on_cpu:
+        from .cpu import platform as cpu
+
+        cpu.install()  # before verl's engine/worker modules are imported (here and, via env, in Ray workers)
+
+    from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
+    from verl.utils.device import auto_set_device
+
+    auto_set_device(config)  # resolves verl's device platform: after the CPU platform is installed
+    # verl's own TaskRunner; EOPD_TASK_RUNNER=1 in that actor alone makes the plugin register the EOPD trainer
+    run_ppo(config, task_runner_class=TaskRunnerV1.options(runtime_env={"env_vars": {TASK_RUNNER_ENV: "1"}}))
 
 
 @hydra.main(config_path="conf", config_name="eopd_trainer", version_base=None)

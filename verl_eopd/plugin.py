@@ -1,301 +1,89 @@
-"""verl integration of the EOPD loss: the `verl.plugins` entry point.
+"""verl-eopd's `verl.plugins` entry point: the one module whose import changes anything outside itself.
 
-verl imports this module in every process that imports verl (driver, TaskRunner, Ray workers). It
+verl imports it in every process that imports verl (driver, TaskRunner, Ray workers, servers); the
+driver also names it in VERL_USE_EXTERNAL_MODULES so that a failure is raised, not swallowed at DEBUG as
+verl does for entry points. Importing it runs `setup()`:
 
-1. refuses to run on a verl other than the tested release (a loud error, never a half-working loss);
-2. registers `loss_mode: eopd` in verl's distillation-loss registry (`use_topk=True`, so the teacher
-   ships top-k log-probs and the FSDP engine calls the loss as a logits processor);
-3. routes verl's top-k logits processor to EOPD's own for `loss_mode: eopd`. verl 0.9.1's
-   `compute_topk_loss` always runs its built-in forward KL (teacher NOT renormalised, [T, V] log-softmax
-   buffer); EOPD needs the renormalised FKL, the sampled-token student log-prob and the student entropy,
-   all in one chunked pass. The dispatcher wraps verl's function and leaves every other loss mode alone.
+1. refuses a verl other than the tested release (a loud error, never a half-working loss);
+2. on CPU runs (VERL_PLATFORM=cpu) installs the CPU platform pieces (cpu/platform.py);
+3. registers `loss_mode: eopd` in verl's distillation-loss registry and the `hf` rollout backend;
+4. in the TaskRunner (EOPD_TASK_RUNNER=1, set for that actor alone by verl_eopd.main) registers the EOPD
+   v1 trainer;
+5. with EOPD_TEACHER_TOKEN_COLUMN=1 (teacher_route=server) arms the server-route token-column patch.
 
-Data flow inside verl (DESIGN.md section 3):
-    engine forward -> student logits [1, nnz, V]
-      -> `eopd_logits_processor` (per token, 1-D): eopd_fkl, eopd_logp (both differentiable),
-         eopd_student_entropy, teacher-side top-k quantities
-      -> verl packs them as nested tensors into model_output
-    -> `eopd_distillation_loss` (registered loss): [B, R] per-token RKL surrogate + fkl_coef * g * FKL
-    -> verl's `distillation_loss` aggregates (loss_agg_mode, global token count) and adds task PPO loss.
-
-Run `python -m verl_eopd.plugin` to check that the plugin is active in this environment.
+`python -m verl_eopd.plugin` checks that EOPD is active here and lists every runtime patch
+(integration/patches.py) with its state in that process.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import os
 
-import torch
-
-from . import SUPPORTED_VERL_VERSIONS
-from .losses import (
-    _valid_topk,
-    eopd_stats,
-    eopd_token_losses,
-    estimated_entropy,
-    fkl_topk,
-    student_logprobs_at,
-    token_logprob_from_topk,
-)
+from .integration.env import PLUGIN_MODULE, TASK_RUNNER_ENV
 
 logger = logging.getLogger("verl_eopd")
-LOSS_NAME = "eopd"
-_STATE = {"registered": False}
+_STATE = {"done": False}
 
 
-class VerlVersionError(RuntimeError):
-    pass
-
-
-def _check_verl_version() -> str:
-    import verl
-
-    version = getattr(verl, "__version__", "unknown")
-    if version not in SUPPORTED_VERL_VERSIONS:
-        raise VerlVersionError(
-            f"verl-eopd supports verl {', '.join(SUPPORTED_VERL_VERSIONS)} but verl {version} is installed; the EOPD "
-            f"loss is NOT registered (it relies on verl's private loss/engine contracts). Fix: pip install "
-            f"verl=={SUPPORTED_VERL_VERSIONS[-1]}, or VERL_USE_EXTERNAL_PLUGINS=none to run verl without EOPD."
-        )
-    return version
-
-
-def _padded(t: torch.Tensor, fill=0) -> torch.Tensor:
-    """A batch field as a padded [B, ...] tensor (verl ships nested/jagged tensors in micro-batches)."""
-    return t.to_padded_tensor(fill) if t.is_nested else t
-
-
-def _rows(t: torch.Tensor, n: int, fill) -> torch.Tensor:
-    """Pad or check the token axis (dim 0) of a per-token tensor to n rows (Ulysses pads the sequence)."""
-    if t.shape[0] == n:
-        return t
-    if t.shape[0] > n:
-        raise ValueError(f"teacher tensor has {t.shape[0]} token rows but the student logits have {n}")
-    pad = torch.full((n - t.shape[0], *t.shape[1:]), fill, dtype=t.dtype, device=t.device)
-    return torch.cat([t, pad], dim=0)
-
-
-def _split_token_column(t_ids: torch.Tensor, t_lp: torch.Tensor, labels: torch.Tensor, k: int,
-                        offsets: torch.Tensor):
-    """Column K of a [nnz, K + 1] server payload: the exact teacher log-prob of the token each row predicts
-    (verl_eopd.server_logprobs). Returns it as [nnz], or None for verl's plain [nnz, K] payload."""
-    width = t_ids.shape[-1]
-    if width == k:
-        return None
-    if width != k + 1:
-        raise ValueError(f"teacher_ids has {width} columns; expected distillation_loss.topk={k} (verl's payload) or "
-                         f"{k + 1} (with the exact sampled-token column). Fix: the same topk for teacher and loss")
-    ids = t_ids[:, -1]
-    real = torch.ones_like(ids, dtype=torch.bool)
-    real[offsets[1:].long() - 1] = False  # the last row of each sequence is verl's dummy
-    bad = real & (ids != labels)
-    if bool(bad.any()):
-        j = int(bad.nonzero()[0, 0])
-        raise ValueError(f"teacher_ids[..., {k}] (the sampled-token column) holds token {int(ids[j])} at packed row {j} "
-                         f"but the sequence's next token is {int(labels[j])}: the teacher scored other tokens")
-    return t_lp[:, -1]
-
-
-def eopd_logits_processor(config, distillation_config, data, student_logits: torch.Tensor, data_format: str = "thd"):
-    """Student-side EOPD terms, per packed token; called by verl's engine with the student logits.
-
-    Args:
-        student_logits: [1, nnz (/ sp), V] temperature-scaled student logits (grad enabled).
-        data: verl micro-batch with nested `input_ids` [B, j], `teacher_ids` / `teacher_logprobs` [B, j, K]
-            (row j predicts token j+1; the last row of each sequence is a dummy).
-    Returns: dict of [1, nnz (/ sp)] tensors: eopd_fkl, eopd_logp (differentiable), eopd_student_entropy,
-        eopd_topk_mass and, unless the batch carries the exact teacher fields, the top-k estimates
-        eopd_teacher_entropy(_lower/_upper), eopd_teacher_token_logprob, eopd_in_topk.
-    """
-    if config.strategy not in ("fsdp", "fsdp2"):
-        raise NotImplementedError(
-            f"loss_mode=eopd supports actor strategy fsdp/fsdp2, got actor.strategy={config.strategy!r}"
-        )
-    from verl.utils.ulysses import get_ulysses_sequence_parallel_world_size, slice_input_tensor
-
-    cfg = distillation_config.distillation_loss
-    logits = student_logits.squeeze(0)  # [n, V]
-    n, V = logits.shape
-    t_lp, t_ids, input_ids = data["teacher_logprobs"], data["teacher_ids"], data["input_ids"]
-    if not (t_lp.is_nested and t_ids.is_nested and input_ids.is_nested):
-        raise ValueError("eopd expects verl's no-padding micro-batches: teacher_logprobs, teacher_ids and input_ids nested")
-    t_lp, t_ids = t_lp.values(), t_ids.values().long()  # [nnz, K] or [nnz, K + 1]
-    labels = torch.roll(input_ids.values(), shifts=-1, dims=0).long()  # y_{j+1} for row j
-    token_column = _split_token_column(t_ids, t_lp, labels, int(cfg.topk), input_ids.offsets())
-    if token_column is not None:
-        t_ids, t_lp = t_ids[:, :-1], t_lp[:, :-1]
-    if get_ulysses_sequence_parallel_world_size() > 1:
-        t_lp = slice_input_tensor(t_lp.unsqueeze(0), dim=1).squeeze(0)
-        t_ids = slice_input_tensor(t_ids.unsqueeze(0), dim=1).squeeze(0)
-        labels = slice_input_tensor(labels.unsqueeze(0), dim=1).squeeze(0)
-        if token_column is not None:
-            token_column = slice_input_tensor(token_column.unsqueeze(0), dim=1).squeeze(0)
-    t_lp = _rows(t_lp, n, float("-inf"))
-    t_ids = _rows(t_ids, n, 0)
-    labels = _rows(labels, n, 0).clamp(0, V - 1)  # dummy rows only; response labels are < V
-
-    valid = _valid_topk(t_lp, t_ids, V)
-    index = torch.cat([torch.where(valid, t_ids, torch.zeros_like(t_ids)), labels.unsqueeze(-1)], dim=-1)
-    chunk_bytes = int(getattr(cfg, "logits_chunk_mb", 64)) * 2**20
-    lq, student_entropy = student_logprobs_at(logits, index, with_entropy=True, chunk_bytes=chunk_bytes)
-    fkl, mass = fkl_topk(lq[:, :-1], t_lp, valid)
-    out = {"eopd_fkl": fkl, "eopd_logp": lq[:, -1], "eopd_student_entropy": student_entropy, "eopd_topk_mass": mass}
-    t_vocab = getattr(cfg, "teacher_vocab_size", None) or V
-    keys = set(data.keys())
-    with torch.no_grad():  # top-k estimates, only where the batch lacks the exact teacher fields
-        if "teacher_entropy" not in keys:
-            out["eopd_teacher_entropy"], out["eopd_teacher_entropy_lower"], out["eopd_teacher_entropy_upper"] = (
-                estimated_entropy(t_lp, t_vocab, getattr(cfg, "entropy_estimator", "midpoint"), _valid_topk(t_lp, t_ids)))
-        if "teacher_token_logprob" not in keys:
-            fallback, in_topk = token_logprob_from_topk(t_ids, t_lp, labels, t_vocab, valid)
-            out["eopd_in_topk"] = in_topk.float()
-            if token_column is not None:  # exact log pi_T(y) from the server (verl_eopd.server_logprobs)
-                out["eopd_teacher_token_logprob"] = _rows(token_column, n, 0.0)
-                out["eopd_token_fallback"] = torch.zeros_like(fallback)
-            else:  # exact inside the top-k, the uniform-tail estimate outside it
-                out["eopd_teacher_token_logprob"] = fallback
-                out["eopd_token_fallback"] = (~in_topk).float()
-    return {k: v.unsqueeze(0) for k, v in out.items()}
-
-
-def eopd_distillation_loss(config, distillation_config, model_output: dict, data) -> tuple[torch.Tensor, dict[str, Any]]:
-    """The registered `eopd` loss: per-token [B, R] EOPD loss and `eopd/*` metrics (verl adds `actor/`).
-
-    Exact teacher quantities win over top-k estimates when the batch carries them: `teacher_entropy`
-    [B, j] (exact full-vocabulary entropy) and `teacher_token_logprob` [B, j] (exact log pi_T(y)), in the
-    same row layout as `teacher_logprobs` (the reference-worker teacher route fills them).
-    """
-    from verl.workers.utils.padding import no_padding_2_padding
-
-    from .config import EOPDLossConfig
-
-    cfg = distillation_config.distillation_loss
-    if not isinstance(cfg, EOPDLossConfig):
-        raise TypeError(
-            "loss_mode=eopd needs distillation.distillation_loss._target_=verl_eopd.config.EOPDLossConfig (got "
-            f"{type(cfg).__name__}); the shipped configs set it"
-        )
-    missing = [k for k in ("eopd_fkl", "eopd_logp") if k not in model_output]
-    if missing:
-        raise RuntimeError(
-            f"model_output lacks {missing}: verl did not call the EOPD logits processor. Check that the "
-            "verl_eopd plugin is loaded in the actor workers (python -m verl_eopd.plugin) and that "
-            "actor_rollout_ref.model.use_fused_kernels=false"
-        )
-
-    def resp(t):  # packed per-token (or nested) -> [B, R] response slice (row j predicts token j+1)
-        return no_padding_2_padding(t, data)
-
-    mask = _padded(data["response_mask"], 0).bool()
-    old = _padded(data["old_log_probs"], 0.0)
-    fkl, logp = resp(model_output["eopd_fkl"]), resp(model_output["eopd_logp"])
-    keys = set(data.keys())
-    exact_entropy = "teacher_entropy" in keys
-    t_ent = resp(data["teacher_entropy"]) if exact_entropy else resp(model_output["eopd_teacher_entropy"])
-    exact_token = "teacher_token_logprob" in keys
-    t_tok = resp(data["teacher_token_logprob"]) if exact_token else resp(model_output["eopd_teacher_token_logprob"])
-    rollout_is_weights = data.get("rollout_is_weights", None)
-    if rollout_is_weights is not None:
-        rollout_is_weights = _padded(rollout_is_weights, 0.0)
-
-    per_token, parts = eopd_token_losses(logp, old, t_tok, fkl, t_ent, mask, rollout_is_weights=rollout_is_weights,
-                                         **cfg.loss_kwargs)
-    stats = eopd_stats(
-        parts, fkl=fkl, teacher_entropy=t_ent, old_log_probs=old, teacher_token_logprobs=t_tok,
-        teacher_topk_mass=resp(model_output["eopd_topk_mass"]),
-        in_topk=None if exact_token else resp(model_output["eopd_in_topk"]),
-        token_fallback=None if exact_token else resp(model_output["eopd_token_fallback"]),
-        entropy_threshold=cfg.entropy_threshold,
-        student_entropy=resp(model_output["eopd_student_entropy"]),
-        teacher_entropy_bounds=None if exact_entropy else (
-            resp(model_output["eopd_teacher_entropy_lower"]), resp(model_output["eopd_teacher_entropy_upper"])),
-    )
-    stats.pop("n_tokens")
-    return per_token, {f"eopd/{k}": v for k, v in stats.items()}
-
-
-def _install_topk_dispatch() -> None:
-    """Route verl's top-k logits processor to EOPD's for loss_mode=eopd; other modes are untouched."""
-    import verl.trainer.distillation.losses as vlosses
-
-    current = vlosses.compute_topk_loss
-    if getattr(current, "_eopd_dispatch", False):
+def setup() -> None:
+    """Everything a process needs for EOPD; idempotent. Errors are logged loudly and re-raised."""
+    if _STATE["done"]:
         return
-    original = current
+    try:
+        from .integration import server_route
+        from .integration.loss import register_loss
+        from .integration.version import check_verl_version
 
-    def compute_topk_loss(config, distillation_config, data, student_logits, data_format="thd"):
-        if distillation_config.distillation_loss.loss_mode == LOSS_NAME:
-            return eopd_logits_processor(config, distillation_config, data, student_logits, data_format)
-        return original(config, distillation_config, data, student_logits, data_format)
+        check_verl_version()
+        if os.environ.get("VERL_PLATFORM", "").lower() == "cpu":  # set by verl_eopd.main for CPU runs
+            from .cpu.platform import install_light
 
-    compute_topk_loss._eopd_dispatch = True
-    compute_topk_loss.__wrapped__ = original
-    compute_topk_loss.__doc__ = original.__doc__
-    vlosses.compute_topk_loss = compute_topk_loss
+            install_light()
+        register_loss()
+        from .cpu.hf_registry import register as register_hf_rollout
 
+        register_hf_rollout()
+        if os.environ.get(TASK_RUNNER_ENV) == "1":
+            from .integration.trainer import register_eopd_trainer
 
-def register() -> None:
-    """Register loss_mode `eopd` in verl and install the logits-processor dispatch. Idempotent."""
-    if _STATE["registered"]:
-        return
-    _check_verl_version()
-    from verl.trainer.distillation.losses import (
-        DISTILLATION_LOSS_REGISTRY,
-        DistillationLossSettings,
-        register_distillation_loss,
-    )
-
-    if LOSS_NAME not in DISTILLATION_LOSS_REGISTRY:
-        register_distillation_loss(DistillationLossSettings(names=[LOSS_NAME], use_topk=True))(eopd_distillation_loss)
-    elif DISTILLATION_LOSS_REGISTRY[LOSS_NAME] is not eopd_distillation_loss:
-        raise RuntimeError(f"another package already registered distillation loss '{LOSS_NAME}'")
-    _install_topk_dispatch()
-    from . import hf_rollout
-
-    hf_rollout.register()
-    _STATE["registered"] = True
+            register_eopd_trainer()
+        server_route.install()  # only with EOPD_TEACHER_TOKEN_COLUMN=1 (teacher_route=server)
+    except Exception as e:  # noqa: BLE001 - re-raised after logging
+        logger.error("verl_eopd plugin failed to load: %s", e)
+        raise
+    _STATE["done"] = True
 
 
 def check() -> dict:
     """Explicit self-check: raises with the reason if EOPD is not active in this process."""
     import verl
     import verl.trainer.distillation.losses as vlosses
+    from verl.workers.rollout.replica import get_rollout_replica_class
 
-    register()
-    ok = (
-        vlosses.DISTILLATION_LOSS_REGISTRY.get(LOSS_NAME) is eopd_distillation_loss
-        and vlosses.DISTILLATION_SETTINGS_REGISTRY[LOSS_NAME].use_topk
-        and getattr(vlosses.compute_topk_loss, "_eopd_dispatch", False)
-    )
+    from .integration.loss import LOSS_NAME, eopd_distillation_loss
+
+    setup()
+    ok = (vlosses.DISTILLATION_LOSS_REGISTRY.get(LOSS_NAME) is eopd_distillation_loss
+          and vlosses.DISTILLATION_SETTINGS_REGISTRY[LOSS_NAME].use_topk)
     if not ok:
-        raise RuntimeError("verl_eopd: loss 'eopd' or its logits-processor dispatch is not installed")
-    return {"verl": verl.__version__, "loss_mode": LOSS_NAME, "registered": True, "topk_dispatch": True}
+        raise RuntimeError("verl_eopd: loss 'eopd' is not registered in verl's distillation-loss registry")
+    return {"verl": verl.__version__, "loss_mode": LOSS_NAME, "registered": True,
+            "hf_rollout": get_rollout_replica_class("hf").__name__}
 
 
-def _entry_point() -> None:
-    """Run at `import verl` via the entry point; verl swallows plugin errors at DEBUG, so log them loudly."""
-    import os
+def main() -> None:
+    """`python -m verl_eopd.plugin`: the installed entry point (verl_eopd.plugin, loaded by `import verl`)
+    is checked, not a second copy of this file running as __main__."""
+    import importlib
 
-    try:
-        if os.environ.get("VERL_PLATFORM", "").lower() == "cpu":  # set by verl_eopd.main for CPU runs
-            from . import cpu
+    from .integration import patches
 
-            cpu.install_light()
-        register()
-        from . import server_logprobs
-
-        server_logprobs.install()  # only with EOPD_TEACHER_TOKEN_COLUMN=1 (teacher_route=server)
-    except Exception as e:  # noqa: BLE001 - re-raised after logging
-        logger.error("verl_eopd plugin failed to load: %s", e)
-        raise
+    print(importlib.import_module(PLUGIN_MODULE).check())
+    print(patches.describe())
 
 
 if __name__ == "__main__":
-    # `python -m verl_eopd.plugin`: importing verl loads the installed entry point (this file, as
-    # verl_eopd.plugin); check that one rather than registering a second copy from __main__.
-    import importlib
-
-    print(importlib.import_module("verl_eopd.plugin").check())
+    main()
 else:
-    _entry_point()
+    setup()

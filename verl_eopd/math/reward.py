@@ -1,7 +1,7 @@
 """Verifiable math reward: 1.0 when the response's final answer equals the ground truth, else 0.0.
 
 `compute_score(data_source, solution_str, ground_truth, extra_info=None)` has verl's custom-reward
-signature (`reward.custom_reward_function.path=pkg://verl_eopd.reward`, `name=compute_score`; extra keyword
+signature (`reward.custom_reward_function.path=pkg://verl_eopd.math.reward`, `name=compute_score`; extra keyword
 arguments come from `reward.custom_reward_function.reward_kwargs`). The answer is the content of the
 response's last `\\boxed{...}` (or `\\fbox{...}`, `\\boxed x`); equivalence is decided by `math-verify`
 (LaTeX and plain expressions through sympy: fractions vs decimals, roots, intervals, sets, percents, units,
@@ -164,7 +164,7 @@ class _Scorer:
         )
         if self._read(60.0) != "ready":
             self.kill()
-            raise RuntimeError("verl_eopd.reward: the scorer subprocess did not start (is math-verify installed?)")
+            raise RuntimeError("verl_eopd.math.reward: the scorer subprocess did not start (is math-verify installed?)")
 
     def _read(self, wall_s: float) -> Optional[str]:
         ready, _, _ = select.select([self.proc.stdout], [], [], wall_s)

@@ -169,7 +169,7 @@ def sft(model_dir: str, tokenizer, pairs, *, end_token: str, steps: int, lr: flo
         sched.step()
         losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
-            print(f"[verl_eopd.embedded] sft {Path(model_dir).name} step {step + 1}/{steps} loss {loss.item():.3f}",
+            print(f"[verl_eopd.cpu.embedded] sft {Path(model_dir).name} step {step + 1}/{steps} loss {loss.item():.3f}",
                   flush=True)
     model.save_pretrained(model_dir)
     return losses
@@ -187,7 +187,7 @@ def ensure_embedded_default(root: Optional[Path] = None, *, teacher_steps: int =
     root.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     if verbose:
-        print(f"[verl_eopd.embedded] building the tiny default in {root} (once; ~1 min)", flush=True)
+        print(f"[verl_eopd.cpu.embedded] building the tiny default in {root} (once; ~1 min)", flush=True)
     train, val = task_pairs()
     paths = {"root": str(root), "teacher": str(root / "teacher"), "student": str(root / "student"),
              "train": str(root / "train.parquet"), "val": str(root / "val.parquet")}
@@ -236,7 +236,7 @@ def embedded_settings(info: dict, algorithm: str) -> dict:
         "actor_rollout_ref.actor.optim.lr": 3e-4,
         "actor_rollout_ref.model.enable_gradient_checkpointing": False,
         "actor_rollout_ref.rollout.val_kwargs.temperature": 0.0,
-        "reward.custom_reward_function.path": "pkg://verl_eopd.embedded",
+        "reward.custom_reward_function.path": "pkg://verl_eopd.cpu.embedded",
         "reward.custom_reward_function.name": "compute_score",
         "trainer.total_training_steps": 30,
         "trainer.logger": ["console"],

@@ -9,16 +9,17 @@ sampled token outside the top-K has no teacher log-prob and the loss would need 
 With the patch on, the extraction appends one column to each row: `prompt_ids[j][K]` = the token at
 position j + 1 (the one row j predicts: the sampled token on response rows) and `prompt_logprobs[j][K]` its
 exact log-prob; the trailing dummy row gets id 0 / log-prob 0.0 there, as in verl's own padding. The
-payload is then [S, K + 1] and `verl_eopd.plugin.eopd_logits_processor` reads column K as exact
+payload is then [S, K + 1] and `integration.loss.eopd_logits_processor` reads column K as exact
 log pi_T(y_t) (checking that its ids are the sequence's tokens). verl's own code after the extraction
 handles any width (`shape[1:]`); only `loss_mode=eopd` reads these fields.
 
 The patch wraps verl's function (it calls verl's extraction unchanged, then adds the column) and is:
-  * on only when `EOPD_TEACHER_TOKEN_COLUMN=1` (verl_eopd.main sets it, in the driver and in Ray's
+  * on only when `EOPD_TEACHER_TOKEN_COLUMN=1` (`verl_eopd.main` sets it, in the driver and in Ray's
     runtime_env, for `teacher_route=server` unless `server_token_logprob=fallback`), so other loss modes
     and other users of these servers see verl's payload unchanged;
   * gated on verl 0.9.1 and on the exact signatures below: anything else raises rather than guessing;
-  * applied when the server module is imported (a post-import hook), or at once if it already is.
+  * applied when the server module is imported (a post-import hook), or at once if it already is, through
+    `patches.apply` (declared there as server-token-column-vllm / -sglang).
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ import os
 import sys
 from typing import Any, Callable
 
-ENV = "EOPD_TEACHER_TOKEN_COLUMN"
+from . import patches
+from .env import TOKEN_COLUMN_ENV as ENV
+from .version import check_verl_version
+
 VLLM_MODULE = "verl.workers.rollout.vllm_rollout.vllm_async_server"
 SGLANG_MODULE = "verl.workers.rollout.sglang_rollout.async_sglang_server"
 _PATCHED = "_eopd_token_column"
@@ -94,6 +98,8 @@ def with_token_column_sglang(original: Callable) -> Callable:
     return _extract_prompt_logprobs_sglang
 
 
+PATCH_NAMES = {VLLM_MODULE: "server-token-column-vllm", SGLANG_MODULE: "server-token-column-sglang"}
+
 # module -> (function name, its verl 0.9.1 parameters, wrapper)
 TARGETS: dict[str, tuple[str, tuple[str, ...], Callable]] = {
     VLLM_MODULE: ("extract_prompt_logprobs", ("output", "num_prompt_logprobs", "result_dict"), with_token_column_vllm),
@@ -115,8 +121,8 @@ def patch_module(module: Any) -> bool:
     if got != params:
         raise PatchError(f"{module.__name__}.{name}{got}: expected parameters {params}; refusing to patch. "
                          "Fix: verl==0.9.1, or distillation.distillation_loss.server_token_logprob=fallback")
-    setattr(module, name, wrap(fn))
-    return True
+    return patches.apply(PATCH_NAMES.get(module.__name__, "server-token-column-vllm"),
+                         lambda: setattr(module, name, wrap(fn)), target=module)
 
 
 class _PatchingLoader(importlib.abc.Loader):
@@ -151,9 +157,7 @@ def install() -> bool:
     """Enable the patch in this process when `EOPD_TEACHER_TOKEN_COLUMN=1`; returns whether it is on."""
     if not enabled():
         return False
-    from .plugin import _check_verl_version
-
-    _check_verl_version()
+    check_verl_version()
     for name in TARGETS:
         if name in sys.modules:
             patch_module(sys.modules[name])

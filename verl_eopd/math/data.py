@@ -6,7 +6,7 @@ json / jsonl / parquet file or folder in the same schema, and written as verl's 
   data_source   the dataset's short name (`math500`, ...); the evaluation reports per data_source
   prompt        [{"role": "user", "content": problem + instruction}] (verl applies the chat template)
   ability       "math"
-  reward_model  {"style": "rule", "ground_truth": answer string}  (scored by verl_eopd.reward)
+  reward_model  {"style": "rule", "ground_truth": answer string}  (scored by verl_eopd.math.reward)
   extra_info    {"split", "index", "source", "problem", and the row's level/type/subject/id when present}
 
 Schemas (public dataset cards and the preprocessing code that reads them):
@@ -257,7 +257,7 @@ def prepare(names: Iterable[str], out_dir: str, *, sources: Optional[dict[str, s
         records, rep = convert(rows, spec, instruction=instruction, source=source, max_rows=max_rows)
         if not records:
             raise ValueError(f"{name} ({source}): none of {len(rows)} rows has a problem and an answer; "
-                             f"dropped {rep['dropped']}. Check the source's schema against verl_eopd/data.py")
+                             f"dropped {rep['dropped']}. Check the source's schema against verl_eopd/math/data.py")
         path = out / f"{name}.parquet"
         pd.DataFrame(records).to_parquet(path)
         rep.update(source=source, path=str(path))

@@ -11,9 +11,9 @@ temperature 1 (whatever the rollout temperature):
 
 in verl's layout (row j predicts token j+1, nested per sequence), i.e. 8K + 8 bytes per token; full
 logits never leave the worker. The actor's EOPD loss reads these fields (exact values win over top-k
-estimates). The logits are visited in chunks (`losses.teacher_stats`): one fp32 chunk at a time.
+estimates). The logits are visited in chunks (`core.kernels.teacher_stats`): one fp32 chunk at a time.
 
-End-of-sequence remap (DESIGN.md section 2): a Base student ends with its own end token
+End-of-sequence remap (core/eos.py): a Base student ends with its own end token
 (`<|endoftext|>`) where a chat teacher expects `<|im_end|>`. On the copy of the response the teacher
 scores, the first student end token of each response becomes the teacher's, so the teacher judges
 "stop here" with its own stop token; in the returned top-k ids the teacher's end token is mapped back to
@@ -29,7 +29,9 @@ from typing import Optional
 
 import torch
 
-from .losses import teacher_stats
+from ..core.eos import map_teacher_eos_in_topk, remap_first_eos
+from ..core.kernels import teacher_stats
+from ..core.settings import DEFAULT_LOGITS_CHUNK_MB
 
 TEACHER_MODEL_TYPE = "eopd_teacher"
 
@@ -42,7 +44,7 @@ class TeacherSettings:
     topk: int
     student_eos_token_id: Optional[int] = None
     teacher_eos_token_id: Optional[int] = None
-    logits_chunk_mb: int = 64
+    logits_chunk_mb: int = DEFAULT_LOGITS_CHUNK_MB
 
     @property
     def remap_eos(self) -> bool:
@@ -50,7 +52,7 @@ class TeacherSettings:
         return s is not None and t is not None and s != t
 
 
-# ------------------------------------------------------------------------------------------------ EOS remap
+# ------------------------------------------------------------------------------------------------ batches
 
 
 def response_lengths(data) -> torch.Tensor:
@@ -62,32 +64,10 @@ def response_lengths(data) -> torch.Tensor:
     return data["attention_mask"][:, prompt_width:].sum(-1)
 
 
-def remap_first_eos(input_ids: torch.Tensor, resp_lens: torch.Tensor, student_eos: int, teacher_eos: int) -> torch.Tensor:
-    """Copy of nested `input_ids` [B, j] where the first `student_eos` of each response is `teacher_eos`.
-
-    Only the response part (the last resp_lens[b] tokens of sequence b) is searched; prompts are untouched.
-    """
-    values, offsets = input_ids.values(), input_ids.offsets()
-    n = values.shape[0]
-    seq = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=values.device), offsets.diff())
-    pos = torch.arange(n, device=values.device)
-    in_response = pos >= (offsets[1:] - resp_lens.to(offsets.device))[seq]
-    hit = in_response & (values == student_eos)
-    first = torch.full((offsets.numel() - 1,), n, dtype=torch.long, device=values.device)
-    first = first.scatter_reduce(0, seq[hit], pos[hit], reduce="amin")
-    first = first[first < n]
-    out = values.clone()
-    out[first] = teacher_eos
-    return torch.nested.nested_tensor_from_jagged(out, offsets)
-
-
-def map_teacher_eos_in_topk(topk_ids: torch.Tensor, student_eos: int, teacher_eos: int) -> torch.Tensor:
-    """Top-k ids [..., K] with teacher_eos renamed student_eos, except in rows already holding student_eos."""
-    has_student = (topk_ids == student_eos).any(-1, keepdim=True)
-    return torch.where((topk_ids == teacher_eos) & ~has_student, torch.full_like(topk_ids, student_eos), topk_ids)
-
-
 # ------------------------------------------------------------------------------------------------ engine
+
+
+_TEACHER_ENGINE = []  # registered once per process, on first use
 
 
 def _teacher_engine_class():
@@ -96,10 +76,8 @@ def _teacher_engine_class():
     from verl.workers.engine.base import EngineRegistry
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
-    registry = EngineRegistry._engines.get(TEACHER_MODEL_TYPE, {})
-    for backend in registry.values():
-        for cls in backend.values():
-            return cls
+    if _TEACHER_ENGINE:
+        return _TEACHER_ENGINE[0]
 
     @EngineRegistry.register(model_type=TEACHER_MODEL_TYPE, backend=["fsdp", "fsdp2"], device=["cuda", "npu", "cpu"])
     class EOPDTeacherEngine(FSDPEngineWithLMHead):
@@ -113,7 +91,7 @@ def _teacher_engine_class():
             k = tu.get_non_tensor_data(data=micro_batch, key="eopd_topk", default=None)
             if k is None:  # plain reference log-probs
                 return super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
-            chunk_mb = int(tu.get_non_tensor_data(data=micro_batch, key="eopd_logits_chunk_mb", default=64))
+            chunk_mb = int(tu.get_non_tensor_data(data=micro_batch, key="eopd_logits_chunk_mb", default=DEFAULT_LOGITS_CHUNK_MB))
             use_rmpad = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True)
             input_ids = micro_batch["input_ids"]
             cu_seqlens = input_ids.offsets()
@@ -141,6 +119,7 @@ def _teacher_engine_class():
                 model_output[key] = torch.nested.nested_tensor_from_jagged(v, cu_seqlens)
             return model_output
 
+    _TEACHER_ENGINE.append(EOPDTeacherEngine)
     return EOPDTeacherEngine
 
 

@@ -1,13 +1,18 @@
 """A CPU platform for verl 0.9.1, so its FSDP engine runs on machines without a GPU (laptops, CI).
 
 verl 0.9.1 has no CPU platform: with no accelerator it silently falls back to "cuda" and fails deep
-inside torch. `install()` registers and selects a platform whose device is `torch.device("cpu")` with
-the gloo backend, registers verl's FSDP engines for device "cpu", and fixes the one backend string
-verl builds that gloo rejects ("cpu:gloo,cpu:gloo"). Call it after `import verl` and before importing
-verl's engine or worker modules (they read the platform at import time).
+inside torch. Through verl's doors: `install()` registers (`PlatformRegistry.register`) and selects
+(`set_platform`) a platform whose device is `torch.device("cpu")` with the gloo backend and whose device
+module is a proxy of `torch.cpu` with no-op cuda-style memory calls; verl's FSDP engines are looked up
+under "cuda" (`VERL_ENGINE_DEVICE`); the EOPD worker opens the gloo process group itself with verl's
+`initialize_global_process_group_ray(backend="gloo")` (verl's default would be "cpu:gloo,cpu:gloo").
+Two runtime patches remain, declared in integration/patches.py: FSDP's CPU offload never pins memory, and
+verl accepts the `hf` backend for top-k teachers. Call `install()` after `import verl` and before
+importing verl's engine or worker modules (they read the platform at import time); Ray workers get the
+same through the environment (VERL_PLATFORM=cpu, read by the plugin's set-up).
 
-The engine then runs with strategy fsdp2, attn_implementation sdpa (flash-attn is CUDA only), one
-process per machine, gloo. This is a platform for correctness and small runs, not for speed.
+The engine then runs with strategy fsdp2, attn_implementation sdpa (flash-attn is CUDA only), gloo.
+This is a platform for correctness and small runs, not for speed.
 """
 
 from __future__ import annotations
@@ -18,26 +23,60 @@ import types
 
 import torch
 
+from ..integration import patches
+from ..integration.env import PLUGIN_MODULE
 _STATE = {"installed": False}
 
 
-def _device_module() -> types.ModuleType:
-    """torch.cpu with the cuda-style calls verl makes on `get_torch_device()` (no-ops on CPU)."""
-    m = torch.cpu
-    extra = dict(
-        empty_cache=lambda: None, ipc_collect=lambda: None,
-        memory_allocated=lambda *a, **k: 0, memory_reserved=lambda *a, **k: 0,
-        max_memory_allocated=lambda *a, **k: 0, max_memory_reserved=lambda *a, **k: 0,
-        reset_peak_memory_stats=lambda *a, **k: None, mem_get_info=lambda *a, **k: (0, 0),
-        get_rng_state=lambda *a, **k: torch.get_rng_state(), set_rng_state=lambda s, *a, **k: torch.set_rng_state(s),
-        manual_seed=lambda s: torch.manual_seed(s), manual_seed_all=lambda s: torch.manual_seed(s),
-        set_per_process_memory_fraction=lambda *a, **k: None, get_device_name=lambda *a, **k: "CPU",
-        memory=types.SimpleNamespace(_set_allocator_settings=lambda s: None),
-    )
-    for k, v in extra.items():
-        if not hasattr(m, k):
-            setattr(m, k, v)
-    return m
+class _CPUDeviceModule:
+    """`torch.cpu`, plus the cuda-style calls verl makes on `get_torch_device()` (no-ops on CPU)."""
+
+    memory = types.SimpleNamespace(_set_allocator_settings=lambda s: None)
+
+    def __getattr__(self, name):
+        return getattr(torch.cpu, name)
+
+    def empty_cache(self):
+        pass
+
+    def ipc_collect(self):
+        pass
+
+    def memory_allocated(self, *a, **k):
+        return 0
+
+    def memory_reserved(self, *a, **k):
+        return 0
+
+    def max_memory_allocated(self, *a, **k):
+        return 0
+
+    def max_memory_reserved(self, *a, **k):
+        return 0
+
+    def reset_peak_memory_stats(self, *a, **k):
+        pass
+
+    def mem_get_info(self, *a, **k):
+        return (0, 0)
+
+    def get_rng_state(self, *a, **k):
+        return torch.get_rng_state()
+
+    def set_rng_state(self, state, *a, **k):
+        torch.set_rng_state(state)
+
+    def manual_seed(self, seed):
+        torch.manual_seed(seed)
+
+    def manual_seed_all(self, seed):
+        torch.manual_seed(seed)
+
+    def set_per_process_memory_fraction(self, *a, **k):
+        pass
+
+    def get_device_name(self, *a, **k):
+        return "CPU"
 
 
 def _platform_class():
@@ -48,7 +87,7 @@ def _platform_class():
     class PlatformCPU(PlatformBase):
         """verl platform for CPU-only machines (gloo, one process per node)."""
 
-        _module = _device_module()
+        _module = _CPUDeviceModule()
 
         @property
         def device_name(self) -> str:
@@ -131,104 +170,68 @@ def _platform_class():
     return PlatformCPU
 
 
-def _patch_gloo_backend_string() -> None:
-    """verl builds backend f"cpu:gloo,{device}:{backend}", i.e. "cpu:gloo,cpu:gloo" on CPU: use "gloo"."""
-    import torch.distributed as dist
-
-    if getattr(dist.init_process_group, "_eopd_cpu", False):
-        return
-    original = dist.init_process_group
-
-    def init_process_group(*args, **kwargs):
-        backend = kwargs.get("backend")
-        if isinstance(backend, str) and backend.replace(" ", "") == "cpu:gloo,cpu:gloo":
-            kwargs["backend"] = "gloo"
-        return original(*args, **kwargs)
-
-    init_process_group._eopd_cpu = True
-    dist.init_process_group = init_process_group
-
-
-def _register_cpu_engines() -> None:
-    """Make verl's FSDP engines resolvable on device "cpu" (they are registered for cuda/npu only)."""
-    import verl.workers.engine.fsdp.transformer_impl  # noqa: F401  (registers the engines)
-    from verl.workers.engine.base import EngineRegistry
-
-    for backends in EngineRegistry._engines.values():
-        for backend in ("fsdp", "fsdp2"):
-            reg = backends.get(backend)
-            if reg is not None and "cpu" not in reg and "cuda" in reg:
-                reg["cpu"] = reg["cuda"]
-
-
-def _patch_offload_policy() -> None:
+def _cpu_offload_no_pin() -> None:
     """FSDP2's CPUOffloadPolicy(pin_memory=True) (verl's choice for forward-only engines such as the
     reference) pins memory, which needs an accelerator: make the policy never pin. Patched on torch's
     module so that verl's `from torch... import CPUOffloadPolicy` picks it up when imported later."""
+    import sys
+
     import torch.distributed.fsdp as fsdp
 
     policy = getattr(fsdp, "CPUOffloadPolicy", None)
-    if policy is None or getattr(policy, "_eopd_cpu", False):
+    if policy is None:
         return
 
     class CPUOffloadPolicyNoPin(policy):
-        _eopd_cpu = True
-
         def __init__(self, pin_memory: bool = False, **kwargs):
             super().__init__(pin_memory=False, **kwargs)
 
     fsdp.CPUOffloadPolicy = CPUOffloadPolicyNoPin
-    import sys
-
     impl = sys.modules.get("verl.workers.engine.fsdp.transformer_impl")
     if impl is not None and getattr(impl, "CPUOffloadPolicy", None) is policy:
         impl.CPUOffloadPolicy = CPUOffloadPolicyNoPin
 
 
-def _patch_teacher_engine_check() -> None:
+def _teacher_topk_accepts_hf() -> None:
     """verl 0.9.1 accepts top-k teachers only on vllm/sglang (`_validate_topk_logprobs`); on CPU the teacher
-    pool runs the `hf` backend (verl_eopd.hf_rollout), which returns verl's top-k layout with no engine cap."""
+    pool runs the `hf` backend (cpu/hf_rollout.py), which returns verl's top-k layout with no engine cap."""
     from verl.workers.config.distillation import DistillationTeacherModelConfig as cls
 
     check = cls._validate_topk_logprobs
-    if getattr(check, "_eopd_cpu", False):
-        return
 
     def _validate_topk_logprobs(self, use_topk, topk):
         if use_topk and topk is not None and self.inference.name == "hf":
             return
         return check(self, use_topk=use_topk, topk=topk)
 
-    _validate_topk_logprobs._eopd_cpu = True
     cls._validate_topk_logprobs = _validate_topk_logprobs
 
 
 def install_light() -> None:
-    """What every process needs to run verl on CPU, cheap enough for the `import verl` entry point:
-    the platform class (found through VERL_PLATFORM=cpu), engine lookup under "cuda", and the gloo and
-    offload patches. Does not import verl's engine modules."""
+    """What every process needs to run verl on CPU, cheap enough for the plugin's set-up at `import verl`:
+    the platform class (found through VERL_PLATFORM=cpu), engine lookup under "cuda" and the two CPU
+    patches. Does not import verl's engine modules."""
     _platform_class()
     os.environ.setdefault("VERL_ENGINE_DEVICE", "cuda")  # verl's FSDP engines are registered for cuda/npu
-    _patch_gloo_backend_string()
-    _patch_offload_policy()
-    _patch_teacher_engine_check()
+    patches.apply("cpu-offload-no-pin", _cpu_offload_no_pin)
+    patches.apply("teacher-topk-hf", _teacher_topk_accepts_hf)
 
 
 def install() -> None:
-    """Select the CPU platform for verl in this process. Idempotent; call before verl's engine imports."""
+    """Select the CPU platform for verl in this process and, through the environment, in the Ray workers it
+    starts. Idempotent; call before verl's engine imports."""
     if _STATE["installed"]:
         return
     import verl  # noqa: F401
     from verl.plugin.platform import set_platform
 
     os.environ["VERL_PLATFORM"] = "cpu"  # inherited by Ray workers started from here
-    # ...and imported by verl/__init__ in every worker, before any entry point, failing loudly
+    # verl/__init__ imports these in every worker before any entry point, failing loudly on an error
     modules = [m for m in os.environ.get("VERL_USE_EXTERNAL_MODULES", "").split(",") if m]
-    if __name__ not in modules:
-        os.environ["VERL_USE_EXTERNAL_MODULES"] = ",".join(modules + [__name__])
+    if PLUGIN_MODULE not in modules:
+        os.environ["VERL_USE_EXTERNAL_MODULES"] = ",".join(modules + [PLUGIN_MODULE])
     install_light()
     set_platform(_platform_class()())
-    _register_cpu_engines()
     _STATE["installed"] = True
 
 
@@ -243,7 +246,7 @@ CPU_SETTINGS = {
     "trainer.device": "cpu",
     "trainer.n_gpus_per_node": 1,
     "trainer.nnodes": 1,
-    "actor_rollout_ref.rollout.name": "hf",  # verl_eopd.hf_rollout: vLLM/SGLang wheels are CUDA-only
+    "actor_rollout_ref.rollout.name": "hf",  # cpu/hf_rollout.py: vLLM/SGLang wheels are CUDA-only
     "actor_rollout_ref.rollout.dtype": "float32",
     "actor_rollout_ref.rollout.tensor_model_parallel_size": 1,
     "actor_rollout_ref.rollout.agent.num_workers": 1,
@@ -301,6 +304,3 @@ def check_ray_resources(config) -> None:
             f"when distillation.enabled): they would never be placed. Fix: ray_kwargs.ray_init.num_gpus={gpus_needed}"
         )
 
-
-if os.environ.get("VERL_PLATFORM", "").lower() == "cpu":  # imported via VERL_USE_EXTERNAL_MODULES in workers
-    install_light()

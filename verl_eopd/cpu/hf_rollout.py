@@ -1,13 +1,7 @@
 """`hf`: a Hugging Face transformers rollout backend for verl 0.9.1, so `main_ppo` generates on CPU.
 
-verl resolves a rollout backend by name in two in-process registries; `register()` adds "hf" to both:
-
-    RolloutReplicaRegistry["hf"]         -> HFReplica         looked up in the TaskRunner (student, teacher,
-                                                               reward model); launches one server per replica
-    _ROLLOUT_REGISTRY[("hf", "async")]   -> HFServerAdapter   looked up in every actor worker and every
-                                                               CheckpointEngineWorker; pushes weights
-
-so `register()` must run in every process that does a lookup (the `verl.plugins` entry point does).
+Registered in verl's rollout registries by cpu/hf_registry.py (the plugin's set-up calls it in every
+process):
 
     agent loop --generate(prompt_ids, sampling_params)--> load balancer --> HFRolloutServer (Ray actor)
     actor worker --update_weights(named tensors)--> HFServerAdapter --buckets (Ray call)--> HFRolloutServer
@@ -18,9 +12,9 @@ temperature 0, top_k -1 = off, EOS kept in the output, log-probs of the sampled 
 left-padded `model.generate`. World size 1 only (no TP/DP/PP), text only, no LoRA-adapter sync, no real
 abort (the sync trainer never aborts), no HTTP endpoint.
 
-Import cost: this module imports only verl's rollout base/replica modules (which `register()` needs
-anyway) and never verl's engines, so importing it does not resolve verl's device platform; transformers
-models and Ray scheduling helpers are imported when a server or replica is built.
+Import cost: this module imports only verl's rollout base/replica modules and never verl's engines, so
+importing it does not resolve verl's device platform; transformers models and Ray scheduling helpers are
+imported when a server or replica is built.
 """
 
 from __future__ import annotations
@@ -31,43 +25,13 @@ import os
 import threading
 from typing import Any, Generator, Optional
 
-BACKEND_NAME = "hf"
-ADAPTER_FQN = "verl_eopd.hf_rollout.HFServerAdapter"
+import ray
+import torch
 
+from verl.workers.rollout.base import BaseRollout
+from verl.workers.rollout.replica import RolloutMode, RolloutReplica, TokenOutput
 
-# ------------------------------------------------------------------------------------------------ registration
-# Defined before this module imports verl: when it is the first to import verl in a process (a Ray server
-# actor unpickling HFRolloutServer), verl's plugin entry point calls `register()` on this partially imported
-# module. `_load_replica` and ADAPTER_FQN are resolved only at lookup time.
-
-
-def _load_replica():
-    return HFReplica
-
-
-def register() -> None:
-    """Make rollout name "hf" resolvable in this process (both verl registries). Idempotent."""
-    from verl.workers.rollout import base
-    from verl.workers.rollout.replica import RolloutReplicaRegistry
-
-    current = RolloutReplicaRegistry._registry.get(BACKEND_NAME)
-    ours = getattr(current, "__module__", None) == __name__ and getattr(current, "__name__", "") == "_load_replica"
-    if current is not None and not ours:
-        raise RuntimeError(f"another package already registered rollout '{BACKEND_NAME}': {current!r}")
-    adapter = base._ROLLOUT_REGISTRY.get((BACKEND_NAME, "async"))
-    if adapter is not None and adapter != ADAPTER_FQN:
-        raise RuntimeError(f"another package already registered rollout adapter '{BACKEND_NAME}': {adapter}")
-    RolloutReplicaRegistry.register(BACKEND_NAME, _load_replica)
-    base._ROLLOUT_REGISTRY[(BACKEND_NAME, "async")] = ADAPTER_FQN
-
-
-import ray  # noqa: E402
-import torch  # noqa: E402
-
-from verl.workers.rollout.base import BaseRollout  # noqa: E402
-from verl.workers.rollout.replica import RolloutMode, RolloutReplica, TokenOutput  # noqa: E402
-
-from . import server_logprobs  # noqa: E402
+from ..integration import server_route
 
 logger = logging.getLogger(__name__)
 
@@ -394,9 +358,9 @@ class HFRolloutServer:
                 width = max(k, 1)
                 extras[start + j]["prompt_ids"] = ids.tolist() + [[0] * width]
                 extras[start + j]["prompt_logprobs"] = vals.tolist() + [[0.0] * width]
-                if k > 0 and server_logprobs.enabled():  # the exact sampled-token column, as the patched servers
+                if k > 0 and server_route.enabled():  # the exact sampled-token column, as the patched servers
                     token_lp = log_probs.gather(-1, torch.tensor(seq[1:]).unsqueeze(-1)).squeeze(-1)
-                    server_logprobs.append_token_column(extras[start + j], seq[1:], token_lp.tolist())
+                    server_route.append_token_column(extras[start + j], seq[1:], token_lp.tolist())
         return torch.cat(last)
 
     def _sample_one(self, prompts, last_logits: torch.Tensor, spec: _Sampling):

@@ -1,18 +1,21 @@
 """EOPD in verl's v1 trainer: the teacher in the reference role, the EOPD loss on the actor.
 
-    trainer.v1.trainer_mode=eopd  ->  EOPDTrainer (registered in verl's v1 trainer registry)
+    trainer.v1.trainer_mode=eopd  ->  EOPDTrainer (registered in verl's v1 trainer registry by
+                                      `register_eopd_trainer`, which the plugin's set-up calls in the
+                                      TaskRunner process: EOPD_TASK_RUNNER=1, see main.py)
 
-EOPDTrainer is verl's synchronous trainer with three changes when `teacher_route: ref`:
-  1. the hybrid worker is EOPDActorRolloutRefWorker with the ref role always on (no KL loss needed);
-  2. the reference pass runs the teacher at temperature 1 and returns the EOPD teacher fields (teacher.py);
-     they reach `update_actor` through TransferQueue like any other worker output;
-  3. the actor's loss is verl's `distillation_ppo_loss` with the EOPD loss config, and `update_actor` tells
-     the engine to call the EOPD logits processor. The processor computes the student's sampled-token
-     log-prob itself, so pure distillation skips verl's separate student log-prob pass
+EOPDTrainer is verl's synchronous trainer whose hybrid worker is EOPDActorRolloutRefWorker. On both
+teacher routes the worker binds `loss.eopd_ppo_loss` as its actor's loss (verl would bind
+`distillation_ppo_loss`, whose top-k processor is verl's forward KL). With `teacher_route: ref` also:
+  1. the ref role is always on (no KL loss needed) and loads the teacher (teacher.py);
+  2. the reference pass runs the teacher at temperature 1 and returns the EOPD teacher fields; they reach
+     `update_actor` through TransferQueue like any other worker output;
+  3. `update_actor` tells the engine to call the logits processor. The processor computes the student's
+     sampled-token log-prob itself, so pure distillation skips verl's separate student log-prob pass
      (`distillation_only`) without losing the reverse-KL term; with task rewards verl's PPO/GRPO loss
      runs on top and needs that pass, so it is kept.
 With `teacher_route: server` (verl's vLLM/SGLang teacher pool, `distillation.enabled: true`) verl's own
-worker and trainer already do all of this; EOPDTrainer then behaves exactly like verl's sync trainer.
+teacher pool and flags do the rest.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from typing import Optional
 import ray
 from omegaconf import DictConfig
 from verl.single_controller.base.decorator import Dispatch, make_nd_compute_dataproto_dispatch_fn, register
-from verl.trainer.main_ppo import TaskRunnerV1
 from verl.trainer.ppo.utils import Role
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
@@ -32,7 +34,8 @@ from verl.utils import tensordict_utils as tu
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
-from .config import build_loss_config
+from .config import EOPDLossConfig, build_loss_config
+from .loss import eopd_ppo_loss
 from .teacher import TeacherSettings, teacher_worker_class
 
 logger = logging.getLogger("verl_eopd")
@@ -45,9 +48,8 @@ def _eos_token_id(path: str, trust_remote_code: bool = False) -> Optional[int]:
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).eos_token_id
 
 
-def teacher_settings(distillation_config: DictConfig, model_config: DictConfig) -> TeacherSettings:
+def teacher_settings(loss: EOPDLossConfig, distillation_config: DictConfig, model_config: DictConfig) -> TeacherSettings:
     """Teacher path, top-k and end-token ids for the reference-worker teacher (ids resolved from tokenizers)."""
-    loss = build_loss_config(distillation_config)
     path = distillation_config.teacher_models.teacher_model.model_path
     student_eos = teacher_eos = None
     if loss.eos_remap:
@@ -62,36 +64,49 @@ def teacher_settings(distillation_config: DictConfig, model_config: DictConfig) 
                            teacher_eos_token_id=teacher_eos, logits_chunk_mb=int(loss.logits_chunk_mb))
 
 
+def _on_cpu_platform() -> bool:
+    import os
+
+    return os.environ.get("VERL_PLATFORM", "").lower() == "cpu"
+
+
 class EOPDActorRolloutRefWorker(ActorRolloutRefWorker):
-    """verl's hybrid actor/rollout/ref worker with the teacher as the ref and the EOPD loss on the actor."""
+    """verl's hybrid actor/rollout/ref worker with the EOPD loss bound to the actor and, on the ref route,
+    the teacher as the ref."""
 
     def __init__(self, config: DictConfig, role: str, distillation_config=None, **kwargs):
+        if _on_cpu_platform():  # verl would ask for backend "cpu:gloo,cpu:gloo" (its CPU default + the device's)
+            from verl.utils.distributed import initialize_global_process_group_ray
+
+            initialize_global_process_group_ray(timeout_second=None, backend="gloo")
         super().__init__(config, role, distillation_config=distillation_config, **kwargs)
-        self._eopd_use_task_rewards = bool(build_loss_config(distillation_config).use_task_rewards)
-        if self._is_ref:  # an instance attribute shadows the class attribute read by init_model
-            self.ref_worker_cls = partial(teacher_worker_class(), teacher=teacher_settings(distillation_config, config.model))
+        self._eopd_loss = build_loss_config(distillation_config)
+        if self._is_ref and self._eopd_loss.teacher_route == "ref":
+            # an instance attribute shadows the class attribute read by init_model
+            self.ref_worker_cls = partial(teacher_worker_class(),
+                                          teacher=teacher_settings(self._eopd_loss, distillation_config, config.model))
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_model(self):
         ActorRolloutRefWorker.init_model(self)
-        if self._is_actor and not self.distillation_enabled:
-            from verl.trainer.distillation.losses import distillation_ppo_loss
-
-            actor_config = self.loss_fn.keywords["config"]  # the ActorConfig verl just built
+        if self._is_actor:  # the same ActorConfig verl builds in init_model, and the EOPD loss bound to it
+            actor_config = omega_conf_to_dataclass(self.config.actor)
+            actor_config.model_config = omega_conf_to_dataclass(self.config.model)
             distillation = omega_conf_to_dataclass(self.distillation_config)
-            self.loss_fn = partial(distillation_ppo_loss, config=actor_config, distillation_config=distillation)
+            self.loss_fn = partial(eopd_ppo_loss, config=actor_config, distillation_config=distillation)
             self.actor.set_loss_fn(self.loss_fn)
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
     def update_actor(self, data):
-        # verl derives these flags from distillation.enabled, which is false on the ref route
-        tu.assign_non_tensor(data, distillation_use_topk=True, distillation_only=not self._eopd_use_task_rewards)
+        if not self.distillation_enabled:  # verl derives these flags from distillation.enabled (false on the ref route)
+            tu.assign_non_tensor(data, distillation_use_topk=True,
+                                 distillation_only=not self._eopd_loss.use_task_rewards)
         return ActorRolloutRefWorker.update_actor(self, data)
 
 
-@register_trainer(TRAINER_NAME)
 class EOPDTrainer(PPOTrainerSync):
-    """verl's synchronous v1 trainer, with the teacher in the reference role when teacher_route is ref."""
+    """verl's synchronous v1 trainer with the EOPD worker, and the teacher in the reference role when
+    teacher_route is ref."""
 
     def __init__(self, config: DictConfig):
         super().__init__(config)
@@ -101,19 +116,19 @@ class EOPDTrainer(PPOTrainerSync):
 
     def _init_resource_pool_mgr(self):
         super()._init_resource_pool_mgr()
-        if not self.eopd_ref_route:
-            return
-        import ray
-
         if Role.Actor in self.role_worker_mapping:
             raise ValueError(
-                "teacher_route=ref needs the hybrid actor/rollout/ref worker: set "
-                "actor_rollout_ref.hybrid_engine=true (or use teacher_route=server)"
+                "loss_mode=eopd needs verl's hybrid actor/rollout/ref worker: set actor_rollout_ref.hybrid_engine=true"
             )
-        self.role_worker_mapping.pop(Role.ActorRollout, None)
-        self.mapping.pop(Role.ActorRollout, None)
-        self.role_worker_mapping[Role.ActorRolloutRef] = ray.remote(EOPDActorRolloutRefWorker)
-        self.mapping[Role.ActorRolloutRef] = "global_pool"
+        if self.eopd_ref_route:  # the ref role holds the teacher
+            self.role_worker_mapping.pop(Role.ActorRollout, None)
+            self.mapping.pop(Role.ActorRollout, None)
+            self.role_worker_mapping[Role.ActorRolloutRef] = ray.remote(EOPDActorRolloutRefWorker)
+            self.mapping[Role.ActorRolloutRef] = "global_pool"
+        else:
+            for role in (Role.ActorRollout, Role.ActorRolloutRef):
+                if role in self.role_worker_mapping:
+                    self.role_worker_mapping[role] = ray.remote(EOPDActorRolloutRefWorker)
 
     # ------------------------------------------------------------------ checkpoints
     EOPD_SETTINGS_FILE = "eopd_settings.json"
@@ -175,9 +190,8 @@ class EOPDTrainer(PPOTrainerSync):
 
 
 
-class _EOPDTaskRunnerActor(TaskRunnerV1.__ray_actor_class__):
-    """verl's TaskRunnerV1. Being importable from here, Ray loads it by reference, which imports
-    verl_eopd.trainer in the TaskRunner process and so registers the `eopd` v1 trainer there."""
 
-
-EOPDTaskRunner = ray.remote(_EOPDTaskRunnerActor)
+def register_eopd_trainer() -> None:
+    """Register EOPDTrainer as trainer.v1.trainer_mode=eopd in verl's v1 registry (idempotent: verl accepts
+    the same class twice and refuses another class under the name)."""
+    register_trainer(TRAINER_NAME)(EOPDTrainer)

@@ -1,38 +1,39 @@
 """EOPD loss config: verl's `DistillationLossConfig` plus the EOPD keys, validated when built.
 
-Lives at `distillation.distillation_loss` (hydra `_target_: verl_eopd.config.EOPDLossConfig`). The YAML
-mirror with one comment per key is `verl_eopd/conf/distillation_loss/eopd.yaml`; a test keeps the two in step.
+Lives at `distillation.distillation_loss` (hydra `_target_: verl_eopd.integration.config.EOPDLossConfig`).
+The objective's keys are the fields of `core.settings.EOPDSettings` (same names, same defaults, validated
+there, once); `EOPDLossConfig.settings` hands them to the loss. The YAML mirror with one comment per key is
+`verl_eopd/conf/distillation_loss/eopd.yaml`; a test keeps the two in step.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 from verl.workers.config import DistillationLossConfig
 
-from . import plugin
-from .losses import ENTROPY_ESTIMATORS, GATES
-
-plugin.register()  # the loss name must be registered before DistillationLossConfig.__post_init__ looks it up
+from ..core.settings import EntropyEstimator, EOPDSettings, Gate, SettingsError
 
 _KEY = "distillation.distillation_loss"
-TEACHER_ROUTES = ("ref", "server")
-SERVER_TOKEN_LOGPROB = ("exact", "fallback")
+TeacherRoute = Literal["ref", "server"]
+ServerTokenLogprob = Literal["exact", "fallback"]
+TEACHER_ROUTES: tuple[str, ...] = ("ref", "server")
+SERVER_TOKEN_LOGPROB: tuple[str, ...] = ("exact", "fallback")
+_PAPER = EOPDSettings()  # the objective's defaults, spelled once (core/settings.py)
 
 
 def _fail(key: str, value, why: str, fix: str):
     raise ValueError(f"{_KEY}.{key}={value!r}: {why}. Fix: {fix}")
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+def _is_id(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 @dataclass
 class EOPDLossConfig(DistillationLossConfig):
-    """Entropy-aware on-policy distillation loss (DESIGN.md section 2). Paper defaults.
+    """Entropy-aware on-policy distillation loss. Paper defaults.
 
     Inherited keys keep verl's meaning; EOPD fixes some of them:
       loss_mode "eopd"; topk 16 (teacher top-k width K); use_policy_gradient False (EOPD builds its own
@@ -42,26 +43,14 @@ class EOPDLossConfig(DistillationLossConfig):
       distillation; True adds verl's PPO/GRPO loss on task advantages, and the EOPD term is then scaled by
       distillation_loss_coef).
 
-    EOPD keys:
-      entropy_threshold: tau in nats; a token is gated when the teacher entropy exceeds it (hard/soft gates).
-      fkl_coef: alpha, the weight of the gated forward KL (0 = plain OPD).
-      gate: "hard" (1[H > tau], the paper) | "soft" (sigmoid((H - tau)/gate_temperature)) |
-            "quantile" (the gate_quantile fraction of valid tokens with the highest teacher entropy in the
-            micro-batch).
-      gate_temperature: nats, width of the soft gate.   gate_quantile: fraction in (0, 1] for "quantile".
-      entropy_estimator: how teacher entropy is estimated when only top-k log-probs are available (the
-            server route): "midpoint" of the top-k bounds, "lower" or "upper". Exact entropy (ref route)
-            is used whenever the batch carries it.
-      clip_ratio_c: optional dual-clip constant (> 1) on the reverse-KL surrogate for negative advantages;
-            None in the paper, 3.0 in verl's vanilla PPO loss.
-      teacher_vocab_size: V of the teacher used by the top-k entropy bounds and the outside-top-k
-            log-prob fallback; None uses the student's vocabulary size.
-      logits_chunk_mb: fp32 MiB of logits visited at once by the chunked loss and the teacher pass.
+    The objective's keys (entropy_threshold, fkl_coef, clip_ratio_low/high, clip_ratio_c, gate,
+    gate_temperature, gate_quantile, entropy_estimator, teacher_vocab_size, logits_chunk_mb) are documented
+    on `EOPDSettings`. The run's keys:
       teacher_route: "ref" (the teacher runs in verl's reference worker: exact entropy and sampled-token
             log-prob, distillation.enabled false) | "server" (verl's vLLM/SGLang teacher pool,
             distillation.enabled true: top-k only).
       server_token_logprob: server route only. "exact" (default): the teacher servers' extraction is patched
-            (verl_eopd.server_logprobs) to also ship the sampled token's exact log-prob; "fallback": verl's
+            (integration/server_route.py) to also ship the sampled token's exact log-prob; "fallback": verl's
             top-k payload unchanged, the uniform-tail estimate for sampled tokens outside the top-k.
       eos_remap: map the student's first end token to the teacher's on the teacher's copy of the response
             (ref route); active only when the two ids differ.
@@ -77,28 +66,42 @@ class EOPDLossConfig(DistillationLossConfig):
     log_prob_min_clamp: Optional[float] = None
     use_policy_gradient: bool = False
     policy_loss_mode: str = "vanilla"
-    clip_ratio: float = 0.2
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.2
+    clip_ratio: float = _PAPER.clip_ratio_low
 
-    entropy_threshold: float = 0.8
-    fkl_coef: float = 1.0
-    gate: str = "hard"
-    gate_temperature: float = 0.1
-    gate_quantile: float = 0.2
-    entropy_estimator: str = "midpoint"
-    clip_ratio_c: Optional[float] = None
-    teacher_vocab_size: Optional[int] = None
-    logits_chunk_mb: int = 64
-    teacher_route: str = "ref"
-    server_token_logprob: str = "exact"
+    # the objective (core.settings.EOPDSettings)
+    entropy_threshold: float = _PAPER.entropy_threshold
+    fkl_coef: float = _PAPER.fkl_coef
+    clip_ratio_low: float = _PAPER.clip_ratio_low
+    clip_ratio_high: float = _PAPER.clip_ratio_high
+    clip_ratio_c: Optional[float] = _PAPER.clip_ratio_c
+    gate: Gate = _PAPER.gate
+    gate_temperature: float = _PAPER.gate_temperature
+    gate_quantile: float = _PAPER.gate_quantile
+    entropy_estimator: EntropyEstimator = _PAPER.entropy_estimator
+    teacher_vocab_size: Optional[int] = _PAPER.teacher_vocab_size
+    logits_chunk_mb: int = _PAPER.logits_chunk_mb
+
+    # the run
+    teacher_route: TeacherRoute = "ref"
+    server_token_logprob: ServerTokenLogprob = "exact"
     eos_remap: bool = True
     student_eos_token_id: Optional[int] = None
     teacher_eos_token_id: Optional[int] = None
 
     def __post_init__(self):
+        from .loss import register_loss
+
         self.validate()
+        register_loss()  # verl's __post_init__ looks the loss name up in its registry
         super().__post_init__()
+
+    @property
+    def settings(self) -> EOPDSettings:
+        """The objective's settings carried by this config (validated)."""
+        try:
+            return EOPDSettings.of(self)
+        except SettingsError as e:
+            raise ValueError(f"{_KEY}.{e}") from None
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad key and its fix. Runs when the config is built."""
@@ -107,28 +110,10 @@ class EOPDLossConfig(DistillationLossConfig):
                   "set loss_mode=eopd, or drop the _target_ to use verl's DistillationLossConfig")
         if not (isinstance(self.topk, int) and not isinstance(self.topk, bool) and self.topk >= 1):
             _fail("topk", self.topk, "the teacher top-k width must be an integer >= 1", "use topk=16 (the paper)")
-        if not (_is_number(self.entropy_threshold) and self.entropy_threshold >= 0):
-            _fail("entropy_threshold", self.entropy_threshold, "tau is an entropy in nats and must be finite and >= 0",
-                  "use entropy_threshold=0.8 (the paper); use fkl_coef=0 to switch the FKL term off")
-        if not (_is_number(self.fkl_coef) and self.fkl_coef >= 0):
-            _fail("fkl_coef", self.fkl_coef, "the forward-KL weight must be finite and >= 0", "use fkl_coef=1.0 (the paper)")
-        if not (_is_number(self.distillation_loss_coef) and self.distillation_loss_coef >= 0):
+        self.settings  # noqa: B018 - the objective's keys, validated in core.settings
+        if not (isinstance(self.distillation_loss_coef, (int, float)) and not isinstance(self.distillation_loss_coef, bool)
+                and 0 <= self.distillation_loss_coef < float("inf")):
             _fail("distillation_loss_coef", self.distillation_loss_coef, "must be finite and >= 0", "use 1.0")
-        if self.gate not in GATES:
-            _fail("gate", self.gate, f"unknown gate; choose one of {list(GATES)}", "use gate=hard (the paper)")
-        if not (_is_number(self.gate_temperature) and self.gate_temperature > 0):
-            _fail("gate_temperature", self.gate_temperature, "the soft-gate width must be > 0", "use 0.1 nats")
-        if not (_is_number(self.gate_quantile) and 0 < self.gate_quantile <= 1):
-            _fail("gate_quantile", self.gate_quantile, "the gated fraction must be in (0, 1]", "use 0.2")
-        if self.entropy_estimator not in ENTROPY_ESTIMATORS:
-            _fail("entropy_estimator", self.entropy_estimator, f"choose one of {list(ENTROPY_ESTIMATORS)}",
-                  "use entropy_estimator=midpoint")
-        for key in ("clip_ratio_low", "clip_ratio_high"):
-            v = getattr(self, key)
-            if not (_is_number(v) and v > 0) or (key == "clip_ratio_low" and v >= 1):
-                _fail(key, v, "PPO clip eps must be > 0 (and < 1 for the low side)", "use 0.2 (the paper)")
-        if self.clip_ratio_c is not None and not (_is_number(self.clip_ratio_c) and self.clip_ratio_c > 1):
-            _fail("clip_ratio_c", self.clip_ratio_c, "the dual-clip constant must be > 1", "use null (the paper) or 3.0")
         if self.use_policy_gradient:
             _fail("use_policy_gradient", True, "EOPD builds its own PPO-clipped reverse-KL term; verl's policy-"
                   "gradient wrapper would detach the forward-KL term", "set use_policy_gradient=false")
@@ -140,12 +125,8 @@ class EOPDLossConfig(DistillationLossConfig):
                   "and never takes log 0, so a log-prob floor would only bias the FKL", "set log_prob_min_clamp=null")
         if self.use_chunked_topk:
             _fail("use_chunked_topk", True, "EOPD's loss is always chunked", "drop it; size chunks with logits_chunk_mb")
-        if self.teacher_vocab_size is not None and not (
-            isinstance(self.teacher_vocab_size, int) and self.teacher_vocab_size >= self.topk
-        ):
+        if self.teacher_vocab_size is not None and self.teacher_vocab_size < self.topk:
             _fail("teacher_vocab_size", self.teacher_vocab_size, "must be an integer >= topk", "use null")
-        if not (isinstance(self.logits_chunk_mb, int) and self.logits_chunk_mb >= 1):
-            _fail("logits_chunk_mb", self.logits_chunk_mb, "must be an integer >= 1", "use 64")
         if self.teacher_route not in TEACHER_ROUTES:
             _fail("teacher_route", self.teacher_route, f"choose one of {list(TEACHER_ROUTES)}", "use teacher_route=ref")
         if self.server_token_logprob not in SERVER_TOKEN_LOGPROB:
@@ -155,18 +136,8 @@ class EOPDLossConfig(DistillationLossConfig):
             _fail("eos_remap", self.eos_remap, "must be true or false", "use true")
         for key in ("student_eos_token_id", "teacher_eos_token_id"):
             v = getattr(self, key)
-            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            if v is not None and not _is_id(v):
                 _fail(key, v, "must be a token id >= 0 or null", "use null to read it from the tokenizer")
-
-    @property
-    def loss_kwargs(self) -> dict:
-        """Keyword arguments of `losses.eopd_token_losses` carried by this config."""
-        return dict(
-            entropy_threshold=float(self.entropy_threshold), fkl_coef=float(self.fkl_coef),
-            clip_ratio_low=float(self.clip_ratio_low), clip_ratio_high=float(self.clip_ratio_high),
-            clip_ratio_c=self.clip_ratio_c, gate=self.gate, gate_temperature=float(self.gate_temperature),
-            gate_quantile=float(self.gate_quantile),
-        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,7 +160,7 @@ def build_loss_config(distillation) -> "EOPDLossConfig":
         raise
     if not isinstance(loss, EOPDLossConfig):
         raise ValueError(
-            f"{_KEY}._target_: expected verl_eopd.config.EOPDLossConfig, got {type(loss).__name__}. "
+            f"{_KEY}._target_: expected verl_eopd.integration.config.EOPDLossConfig, got {type(loss).__name__}. "
             "Fix: launch with algorithm=eopd|opd|eopd_grpo"
         )
     return loss

@@ -6,7 +6,7 @@ correct sample. `pass_at_k` is the unbiased estimator of Chen et al. (2021) for 
 are correct:  pass@k = 1 - C(n - c, k) / C(n, k)  (with n = k it is 1[c > 0]).
 
 `run_eval` generates with vLLM when it is importable (or `backend="vllm"`), else with Hugging Face
-`generate` (`backend="hf"`, works on CPU), scores every sample with `verl_eopd.reward.compute_score`, and
+`generate` (`backend="hf"`, works on CPU), scores every sample with `verl_eopd.math.reward.compute_score`, and
 appends one JSON line per problem to `<out>/samples.jsonl` as it goes, so an interrupted evaluation resumes
 where it stopped (the settings are stored in `<out>/settings.json`; resuming with different ones is an
 error). `scripts/evaluate.py` is its command line.
@@ -15,7 +15,6 @@ error). `scripts/evaluate.py` is its command line.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -248,7 +247,7 @@ def run_eval(benchmarks: dict[str, str], out_dir: str, settings: EvalSettings, g
 
     Writes `<out_dir>/samples.jsonl` (one line per problem: responses, extracted answers, scores),
     `summary.json`, `results.md`. Problems already in samples.jsonl are not generated again. `score_fn`
-    (verl's custom-reward signature) defaults to verl_eopd.reward.compute_score with `box_required`.
+    (verl's custom-reward signature) defaults to verl_eopd.math.reward.compute_score with `box_required`.
     """
     from .reward import compute_score, extract_answer
 

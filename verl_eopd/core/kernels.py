@@ -1,0 +1,203 @@
+"""The chunked kernels: full-vocabulary (log-)softmax quantities without an fp32 [tokens, V] tensor.
+
+Student and teacher logits are visited in chunks of rows (`chunk_bytes` of fp32 per chunk, in buffers
+reused across chunks, through torch's fused (log_)softmax kernels). The student side is a custom autograd
+function that saves nothing but its inputs and recomputes the softmax chunk by chunk in the backward pass.
+
+    teacher_stats:        top-k ids and log-probs, exact entropy H = -sum_v p_v log p_v, log p(y)   (no grad)
+    student_logprobs_at:  log softmax(z)[index] (differentiable) and, optionally, the entropy (detached)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .settings import DEFAULT_LOGITS_CHUNK_MB
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "teacher_stats", "student_logprobs_at"]
+
+DEFAULT_CHUNK_BYTES = DEFAULT_LOGITS_CHUNK_MB * 2**20
+
+
+def _rows_per_chunk(vocab_size: int, chunk_bytes: int) -> int:
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
+    return max(1, int(chunk_bytes) // (4 * int(vocab_size)))
+
+
+
+def _entropy_from_logp(logp: torch.Tensor) -> torch.Tensor:
+    """H = -sum_v p_v log p_v over the last dim of fp32 log-probs [n, V]; 0 log 0 = 0 (logits of -inf)."""
+    p = logp.exp()
+    return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
+
+
+class _ChunkBuffers:
+    """fp32 work buffers of `rows` rows, reused for every chunk: fresh allocations of this size cost page
+    faults on CPU and allocator churn on GPU. `zf` holds an fp32 copy of bf16/fp16 chunks."""
+
+    def __init__(self, rows: int, V: int, device, dtype: torch.dtype, need_probs: bool):
+        self.logp = torch.empty(rows, V, dtype=torch.float32, device=device)
+        self.probs = torch.empty(rows, V, dtype=torch.float32, device=device) if need_probs else None
+        self.zf = None if dtype == torch.float32 else torch.empty(rows, V, dtype=torch.float32, device=device)
+
+    def fp32(self, z: torch.Tensor) -> torch.Tensor:
+        """The chunk in fp32 (a view when it already is; one cheap cast copy otherwise)."""
+        return z if self.zf is None else self.zf[: z.shape[0]].copy_(z)
+
+
+_aten = torch.ops.aten
+
+
+def _chunk_logp(z: torch.Tensor, buf: _ChunkBuffers, with_entropy: bool):
+    """log_softmax of one chunk of logits z [n, V] in fp32, and optionally its entropy.
+
+        log p = z - logsumexp(z),   H = -sum_v p_v log p_v
+    Uses the fused (log_)softmax kernels writing into the reused buffers. Returns (log p [n, V] (a view of
+    buf.logp, valid until the next chunk), H [n] fp32 or None).
+    """
+    n = z.shape[0]
+    zf = buf.fp32(z)
+    logp = _aten._log_softmax.out(zf, -1, False, out=buf.logp[:n])
+    h = None
+    if with_entropy:
+        p = _aten._softmax.out(zf, -1, False, out=buf.probs[:n])
+        h = -p.mul_(logp).sum(-1)  # in place: the probabilities are not needed afterwards
+        if torch.isnan(h).any():  # logits of -inf: 0 * -inf; recompute with 0 log 0 = 0
+            h = _entropy_from_logp(logp)
+    return logp, h
+
+
+
+
+@torch.no_grad()
+def teacher_stats(
+    teacher_logits: torch.Tensor,
+    sampled_ids: torch.Tensor,
+    k: int,
+    *,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> dict[str, torch.Tensor]:
+    """Everything EOPD needs from the teacher, from its full logits at temperature 1.
+
+    Args:
+        teacher_logits: [B, T, V] (any float dtype; each chunk is computed in fp32). Row t predicts y_t.
+        sampled_ids: [B, T] integer ids y_t in [0, V).
+        k: size of the teacher top-k set S_t, 1 <= k <= V.
+        chunk_bytes: fp32 bytes of logits processed at once; never more than one chunk is allocated.
+
+    Returns a dict with
+        topk_ids [B, T, K] int64, topk_logprobs [B, T, K] fp32 (full-vocabulary log-probs, descending),
+        entropy [B, T] fp32 (exact, full vocabulary, nats), token_logprobs [B, T] fp32 (log pi_T(y_t)).
+    """
+    if teacher_logits.dim() < 2:
+        raise ValueError(f"teacher_logits must be [..., V], got shape {tuple(teacher_logits.shape)}")
+    V = teacher_logits.shape[-1]
+    lead = teacher_logits.shape[:-1]
+    if not (isinstance(k, int) and 1 <= k <= V):
+        raise ValueError(f"k (teacher top-k) must be an int in [1, V={V}], got {k!r}")
+    if tuple(sampled_ids.shape) != tuple(lead):
+        raise ValueError(f"sampled_ids shape {tuple(sampled_ids.shape)} must equal teacher_logits.shape[:-1] {tuple(lead)}")
+    flat = teacher_logits.reshape(-1, V)
+    ids = sampled_ids.reshape(-1).long()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        raise ValueError(f"sampled_ids must lie in [0, {V}); got range [{int(ids.min())}, {int(ids.max())}]")
+    N, dev = flat.shape[0], flat.device
+    topk_ids = torch.empty(N, k, dtype=torch.int64, device=dev)
+    topk_lp = torch.empty(N, k, dtype=torch.float32, device=dev)
+    entropy = torch.empty(N, dtype=torch.float32, device=dev)
+    token_lp = torch.empty(N, dtype=torch.float32, device=dev)
+    rows = _rows_per_chunk(V, chunk_bytes)
+    buf = _ChunkBuffers(min(rows, N), V, dev, flat.dtype, need_probs=True) if N else None
+    with torch.autocast(dev.type, enabled=False):
+        for s in range(0, N, rows):
+            e = min(s + rows, N)
+            logp, entropy[s:e] = _chunk_logp(flat[s:e], buf, with_entropy=True)
+            vals, idx = logp.topk(k, dim=-1)
+            topk_ids[s:e], topk_lp[s:e] = idx, vals
+            token_lp[s:e] = logp.gather(-1, ids[s:e, None]).squeeze(-1)
+    return {
+        "topk_ids": topk_ids.reshape(*lead, k),
+        "topk_logprobs": topk_lp.reshape(*lead, k),
+        "entropy": entropy.reshape(lead),
+        "token_logprobs": token_lp.reshape(lead),
+    }
+
+
+class _GatherLogSoftmax(torch.autograd.Function):
+    """log_softmax(logits)[n, index[n, j]] for every row n, without a [N, V] fp32 tensor.
+
+    forward:  out[n, j] = log softmax(z_n)[i_nj]
+    backward: dz[n, v] = sum_j g[n, j] 1[v = i_nj] - softmax(z_n)_v sum_j g[n, j]
+    Nothing of size [N, V] is saved: the softmax is recomputed chunk by chunk in backward (fp32 gradients
+    are computed in place in the gradient tensor). The optional student entropy H_n is a detached
+    by-product of the forward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, index: torch.Tensor, rows: int, with_entropy: bool):
+        N, V = logits.shape
+        dev = logits.device
+        out = torch.empty(N, index.shape[1], dtype=torch.float32, device=dev)
+        ent = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=dev)
+        buf = _ChunkBuffers(min(rows, N), V, dev, logits.dtype, need_probs=with_entropy) if N else None
+        with torch.autocast(dev.type, enabled=False):
+            for s in range(0, N, rows):
+                e = min(s + rows, N)
+                logp, h = _chunk_logp(logits[s:e], buf, with_entropy)
+                out[s:e] = logp.gather(-1, index[s:e])
+                if with_entropy:
+                    ent[s:e] = h
+        ctx.save_for_backward(logits, index)
+        ctx.rows = rows
+        ctx.mark_non_differentiable(ent)
+        return out, ent
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor, _grad_ent: Optional[torch.Tensor]):
+        logits, index = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        N, V = logits.shape
+        rows = ctx.rows
+        fp32 = logits.dtype == torch.float32
+        buf = _ChunkBuffers(min(rows, N), V, logits.device, logits.dtype, need_probs=not fp32) if N else None
+        grad_out = grad_out.float()
+        with torch.autocast(logits.device.type, enabled=False):
+            for s in range(0, N, rows):
+                e = min(s + rows, N)
+                g = grad_out[s:e]
+                target = grad[s:e] if fp32 else buf.probs[: e - s]  # fp32: softmax straight into the gradient
+                d = _aten._softmax.out(buf.fp32(logits[s:e]), -1, False, out=target)
+                d.mul_(-g.sum(-1, keepdim=True))
+                d.scatter_add_(-1, index[s:e], g)
+                if not fp32:
+                    grad[s:e].copy_(d)
+        return grad, None, None, None
+
+
+def student_logprobs_at(
+    student_logits: torch.Tensor,
+    index: torch.Tensor,
+    *,
+    with_entropy: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Full-vocabulary student log-probs at `index`, differentiable, memory-lean.
+
+    Args:
+        student_logits: [..., V] (any float dtype; computed in fp32 per chunk, gradient in the input dtype).
+        index: [..., M] int ids in [0, V) (e.g. the teacher's top-k plus the sampled id).
+        with_entropy: also return the student's full-vocabulary entropy [...] (detached).
+    Returns: (log q [..., M] fp32, entropy [...] fp32 or None).
+    """
+    V = student_logits.shape[-1]
+    lead = student_logits.shape[:-1]
+    if tuple(index.shape[:-1]) != tuple(lead):
+        raise ValueError(f"index shape {tuple(index.shape)} does not match student_logits {tuple(student_logits.shape)}")
+    flat = student_logits.reshape(-1, V)
+    idx = index.reshape(flat.shape[0], -1).long()
+    out, ent = _GatherLogSoftmax.apply(flat, idx, _rows_per_chunk(V, chunk_bytes), with_entropy)
+    return out.reshape(*lead, idx.shape[-1]), (ent.reshape(lead) if with_entropy else None)
+
