@@ -1,22 +1,12 @@
-"""Laptop-scale test of the paper's claims: OPD vs EOPD vs an adaptive gate on the embedded tiny pair.
+"""Laptop-scale test of the paper's claims on the embedded tiny pair: OPD vs EOPD vs an adaptive gate,
+seed-paired, with held-out accuracy curves, Avg@k / Pass@k and paired tests (Holm-corrected).
 
-    python scripts/mini_repro.py                      # full: 3 variants x 3 seeds, writes docs/mini_repro.md
-    python scripts/mini_repro.py --quick --out /tmp/mr --doc /tmp/mr/mini_repro.md   # CI smoke (1 seed, few steps)
+    python scripts/mini_repro.py                 # 3 arms x 5 seeds; writes docs/mini_repro/ (results, figures)
+    python scripts/mini_repro.py --quick --out /tmp/mr     # smoke run (2 seeds, a few steps)
 
-Each run is `python -m verl_eopd.main algorithm=<opd|eopd> ...` on the embedded tiny teacher/student and
-arithmetic task (CPU, its own Ray session), logging verl's file logger to <out>/<variant>_s<seed>/metrics.jsonl
-and saving the final student as a Hugging Face folder. Each final student (and, as references, the initial
-student and the teacher) is then evaluated on held-out problems (the task's val split, never trained on):
-k = 8 samples at T = 1.0, top-p 0.8 (the paper's protocol), Avg@8 and Pass@1..8.
-
-The claims tested, EOPD vs OPD (paper Sec. 5-6):
-  (a) the student's token entropy does not collapse: higher `actor/eopd/student_entropy_mean` at the end;
-  (b) lower forward KL to the teacher on high-entropy tokens: lower `actor/eopd/fkl_high_entropy_mean` at the
-      end (the tokens whose teacher entropy exceeds tau = 0.8, the same set for every variant);
-  (c) better Pass@k on held-out problems.
-"End" ("start") = the mean over the last (first) 5 logged steps. A claim "holds" here when the difference has the claimed sign
-and Welch's t over seeds exceeds 2; "not shown" when |t| <= 2; "reversed" when t < -2 in the claimed
-direction. Outputs: docs/mini_repro.md, docs/mini_repro/*.png, docs/mini_repro/results.json, and the run logs.
+What runs and what is measured: verl_eopd/math/repro.py. Training is the plain loop of
+verl_eopd/math/loop.py around verl_eopd's own objective, teacher statistics and EOS remap (the default
+run's shape); docs/mini_repro.md compares it with runs of verl's trainer.
 """
 
 from __future__ import annotations
@@ -25,7 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from verl_eopd.math.repro import VARIANTS, run
+from verl_eopd.math.loop import LoopConfig
+from verl_eopd.math.repro import ARMS, figures, markdown, run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,25 +24,35 @@ ROOT = Path(__file__).resolve().parents[1]
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--k", type=int, default=8)
-    p.add_argument("--problems", type=int, default=200, help="held-out problems evaluated")
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-4, help="actor learning rate (the embedded default run uses 1e-3)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra hydra override for every training run")
-    p.add_argument("--out", default=str(ROOT / "outputs" / "mini_repro"), help="run folders (logs, checkpoints)")
-    p.add_argument("--doc", default=str(ROOT / "docs" / "mini_repro.md"))
-    p.add_argument("--fig-dir", default=None, help="default: <doc folder>/mini_repro")
-    p.add_argument("--quick", action="store_true", help="CI smoke: seed 0, opd + eopd, 4 steps, 16 problems, k 4")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("--steps", type=int, default=60, help="rollout batches per run")
+    p.add_argument("--batch", type=int, default=512, help="responses per rollout batch (one PPO mini-batch)")
+    p.add_argument("--epochs", type=int, default=4, help="PPO epochs per rollout batch")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--k", type=int, default=16, help="samples per held-out problem for Avg@k / Pass@1..k")
+    p.add_argument("--ab-prompts", type=int, default=200, help="fixed held-out prompts for claims (a) and (b)")
+    p.add_argument("--out", default=str(ROOT / "docs" / "mini_repro"), help="results.json, results.md, figures")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 seeds, opd + eopd, 3 steps of 32, k 4")
     args = p.parse_args(argv)
     if args.quick:
-        args.seeds, args.variants, args.steps, args.problems, args.k = [0], ["opd", "eopd"], 4, 16, 4
-    if args.steps < 1 or args.k < 1 or args.problems < 1:
-        p.error("--steps, --k and --problems must be >= 1")
-    return run(args, argv)
+        args.seeds, args.arms, args.steps, args.batch, args.k, args.ab_prompts, args.eval_every = \
+            [0, 1], ["opd", "eopd"], 3, 32, 4, 32, 3
+    if min(args.steps, args.batch, args.epochs, args.k, args.ab_prompts, args.eval_every) < 1 or args.k < 8 and not args.quick:
+        p.error("--steps, --batch, --epochs, --ab-prompts, --eval-every must be >= 1 and --k >= 8 (Pass@8 is a claim)")
+    if "opd" not in args.arms:
+        p.error("--arms must include opd: every claim compares an EOPD arm with OPD")
+    if len(args.seeds) < 2:
+        p.error("--seeds: a paired test needs at least 2 seeds")
+    cfg = LoopConfig(steps=args.steps, batch=args.batch, ppo_epochs=args.epochs, lr=args.lr, eval_every=args.eval_every)
+    out = Path(args.out)
+    summary = run(args.arms, args.seeds, cfg, args.k, args.ab_prompts, out)
+    figures(summary, out)
+    text = markdown(summary, " ".join(["python scripts/mini_repro.py", *argv]))
+    (out / "results.md").write_text(text + "\n")
+    print(text)
+    return 0
 
 
 if __name__ == "__main__":

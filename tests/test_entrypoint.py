@@ -150,8 +150,8 @@ def test_mismatched_tokenizer_is_refused(tmp_path, tiny_models, no_model_loads):
 
 def test_padded_teacher_vocabulary_is_accepted(tiny_models, no_model_loads):
     """Same tokenizer, teacher table 352 rows vs student 320: passes every check, ours and verl's."""
-    loss, env, on_cpu = _run(tiny_models)
-    assert loss.teacher_route == "ref" and env["VERL_PLATFORM"] == "cpu" and on_cpu
+    loss, env, on_cpu, embedded = _run(tiny_models)
+    assert loss.teacher_route == "ref" and env["VERL_PLATFORM"] == "cpu" and on_cpu and embedded is None
 
 
 def test_server_route_preset_composes_and_is_checked(tiny_models, no_model_loads):
@@ -197,7 +197,7 @@ def test_server_route_switches_the_token_column_patch_in_every_process(tiny_mode
                    f"distillation.distillation_loss.server_token_logprob={mode}",
                    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
                    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2")
-    _, env, on_cpu = prepare(cfg)
+    _, env, on_cpu, _ = prepare(cfg)
     assert env[ENV] == value and ENV not in os.environ  # prepare touches no process state; run() exports env
     assert cfg.ray_kwargs.ray_init.runtime_env.env_vars[ENV] == value
     assert env["VERL_USE_EXTERNAL_MODULES"].split(",")[-1] == "verl_eopd.plugin" and on_cpu

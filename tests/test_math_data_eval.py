@@ -385,6 +385,10 @@ def test_math_reward_scores_inside_verls_reward_loop(tmp_path):
                  "reward.custom_reward_function.path=pkg://verl_eopd.math.reward",
                  "+reward.custom_reward_function.reward_kwargs.box_required=false",
                  "trainer.total_training_steps=2", "trainer.save_freq=-1", "trainer.logger=[console,file]",
+                 "data.train_batch_size=16", "actor_rollout_ref.actor.ppo_mini_batch_size=8", "data.val_max_samples=32",
+                 "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16",
+                 "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=16",
+                 "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=16",
                  f"trainer.default_local_dir={tmp_path / 'ckpt'}", "trainer.experiment_name=ci_math_reward"]
     run_main(overrides, cwd=tmp_path, VERL_FILE_LOGGER_PATH=str(tmp_path / "metrics.jsonl"))
     records = [json.loads(x)["data"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]

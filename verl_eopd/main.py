@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterable, Optional
+import time
+from typing import Iterable, NamedTuple, Optional
 
 import hydra
 from omegaconf import OmegaConf, open_dict
@@ -59,18 +60,27 @@ def _algorithm_name(config) -> str:
     return "eopd_grpo" if loss.use_task_rewards else ("opd" if loss.fkl_coef == 0 else "eopd")
 
 
-def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Optional[str] = None):
+class Prepared(NamedTuple):
+    loss: object  # the validated EOPDLossConfig
+    env: dict  # environment variables the run's processes need
+    on_cpu: bool
+    embedded: Optional[dict]  # the embedded default's paths when no model was given
+
+
+def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Optional[str] = None) -> Prepared:
     """Everything before the run that only reads and edits `config` (no process state is touched):
     the embedded default and the CPU settings for keys the user did not set, every check (errors name the
     key and the fix), and the environment the run's processes need, also written into Ray's runtime_env.
 
-    Returns (the EOPD loss config, {environment variable: value}, on_cpu)."""
+    Relative checkpoint and metric paths are made absolute (Ray workers need not share this directory).
+    """
     from .cpu import platform as cpu
     from .integration.config import check_run_config
 
     user_keys = list(user_keys or [])
     student = OmegaConf.select(config, "actor_rollout_ref.model.path")
     teacher = OmegaConf.select(config, "distillation.teacher_models.teacher_model.model_path")
+    info = None
     if not student and not teacher:
         from .cpu.embedded import embedded_settings, ensure_embedded_default
 
@@ -102,16 +112,26 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
     }
     if on_cpu:
         env.update(VERL_PLATFORM="cpu", TOKENIZERS_PARALLELISM=os.environ.get("TOKENIZERS_PARALLELISM", "false"))
+    from .report import metrics_path
+
+    metrics = metrics_path(config)
+    if metrics and not os.environ.get("VERL_FILE_LOGGER_PATH"):
+        env["VERL_FILE_LOGGER_PATH"] = metrics
     with open_dict(config):
+        config.trainer.default_local_dir = os.path.abspath(str(config.trainer.default_local_dir))
         for name, value in env.items():  # Ray processes of any cluster get them through runtime_env
             OmegaConf.update(config, f"ray_kwargs.ray_init.runtime_env.env_vars.{name}", value, force_add=True)
-    return loss, env, on_cpu
+    return Prepared(loss, env, on_cpu, info)
 
 
 def run(config, user_keys: Optional[Iterable[str]] = None, algorithm: Optional[str] = None) -> None:
-    """`prepare`, then set this process up (environment, CPU platform) and run verl's `run_ppo`."""
-    _, env, on_cpu = prepare(config, user_keys, algorithm)
+    """`prepare`, then set this process up (environment, CPU platform), run verl's `run_ppo`, and print the
+    summary of the run (verl_eopd/report.py)."""
+    start = time.time()
+    _, env, on_cpu, embedded = prepare(config, user_keys, algorithm)
     os.environ.update(env)
+    if env.get("VERL_FILE_LOGGER_PATH"):  # verl's file logger opens the file but makes no folder
+        os.makedirs(os.path.dirname(env["VERL_FILE_LOGGER_PATH"]), exist_ok=True)
     if on_cpu:
         from .cpu import platform as cpu
 
@@ -123,6 +143,10 @@ def run(config, user_keys: Optional[Iterable[str]] = None, algorithm: Optional[s
     auto_set_device(config)  # resolves verl's device platform: after the CPU platform is installed
     # verl's own TaskRunner; EOPD_TASK_RUNNER=1 in that actor alone makes the plugin register the EOPD trainer
     run_ppo(config, task_runner_class=TaskRunnerV1.options(runtime_env={"env_vars": {TASK_RUNNER_ENV: "1"}}))
+    from .report import embedded_teacher_accuracy, summarize
+
+    teacher = embedded_teacher_accuracy(embedded) if embedded else None
+    print(summarize(config, time.time() - start, teacher), flush=True)
 
 
 @hydra.main(config_path="conf", config_name="eopd_trainer", version_base=None)

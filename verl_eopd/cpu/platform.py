@@ -251,6 +251,9 @@ CPU_SETTINGS = {
     "actor_rollout_ref.rollout.tensor_model_parallel_size": 1,
     "actor_rollout_ref.rollout.agent.num_workers": 1,
     "actor_rollout_ref.model.override_config.attn_implementation": "sdpa",  # flash-attn is CUDA-only
+    # padded micro-batches: sdpa on a packed (padding-removed) micro-batch builds an [nnz, nnz] mask over all
+    # its tokens (quadratic in the micro-batch); padded, attention is [B, L, L]
+    "actor_rollout_ref.model.use_remove_padding": False,
     "actor_rollout_ref.actor.strategy": "fsdp2",
     "actor_rollout_ref.actor.use_torch_compile": False,  # compiling costs ~20 s on CPU for no gain here
     "actor_rollout_ref.actor.fsdp_config.use_torch_compile": False,

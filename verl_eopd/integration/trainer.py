@@ -114,6 +114,19 @@ class EOPDTrainer(PPOTrainerSync):
         if self.eopd_ref_route:
             self.use_reference_policy = True
 
+    def _build_replay_buffer(self):
+        """verl's synchronous replay buffer, polled every `trainer.v1.sampler.sampler_kwargs.poll_interval` s.
+
+        verl chooses the sync buffer (and sync checkpoints, batched dataloader fetches) by
+        `trainer_mode == "sync"`; ours is registered as "eopd" but is verl's sync trainer, so it runs in sync
+        mode from here on. verl's buffer waits for rollouts in sleeps of a fixed 2.0 s, which on small models
+        makes every generation step a multiple of 2 s; the EOPD config polls every 0.05 s instead."""
+        self.trainer_mode = "sync"
+        buffer = super()._build_replay_buffer()
+        kwargs = self.config.trainer.v1.sampler.get("sampler_kwargs", None) or {}
+        buffer.poll_interval = float(kwargs.get("poll_interval", buffer.poll_interval))
+        return buffer
+
     def _init_resource_pool_mgr(self):
         super()._init_resource_pool_mgr()
         if Role.Actor in self.role_worker_mapping:

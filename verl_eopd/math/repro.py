@@ -1,268 +1,259 @@
-"""The laptop-scale reproduction of the paper's claims (OPD vs EOPD vs an adaptive gate) on the embedded
-tiny pair; `scripts/mini_repro.py` is its command line and says what it runs and tests."""
+"""The laptop-scale reproduction of the paper's claims on the embedded tiny pair (scripts/mini_repro.py is
+its command line).
+
+Arms: OPD (fkl_coef 0), EOPD (hard gate, tau = 0.8) and an adaptive gate (the top 20% of tokens by teacher
+entropy). Each arm runs the same seeds; a seed fixes the prompt order and the sampling, so arms are paired
+by seed. Training is the plain loop of `math/loop.py` (verl_eopd's own objective, teacher statistics and
+EOS remap; the default run's shape: 512 responses per rollout batch, 4 PPO epochs, AdamW lr 1e-3).
+
+Measured, all on the held-out split (never trained on):
+  curve     greedy accuracy every `eval_every` steps (360 problems)
+  (c)       Avg@16 and Pass@k, k = 1..16 (16 samples per problem at T = 1, top-p 0.8: the paper's protocol)
+  (a), (b)  on one fixed set of held-out prompts for every arm (one response per prompt, sampled by the arm's
+            final student at T = 1, the same sampling seed): the student's token entropy, and the forward KL
+            to the teacher on the tokens whose teacher entropy exceeds tau = 0.8 (the same rule for every arm)
+Verdicts: paired t-tests over seeds (df = seeds - 1), Holm-corrected over every test in the family;
+"holds" when the corrected p < 0.05 with the claimed sign, "reversed" with the opposite sign, otherwise
+"not shown", always with the mean paired difference and its 95% interval.
+"""
 
 from __future__ import annotations
 
 import json
-import math
-import os
-import subprocess
-import sys
+import random
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Callable
 
-from .curves import plot, read_run
+import torch
 
-# variant -> (algorithm preset, extra overrides)
-VARIANTS = {
-    "opd": ("opd", []),
-    "eopd": ("eopd", []),
-    # adaptive gate: the top 20% most uncertain teacher tokens of each micro-batch, whatever their entropy
-    # (the paper's gated share settles at 15-20%; a replication found tau = 0.8 gating 31% at 4B)
-    "eopd_quantile": ("eopd", ["distillation.distillation_loss.gate=quantile",
-                               "distillation.distillation_loss.gate_quantile=0.2"]),
+from ..core.eos import map_teacher_eos_in_topk
+from ..core.kernels import teacher_stats
+from ..core.objective import eopd_loss
+from ..core.settings import EOPDSettings
+from .curves import plot
+from .eval import pass_at_k
+from .loop import LoopConfig, _response_logits, distill, generate
+from .stats import holm, paired_t
+
+ARMS = {
+    "opd": EOPDSettings(fkl_coef=0.0),
+    "eopd": EOPDSettings(),
+    "eopd_quantile": EOPDSettings(gate="quantile", gate_quantile=0.2),
 }
-LABELS = {"opd": "OPD", "eopd": "EOPD (tau=0.8)", "eopd_quantile": "EOPD, quantile gate (top 20%)"}
-END_WINDOW = 5
-# (b) on the same tokens for every variant: teacher entropy > tau = 0.8, whatever gate trained the run
-CLAIM_METRICS = {"a": ("actor/eopd/student_entropy_mean", +1), "b": ("actor/eopd/fkl_high_entropy_mean", -1)}
+LABELS = {"opd": "OPD", "eopd": "EOPD (tau = 0.8)", "eopd_quantile": "EOPD, quantile gate (top 20%)"}
+TAU = 0.8
 
 
-def train(variant: str, seed: int, steps: int, out: Path, python: str, log, extra_overrides=()) -> Path:
-    """One training run; returns its folder (metrics.jsonl, hf/ final student). Skipped when already done."""
-    algorithm, extra = VARIANTS[variant]
-    run_dir = out / f"{variant}_s{seed}"
-    hf_dir = run_dir / "ckpt" / f"global_step_{steps}" / "actor" / "huggingface"
-    if (run_dir / "DONE").exists() and hf_dir.exists():
-        log(f"[mini_repro] {run_dir.name}: done already, reusing")
-        return run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [python, "-m", "verl_eopd.main", f"algorithm={algorithm}", *extra,
-           f"trainer.total_training_steps={steps}", f"trainer.save_freq={steps}",
-           f"trainer.experiment_name=mini_{variant}_s{seed}", "trainer.logger=[console,file]",
-           f"trainer.default_local_dir={run_dir / 'ckpt'}",
-           "actor_rollout_ref.actor.checkpoint.save_contents=[model,hf_model]",
-           f"data.seed={seed}", f"actor_rollout_ref.actor.data_loader_seed={seed}",
-           f"actor_rollout_ref.rollout.seed={seed}", *extra_overrides]
-    env = {**os.environ, "VERL_FILE_LOGGER_PATH": str(run_dir / "metrics.jsonl")}
+def claims(k: int) -> dict[str, tuple[str, int]]:
+    """claim -> (result key, the direction EOPD is claimed to move it against OPD)."""
+    out = {"a: higher student entropy": ("student_entropy", +1),
+           "b: lower FKL on high-entropy tokens": ("fkl_high_entropy", -1)}
+    for j in sorted({min(8, k), k}):
+        out[f"c: higher Pass@{j}"] = (f"pass@{j}", +1)
+    out[f"c: higher Avg@{k}"] = (f"avg@{k}", +1)
+    return out
+
+
+class _Pair:
+    """The embedded pair loaded for the loop: models, tokenizer, prompts and answers."""
+
+    def __init__(self, info: dict):
+        import pandas as pd
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from ..cpu.embedded import compute_score
+
+        self.info, self.score = info, compute_score
+        self.tok = AutoTokenizer.from_pretrained(info["student"])
+        self.teacher_tok = AutoTokenizer.from_pretrained(info["teacher"])
+        self.load = lambda path: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                                      attn_implementation="sdpa")
+        self.teacher = self.load(info["teacher"])
+
+        def rows(path):
+            out = pd.read_parquet(path).to_dict("records")
+            ids = [self.tok(self.tok.apply_chat_template(list(r["prompt"]), tokenize=False, add_generation_prompt=True),
+                            add_special_tokens=False)["input_ids"] for r in out]
+            return ids, [r["reward_model"]["ground_truth"] for r in out], [r["data_source"] for r in out]
+
+        self.train, _, _ = rows(info["train"])
+        self.val, self.val_answers, self.val_sources = rows(info["val"])
+        self.student_eos, self.teacher_eos = self.tok.eos_token_id, self.teacher_tok.eos_token_id
+        self.pad = self.tok.pad_token_id
+
+    def scores(self, model, prompts, answers, sources, *, greedy, n=1, seed=0, top_p=1.0) -> list[list[float]]:
+        torch.manual_seed(seed)
+        reps = [p for p in prompts for _ in range(n)]
+        out = generate(model, reps, max_new_tokens=16, eos_id=self.student_eos, pad_id=self.pad, greedy=greedy,
+                       top_p=top_p)
+        flat = [self.score(ds, self.tok.decode(r, skip_special_tokens=True), a)
+                for r, a, ds in zip(out, [a for a in answers for _ in range(n)], [s for s in sources for _ in range(n)])]
+        return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def greedy_accuracy(self, model) -> float:
+        s = self.scores(model, self.val, self.val_answers, self.val_sources, greedy=True)
+        return sum(r[0] for r in s) / len(s)
+
+    @torch.no_grad()
+    def claims_ab(self, model, prompts, seed: int) -> dict[str, float]:
+        """Student entropy and FKL on tokens with teacher entropy > TAU, on responses the model samples for
+        the fixed prompts (one each, T = 1, sampling seed fixed)."""
+        torch.manual_seed(seed)
+        resp = generate(model, prompts, max_new_tokens=16, eos_id=self.student_eos, pad_id=self.pad)
+        t_resp = [[self.teacher_eos if (t == self.student_eos and i == r.index(self.student_eos)) else t
+                   for i, t in enumerate(r)] for r in resp]
+        t_logits, t_ids, _ = _response_logits(self.teacher, prompts, t_resp, self.pad)
+        ts = teacher_stats(t_logits, t_ids, 16)
+        ts["topk_ids"] = map_teacher_eos_in_topk(ts["topk_ids"], self.student_eos, self.teacher_eos)
+        s_logits, ids, mask = _response_logits(model, prompts, resp, self.pad)
+        old = torch.log_softmax(s_logits.float(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        _, stats = eopd_loss(s_logits, ids, old, ts["topk_ids"], ts["topk_logprobs"], mask,
+                             EOPDSettings(entropy_threshold=TAU), teacher_entropy=ts["entropy"],
+                             teacher_token_logprobs=ts["token_logprobs"])
+        return {"student_entropy": stats["student_entropy_mean"], "fkl_high_entropy": stats["fkl_high_entropy_mean"],
+                "high_entropy_frac": stats["high_entropy_frac"]}
+
+
+def run_arm(pair: _Pair, arm: str, seed: int, cfg: LoopConfig, ab_prompts, k: int, log: Callable) -> dict:
+    student = pair.load(pair.info["student"])
+    curve = {}
+
+    def evaluate(step):
+        acc = pair.greedy_accuracy(student)
+        curve[step] = acc
+        return {"acc": acc}
+
     t0 = time.time()
-    with open(run_dir / "train.log", "w") as f:
-        proc = subprocess.run(cmd, cwd=run_dir, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0 or not hf_dir.exists():
-        tail = (run_dir / "train.log").read_text()[-3000:]
-        raise RuntimeError(f"{run_dir.name}: training failed (exit {proc.returncode}); end of train.log:\n{tail}")
-    (run_dir / "DONE").write_text(json.dumps({"seconds": time.time() - t0, "command": cmd}))
-    log(f"[mini_repro] {run_dir.name}: trained {steps} steps in {time.time() - t0:.0f} s")
-    return run_dir
+    history = distill(student, pair.teacher, pair.train, replace(cfg, seed=seed, settings=ARMS[arm]),
+                      student_eos=pair.student_eos, teacher_eos=pair.teacher_eos, pad_id=pair.pad, evaluate=evaluate,
+                      log=lambda m: None)
+    sampled = pair.scores(student, pair.val, pair.val_answers, pair.val_sources, greedy=False, n=k, seed=1000 + seed,
+                          top_p=0.8)
+    result = {"arm": arm, "seed": seed, "curve": curve, "seconds": time.time() - t0,
+              f"avg@{k}": 100 * sum(sum(r) for r in sampled) / (k * len(sampled)),
+              **{f"pass@{j}": 100 * sum(pass_at_k(k, int(sum(r)), j) for r in sampled) / len(sampled)
+                 for j in range(1, k + 1)},
+              **pair.claims_ab(student, ab_prompts, seed=2000),
+              "train_metrics": {key: [h[key] for h in history if key in h]
+                                for key in ("gate_frac", "student_entropy_mean", "rkl_mean", "fkl_high_entropy_mean")}}
+    log(f"[mini_repro] {arm} seed {seed}: held-out greedy {100 * curve[0]:.1f}% -> {100 * curve[cfg.steps]:.1f}%, "
+        f"Pass@{k} {result[f'pass@{k}']:.1f}, entropy {result['student_entropy']:.3f}, "
+        f"FKL(H>tau) {result['fkl_high_entropy']:.3f} ({result['seconds']:.0f} s)")
+    return result
 
 
-def evaluate(model: str, out_dir: Path, val: str, k: int, problems: int, max_tokens: int, seed: int) -> dict:
-    from ..cpu.embedded import compute_score
-    from .eval import EvalSettings, hf_generator, run_eval
-
-    settings = EvalSettings(model=str(model), k=k, temperature=1.0, top_p=0.8, max_tokens=max_tokens, seed=seed)
-    summary = run_eval({"heldout": val}, str(out_dir), settings, hf_generator(str(model), batch_size=512),
-                       chunk=problems, max_problems=problems, score_fn=compute_score, log=lambda m: None)
-    return summary["heldout"]
-
-
-def window_mean(series: dict[int, float], where: str) -> float:
-    """Mean over the first ("start") or last ("end") END_WINDOW logged steps."""
-    steps = sorted(series)
-    steps = steps[:END_WINDOW] if where == "start" else steps[-END_WINDOW:]
-    return sum(series[s] for s in steps) / len(steps)
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
-    return m, sd
+def verdicts(results: dict[str, list[dict]], k: int, arms=("eopd", "eopd_quantile")) -> list[dict]:
+    """Paired tests of each EOPD arm against OPD for every claim, Holm-corrected over the whole family."""
+    rows = []
+    opd = sorted(results["opd"], key=lambda r: r["seed"])
+    for arm in arms:
+        if arm not in results:
+            continue
+        runs = sorted(results[arm], key=lambda r: r["seed"])
+        assert [r["seed"] for r in runs] == [r["seed"] for r in opd], "arms must share seeds (paired design)"
+        for claim, (key, sign) in claims(k).items():
+            test = paired_t([r[key] for r in runs], [r[key] for r in opd])
+            rows.append({"arm": arm, "claim": claim, "key": key, "sign": sign, **asdict(test)})
+    for row, p_holm in zip(rows, holm([r["p"] for r in rows])):
+        row["p_holm"] = p_holm
+        if p_holm < 0.05:
+            row["verdict"] = "holds" if row["mean_diff"] * row["sign"] > 0 else "reversed"
+        else:
+            row["verdict"] = "not shown"
+    return rows
 
 
-def welch_t(x: list[float], y: list[float]) -> float:
-    """(mean x - mean y) / sqrt(s_x^2/n_x + s_y^2/n_y); nan with a single seed."""
-    if len(x) < 2 or len(y) < 2:
-        return float("nan")
-    (mx, sx), (my, sy) = mean_std(x), mean_std(y)
-    se = math.sqrt(sx ** 2 / len(x) + sy ** 2 / len(y))
-    if se == 0:
-        return math.copysign(float("inf"), mx - my) if mx != my else 0.0
-    return (mx - my) / se
+def run(arms, seeds, cfg: LoopConfig, k: int, ab_prompts_n: int, out_dir: Path, log: Callable = print) -> dict:
+    """Train and evaluate every arm x seed; returns everything measured (also written to results.json)."""
+    from ..cpu.embedded import ensure_embedded_default
+
+    info = ensure_embedded_default()
+    pair = _Pair(info)
+    ab_prompts = random.Random(0).sample(pair.val, min(ab_prompts_n, len(pair.val)))
+    t0 = time.time()
+    results: dict[str, list[dict]] = {}
+    for seed in seeds:  # seed-major: a partial run still has complete pairs
+        for arm in arms:
+            results.setdefault(arm, []).append(run_arm(pair, arm, seed, cfg, ab_prompts, k, log))
+    student0 = pair.load(info["student"])
+    refs = {"student_before_greedy": pair.greedy_accuracy(student0),
+            "teacher_greedy": _teacher_greedy(pair)}
+    summary = {"config": {**asdict(replace(cfg, settings=EOPDSettings())), "k": k, "ab_prompts": len(ab_prompts),
+                          "seeds": list(seeds), "arms": list(arms)},
+               "seconds": time.time() - t0, "references": refs, "results": results,
+               "verdicts": verdicts(results, k) if "opd" in results and len(seeds) >= 2 else []}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
 
 
-def verdict(eopd: list[float], opd: list[float], direction: int) -> str:
-    t = welch_t(eopd, opd) * direction
-    if math.isnan(t):
-        return "not testable with one seed"
-    if t > 2:
-        return f"holds (t = {t:.1f})"
-    if t < -2:
-        return f"reversed (t = {t:.1f})"
-    return f"not shown (t = {t:.1f}, within seed noise)"
+def _teacher_greedy(pair: _Pair) -> float:
+    s = [pair.score(ds, pair.teacher_tok.decode(r, skip_special_tokens=True), a) for r, a, ds in zip(
+        generate(pair.teacher, pair.val, max_new_tokens=16, eos_id=pair.teacher_eos, pad_id=pair.pad, greedy=True),
+        pair.val_answers, pair.val_sources)]
+    return sum(s) / len(s)
 
 
-def fmt(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
-    m, sd = mean_std([v * scale for v in values])
-    return f"{m:.{digits}f}" if math.isnan(sd) else f"{m:.{digits}f} +- {sd:.{digits}f}"
-
-
-def pass_curve_plot(results: dict, refs: dict, k: int, path: Path) -> None:
+def figures(summary: dict, fig_dir: Path) -> list[str]:
+    """Held-out accuracy curves (mean +- std over seeds) and Pass@k by k, per arm."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ks = list(range(1, k + 1))
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    groups = {LABELS[a]: [{"heldout_greedy_accuracy": {int(s): v for s, v in r["curve"].items()}} for r in runs]
+              for a, runs in summary["results"].items()}
+    written = plot(groups, str(fig_dir), panels={"held-out greedy accuracy (360 problems)": "heldout_greedy_accuracy"})
+    k = summary["config"]["k"]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for variant, runs in results.items():
-        curves = [[r["eval"][f"pass@{j}"] for j in ks] for r in runs]
-        means = [sum(c[j] for c in curves) / len(curves) for j in range(k)]
-        sds = [mean_std([c[j] for c in curves])[1] if len(curves) > 1 else 0.0 for j in range(k)]
-        ax.errorbar(ks, means, yerr=sds, capsize=3, marker="o", ms=3, label=f"{LABELS[variant]} (n={len(runs)})")
-    for name, ev in refs.items():
-        ax.plot(ks, [ev[f"pass@{j}"] for j in ks], linestyle="--", linewidth=1, label=name)
+    for arm, runs in summary["results"].items():
+        ks = list(range(1, k + 1))
+        means = [sum(r[f"pass@{j}"] for r in runs) / len(runs) for j in ks]
+        ax.plot(ks, means, marker="o", ms=3, label=f"{LABELS[arm]} (n={len(runs)})")
     ax.set_xlabel("k")
-    ax.set_ylabel("Pass@k on held-out problems (%)")
+    ax.set_ylabel("held-out Pass@k (%)")
+    ax.set_title("Pass@k, T = 1, top-p 0.8, mean over seeds", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(fig_dir / "pass_at_k.png", dpi=110)
     plt.close(fig)
+    return written + [str(fig_dir / "pass_at_k.png")]
 
 
-def write_doc(doc: Path, fig_dir: Path, results: dict, refs: dict, args, command: str, seconds: float) -> None:
-    rel = os.path.relpath(fig_dir, doc.parent)
-    rows = []
-    metric_rows = [("student token entropy, start (nats)", "start:actor/eopd/student_entropy_mean"),
-                   ("student token entropy, end (nats)", "actor/eopd/student_entropy_mean"),
-                   ("student entropy on high-entropy tokens, end", "actor/eopd/student_entropy_high_entropy_mean"),
-                   ("FKL on high-entropy tokens (H_T > 0.8), start", "start:actor/eopd/fkl_high_entropy_mean"),
-                   ("FKL on high-entropy tokens (H_T > 0.8), end", "actor/eopd/fkl_high_entropy_mean"),
-                   ("FKL on the run's gated tokens, end", "actor/eopd/fkl_gated_mean"),
-                   ("FKL on all tokens, end", "actor/eopd/fkl_mean"),
-                   ("reverse KL, end", "actor/eopd/rkl_mean"),
-                   ("gated fraction, end", "actor/eopd/gate_frac"),
-                   ("share of tokens with H_T > 0.8, end", "actor/eopd/high_entropy_frac"),
-                   ("training reward, end", "critic/score/mean")]
-    header = "| | " + " | ".join(LABELS[v] for v in results) + " |"
-    rows += [header, "|---|" + "---|" * len(results)]
-    for title, key in metric_rows:
-        where, key = ("start", key[6:]) if key.startswith("start:") else ("end", key)
-        rows.append(f"| {title} | " + " | ".join(fmt([r[where].get(key, float("nan")) for r in runs])
-                                              for runs in results.values()) + " |")
-    for key, title in [(f"avg@{args.k}", f"held-out Avg@{args.k} (%)"), ("pass@1", "held-out Pass@1 (%)"),
-                       (f"pass@{args.k}", f"held-out Pass@{args.k} (%)")]:
-        rows.append(f"| {title} | " + " | ".join(fmt([r["eval"][key] for r in runs], digits=2)
-                                              for runs in results.values()) + " |")
-    ref_rows = [f"| {name} | {ev[f'avg@{args.k}']:.2f} | {ev['pass@1']:.2f} | {ev[f'pass@{args.k}']:.2f} |"
-                for name, ev in refs.items()]
-
-    verdicts = {}
-    if "opd" in results and "eopd" in results:
-        for variant in [v for v in results if v != "opd"]:
-            e, o = results[variant], results["opd"]
-            v = {c: verdict([r["end"][key] for r in e], [r["end"][key] for r in o], sign)
-                 for c, (key, sign) in CLAIM_METRICS.items()}
-            v["c"] = "; ".join(f"Pass@{j}: " + verdict([r["eval"][f"pass@{j}"] for r in e],
-                                                       [r["eval"][f"pass@{j}"] for r in o], +1) for j in (1, args.k))
-            verdicts[variant] = v
-
-    lines = [
-        "# Mini reproduction: do EOPD's claims hold at laptop scale?",
-        "",
-        "Generated by `scripts/mini_repro.py`; every figure below comes from the committed run whose logs are",
-        f"in `{os.path.relpath(fig_dir, doc.parent)}/` (metrics per step) and whose command is:",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
-        "Setting: the embedded tiny pair (`verl_eopd/cpu/embedded.py`: teacher Qwen3-shaped, hidden 64, chat end token;",
-        f"student hidden 32, base end token, EOS remap on), the arithmetic task, CPU. {len(args.seeds)} seed(s)",
-        f"({', '.join(map(str, args.seeds))}) per variant, {args.steps} training steps each (64 responses per step, 4 PPO",
-        f"mini-batches, lr {args.lr:g}{', ' + ', '.join(args.set) if args.set else ''}), then k = "
-        f"{args.k} samples per held-out problem ({args.problems} problems of the val split, never trained on) at",
-        "T = 1.0, top-p 0.8. Values are mean +- std over seeds; \"end\" is the mean of the last "
-        f"{END_WINDOW} steps. Wall time of the whole run: {seconds / 60:.1f} min on "
-        f"{os.cpu_count()} CPU cores.",
-        "",
-        "## Results",
-        "",
-        *rows,
-        "",
-        "References (the same evaluation, one run each):",
-        "",
-        f"| model | Avg@{args.k} (%) | Pass@1 (%) | Pass@{args.k} (%) |",
-        "|---|---|---|---|",
-        *ref_rows,
-        "",
-        f"![training metrics]({rel}/metrics.png)",
-        "",
-        f"![Pass@k]({rel}/pass_at_k.png)",
-        "",
-        "## Verdicts (EOPD variant vs OPD; Welch's t over seeds, |t| > 2 needed)",
-        "",
-    ]
-    claim_text = {"a": "(a) student token entropy does not collapse (higher at the end)",
-                  "b": "(b) lower forward KL to the teacher on high-entropy tokens",
-                  "c": "(c) better Pass@k on held-out problems"}
-    for variant, v in verdicts.items():
-        lines.append(f"**{LABELS[variant]}**")
-        lines.append("")
-        for c in ("a", "b", "c"):
-            lines.append(f"- {claim_text[c]}: {v[c]}")
-        lines.append("")
-    lines += ["## Reading", "", "NOTES_PLACEHOLDER", ""]
-    old = doc.read_text() if doc.exists() else ""
-    notes = old.split("## Reading\n", 1)[1].strip() if "## Reading\n" in old else ""
-    text = "\n".join(lines).replace("NOTES_PLACEHOLDER", notes or "(no notes yet)")
-    doc.write_text(text)
-
-
-def run(args, argv: list[str]) -> int:
-    """Train, evaluate and write up the variants x seeds of `args` (see scripts/mini_repro.py)."""
-    log = lambda m: print(m, flush=True)  # noqa: E731
-    out, doc = Path(args.out).resolve(), Path(args.doc).resolve()
-    fig_dir = Path(args.fig_dir).resolve() if args.fig_dir else doc.parent / "mini_repro"
-    out.mkdir(parents=True, exist_ok=True)
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-
-    from ..cpu.embedded import ensure_embedded_default
-
-    info = ensure_embedded_default()
-    results: dict[str, list[dict]] = {}
-    for variant in args.variants:
-        for seed in args.seeds:
-            run_dir = train(variant, seed, args.steps, out, sys.executable, log,
-                            [f"actor_rollout_ref.actor.optim.lr={args.lr}", *args.set])
-            metrics = read_run(str(run_dir / "metrics.jsonl"))
-            hf = run_dir / "ckpt" / f"global_step_{args.steps}" / "actor" / "huggingface"
-            ev = evaluate(hf, run_dir / "eval", info["val"], args.k, args.problems, args.max_tokens, seed)
-            log(f"[mini_repro] {run_dir.name}: held-out Avg@{args.k} {ev[f'avg@{args.k}']:.2f}, "
-                f"Pass@{args.k} {ev[f'pass@{args.k}']:.2f}")
-            results.setdefault(variant, []).append({
-                "seed": seed, "metrics": metrics, "eval": ev,
-                **{where: {key: window_mean(series, where) for key, series in metrics.items() if series}
-                   for where in ("start", "end")}})
-            # the per-step log is small: keep a copy beside the figures (committed)
-            (fig_dir / f"{variant}_s{seed}.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
-    refs = {"student before training": evaluate(info["student"], out / "ref_student", info["val"], args.k,
-                                                args.problems, args.max_tokens, 0),
-            "teacher": evaluate(info["teacher"], out / "ref_teacher", info["val"], args.k, args.problems,
-                                args.max_tokens, 0)}
-    plot({LABELS[v]: [r["metrics"] for r in runs] for v, runs in results.items()}, str(fig_dir),
-         title=f"OPD vs EOPD on the embedded tiny pair ({len(args.seeds)} seed(s), mean +- std)")
-    pass_curve_plot(results, refs, args.k, fig_dir / "pass_at_k.png")
-    seconds = time.time() - t0
-    summary = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "doc", "fig_dir")},
-               "seconds": seconds, "references": refs,
-               "runs": {v: [{"seed": r["seed"], "eval": r["eval"], "start": r["start"], "end": r["end"]} for r in runs]
-                        for v, runs in results.items()}}
-    (fig_dir / "results.json").write_text(json.dumps(summary, indent=1))
-    command = " ".join(["python scripts/mini_repro.py", *argv])
-    write_doc(doc, fig_dir, results, refs, args, command, seconds)
-    log(f"[mini_repro] wrote {doc} and {fig_dir} in {seconds / 60:.1f} min")
-    return 0
-
-
+def markdown(summary: dict, command: str) -> str:
+    """The verdict table and the per-arm figures, for docs/mini_repro.md."""
+    cfg, refs, k = summary["config"], summary["references"], summary["config"]["k"]
+    lines = [f"Command: `{command}` ({summary['seconds'] / 60:.1f} min on this machine).", "",
+             f"Seeds {cfg['seeds']}, paired across arms. {cfg['steps']} steps of {cfg['batch']} responses, "
+             f"{cfg['ppo_epochs']} PPO epochs, lr {cfg['lr']}. Student before training: "
+             f"{100 * refs['student_before_greedy']:.1f}% greedy on the held-out split; teacher "
+             f"{100 * refs['teacher_greedy']:.1f}%.", "",
+             f"| arm | held-out greedy, end (%) | Avg@{k} | Pass@1 | Pass@{min(8, k)} | Pass@{k} | student entropy | "
+             "FKL on H > tau |",
+             "|---|---|---|---|---|---|---|---|"]
+    for arm, runs in summary["results"].items():
+        def m(key, scale=1.0):
+            vals = [scale * r[key] for r in runs]
+            mu = sum(vals) / len(vals)
+            sd = (sum((v - mu) ** 2 for v in vals) / max(1, len(vals) - 1)) ** 0.5
+            return f"{mu:.2f} +- {sd:.2f}"
+        ends = [100 * r["curve"][str(cfg["steps"])] if str(cfg["steps"]) in r["curve"] else 100 * r["curve"][cfg["steps"]]
+                for r in runs]
+        mu = sum(ends) / len(ends)
+        sd = (sum((v - mu) ** 2 for v in ends) / max(1, len(ends) - 1)) ** 0.5
+        lines.append(f"| {LABELS[arm]} | {mu:.1f} +- {sd:.1f} | {m(f'avg@{k}')} | {m('pass@1')} | {m(f'pass@{min(8, k)}')} | "
+                     f"{m(f'pass@{k}')} | {m('student_entropy')} | {m('fkl_high_entropy')} |")
+    if summary["verdicts"]:
+        lines += ["", "Paired t-tests against OPD (EOPD arm minus OPD, per seed), Holm-corrected over all "
+                  f"{len(summary['verdicts'])} tests:", "",
+                  "| arm | claim | mean difference [95% CI] | t (df) | p | p (Holm) | verdict |",
+                  "|---|---|---|---|---|---|---|"]
+        for v in summary["verdicts"]:
+            lo, hi = v["ci95"]
+            lines.append(f"| {LABELS[v['arm']]} | {v['claim']} | {v['mean_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
+                         f"{v['t']:.2f} ({v['df']}) | {v['p']:.3g} | {v['p_holm']:.3g} | {v['verdict']} |")
+    return "\n".join(lines)

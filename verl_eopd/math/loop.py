@@ -1,0 +1,157 @@
+"""A plain PyTorch on-policy distillation loop around verl_eopd's own objective: the lighter harness of the
+mini reproduction (verl's trainer is the reference; tests/test_e2e_cpu.py and docs/mini_repro.md compare).
+
+One step = what verl's trainer does with `train_batch_size = ppo_mini_batch_size` and one PPO epoch:
+    sample      the student generates one response per prompt (temperature 1, Hugging Face `generate`)
+    old         log pi_old(y_t) by a forward pass of the student before the update (verl's recomputed
+                `old_log_probs`), so r_t = 1 at the update, as on verl's first mini-batch
+    teacher     the first student end token of each response becomes the teacher's (core.eos), the teacher
+                scores the response at temperature 1, `core.kernels.teacher_stats` gives top-k, exact entropy
+                and log pi_T(y_t); the teacher's end token is mapped back in the top-k
+    update      `core.objective.eopd_loss` (token-mean over the batch), AdamW, gradient clipping
+Only the objective, teacher statistics and EOS remap are verl_eopd's; the rest is the smallest loop that
+feeds them, so a result here says what the objective does, not what verl's scheduling does.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from ..core.eos import map_teacher_eos_in_topk
+from ..core.kernels import teacher_stats
+from ..core.objective import eopd_loss
+from ..core.settings import EOPDSettings
+
+
+@dataclass
+class LoopConfig:
+    steps: int = 200
+    batch: int = 256  # sequences per optimizer step (= prompts per rollout batch, one response each)
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    max_new_tokens: int = 16
+    topk: int = 16
+    temperature: float = 1.0
+    seed: int = 0
+    eval_every: int = 25
+    ppo_epochs: int = 1  # updates per rollout batch (verl's actor.ppo_epochs); later ones are PPO-clipped
+    settings: EOPDSettings = field(default_factory=EOPDSettings)
+
+
+def _left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int, pad_id: int,
+             greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0, chunk: int = 512) -> list[list[int]]:
+    """Responses (token ids, ending with the end token when the model stopped) for each prompt."""
+    out = []
+    for s in range(0, len(prompts), chunk):
+        ids, mask = _left_pad(prompts[s:s + chunk], pad_id)
+        kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        seq = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
+                             pad_token_id=pad_id, **kw)[:, ids.shape[1]:]
+        for row in seq.tolist():
+            resp = []
+            for t in row:
+                resp.append(t)
+                if t == eos_id:
+                    break
+            out.append(resp)
+    return out
+
+
+def _response_logits(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
+    """Logits [B, R, V] at the response positions (row t predicts y_t), ids [B, R], mask [B, R]."""
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    ids, attn = _left_pad(seqs, pad_id)
+    R = max(len(r) for r in responses)
+    logits = model(input_ids=ids, attention_mask=attn).logits  # [B, L, V]
+    L = ids.shape[1]
+    resp_ids = torch.full((len(seqs), R), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), R, dtype=torch.bool)
+    rows = torch.zeros(len(seqs), R, dtype=torch.long)
+    for b, r in enumerate(responses):
+        start = L - len(r)  # left padding: the response ends at the last column
+        resp_ids[b, :len(r)] = torch.tensor(r)
+        mask[b, :len(r)] = True
+        rows[b, :len(r)] = torch.arange(start - 1, L - 1)
+        rows[b, len(r):] = L - 2
+    gathered = logits.gather(1, rows.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+    return gathered, resp_ids, mask
+
+
+def accuracy(model, prompts, answers, score: Callable, data_sources, *, max_new_tokens: int, eos_id: int,
+             pad_id: int, decode: Callable, greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0) -> float:
+    """Mean verifiable reward of one response per prompt."""
+    resp = generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, greedy=greedy,
+                    temperature=temperature, top_p=top_p)
+    return sum(score(ds, decode(r), a) for r, a, ds in zip(resp, answers, data_sources)) / len(prompts)
+
+
+def distill(student, teacher, train_prompts: list[list[int]], cfg: LoopConfig, *, student_eos: int, teacher_eos: int,
+            pad_id: int, evaluate: Optional[Callable[[int], dict]] = None, log: Callable = print) -> list[dict]:
+    """Run cfg.steps on-policy distillation steps; returns per-step records (loss stats, and eval when due)."""
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    teacher.eval()
+    history = []
+    if evaluate is not None:
+        history.append({"step": 0, **evaluate(0)})
+    order: list[int] = []
+    for step in range(1, cfg.steps + 1):
+        if len(order) < cfg.batch:
+            more = list(range(len(train_prompts)))
+            rng.shuffle(more)
+            order += more
+        batch, order = [train_prompts[i] for i in order[:cfg.batch]], order[cfg.batch:]
+        student.eval()
+        responses = generate(student, batch, max_new_tokens=cfg.max_new_tokens, eos_id=student_eos, pad_id=pad_id,
+                             temperature=cfg.temperature)
+        with torch.no_grad():
+            t_resp = []
+            for r in responses:  # the teacher's copy: first student end token -> the teacher's
+                r = list(r)
+                if student_eos != teacher_eos and student_eos in r:
+                    r[r.index(student_eos)] = teacher_eos
+                t_resp.append(r)
+            t_logits, t_ids, _ = _response_logits(teacher, batch, t_resp, pad_id)
+            ts = teacher_stats(t_logits, t_ids, cfg.topk)
+            if student_eos != teacher_eos:
+                ts["topk_ids"] = map_teacher_eos_in_topk(ts["topk_ids"], student_eos, teacher_eos)
+        student.train()
+        old = None
+        for _ in range(cfg.ppo_epochs):
+            s_logits, ids, mask = _response_logits(student, batch, responses, pad_id)
+            if old is None:  # log pi_old: the policy that sampled, before this batch's first update
+                old = torch.log_softmax(s_logits.detach().float(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+            loss, stats = eopd_loss(s_logits, ids, old, ts["topk_ids"], ts["topk_logprobs"], mask, cfg.settings,
+                                    teacher_entropy=ts["entropy"], teacher_token_logprobs=ts["token_logprobs"])
+            opt.zero_grad()
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip))
+            opt.step()
+        rec = {"step": step, "grad_norm": grad_norm, **stats}
+        if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+            rec.update(evaluate(step))
+        history.append(rec)
+        if "acc" in rec or step == 1:
+            log(f"[loop] step {step}: loss {stats['loss']:.3f} rkl {stats['rkl_mean']:.3f} gate {stats['gate_frac']:.3f}"
+                + (f" acc {rec['acc']:.3f}" if "acc" in rec else ""))
+        if not math.isfinite(stats["loss"]):
+            raise FloatingPointError(f"loss is {stats['loss']} at step {step}")
+    return history

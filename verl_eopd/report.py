@@ -1,0 +1,93 @@
+"""The short human summary printed when `python -m verl_eopd.main` finishes, read from verl's own file log.
+
+    student held-out accuracy before -> after (verl's `val-core/*` validation metrics), the teacher's on the
+    same problems (embedded default), gate fraction, student entropy and reverse KL (first -> last step),
+    where the checkpoint and the metrics are, and the command that plots them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+from .math.curves import read_run
+
+
+def metrics_path(config) -> Optional[str]:
+    """Where verl's file logger writes this run's metrics (None when `file` is not among trainer.logger)."""
+    loggers = OmegaConf.select(config, "trainer.logger") or []
+    loggers = [loggers] if isinstance(loggers, str) else list(loggers)
+    if "file" not in loggers:
+        return None
+    if os.environ.get("VERL_FILE_LOGGER_PATH"):
+        return os.path.abspath(os.environ["VERL_FILE_LOGGER_PATH"])
+    root = os.path.expanduser(os.environ.get("VERL_FILE_LOGGER_ROOT", "."))
+    return os.path.abspath(os.path.join(root, config.trainer.project_name, f"{config.trainer.experiment_name}.jsonl"))
+
+
+def embedded_teacher_accuracy(info: dict) -> float:
+    """Greedy accuracy of the embedded teacher on the embedded held-out split (verl's validation set)."""
+    import pandas as pd
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .cpu.embedded import compute_score
+    from .math.loop import generate
+
+    tok = AutoTokenizer.from_pretrained(info["teacher"])
+    model = AutoModelForCausalLM.from_pretrained(info["teacher"], dtype=torch.float32, attn_implementation="sdpa")
+    rows = pd.read_parquet(info["val"]).to_dict("records")
+    prompts = [tok(tok.apply_chat_template(list(r["prompt"]), tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False)["input_ids"] for r in rows]
+    responses = generate(model, prompts, max_new_tokens=16, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                         greedy=True)
+    return sum(compute_score(r["data_source"], tok.decode(y, skip_special_tokens=True), r["reward_model"]["ground_truth"])
+               for r, y in zip(rows, responses)) / len(rows)
+
+
+def _first_last(series: dict[int, float]) -> tuple[float, float]:
+    steps = sorted(series)
+    return series[steps[0]], series[steps[-1]]
+
+
+def summarize(config, seconds: float, teacher_accuracy: Optional[float] = None) -> str:
+    """The end-of-run summary (a few lines); says what is missing rather than failing."""
+    lines = [f"[verl_eopd] run finished in {seconds / 60:.1f} min"]
+    path = metrics_path(config)
+    if path is None or not Path(path).exists():
+        lines.append("  (no metrics file: add trainer.logger='[console,file]' for a summary and plots)")
+        return "\n".join(lines)
+    series = read_run(path)
+    val = {k: v for k, v in series.items() if k.startswith("val-core/") and v}
+    if val:
+        lines.append("  held-out accuracy (verl's validation, " + ("greedy" if not OmegaConf.select(
+            config, "actor_rollout_ref.rollout.val_kwargs.do_sample") else "sampled") + "):")
+        for key, s in sorted(val.items()):
+            steps = sorted(s)
+            before, after = s[steps[0]], s[steps[-1]]
+            curve = ", ".join(f"{st}: {100 * s[st]:.1f}%" for st in steps)
+            lines.append(f"    student {100 * before:.1f}% -> {100 * after:.1f}% ({100 * (after - before):+.1f} points)"
+                         f"  [{key}; step {curve}]")
+        if teacher_accuracy is not None:
+            lines.append(f"    teacher {100 * teacher_accuracy:.1f}% on the same problems (greedy)")
+    else:
+        lines.append("  no held-out accuracy: set trainer.val_before_train=true and trainer.test_freq to validate")
+    parts = []
+    for name, key, unit in (("gate fraction", "actor/eopd/gate_frac", ""),
+                            ("student entropy", "actor/eopd/student_entropy_mean", " nats"),
+                            ("reverse KL", "actor/eopd/rkl_mean", " nats")):
+        if series.get(key):
+            a, b = _first_last(series[key])
+            parts.append(f"{name} {a:.3f} -> {b:.3f}{unit}")
+    if parts:
+        lines.append("  first -> last step: " + "; ".join(parts))
+    ckpt_root = Path(str(config.trainer.default_local_dir))
+    ckpts = sorted(ckpt_root.glob("global_step_*"), key=lambda p: int(p.name.rsplit("_", 1)[-1])) if ckpt_root.is_dir() else []
+    lines.append(f"  checkpoint: {ckpts[-1] if ckpts else '(none saved; trainer.save_freq)'}")
+    lines.append(f"  metrics:    {path}")
+    label = OmegaConf.select(config, "trainer.experiment_name") or "run"
+    lines.append(f"  plot:       python scripts/plot_metrics.py --run {label}={path} --out plots/")
+    return "\n".join(lines)
