@@ -140,7 +140,8 @@ import verl_eopd.plugin
 after = {{'loss': 'eopd' in L.DISTILLATION_LOSS_REGISTRY, 'hf': 'hf' in R._registry, 'patches': patches.applied()}}
 print(json.dumps({{'before': before, 'after': after}}))
 """
-    facts = _python(code, VERL_USE_EXTERNAL_PLUGINS="none", VERL_PLATFORM="", EOPD_TASK_RUNNER="")
+    facts = _python(code, VERL_USE_EXTERNAL_PLUGINS="none", VERL_USE_EXTERNAL_MODULES="", VERL_PLATFORM="",
+                    EOPD_TASK_RUNNER="")
     assert facts["before"] == {"loss": False, "hf": False, "trainer": False, "patches": [], "torch": True}
     assert facts["after"] == {"loss": True, "hf": True, "patches": ["rollout-registry-hf"]}
 

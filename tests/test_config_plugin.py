@@ -127,8 +127,10 @@ def test_other_verl_version_is_refused_loudly(monkeypatch):
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
+    """A fresh process with this environment minus what other tests' in-process CPU set-up exported."""
+    base = {k: v for k, v in os.environ.items() if k not in ("VERL_USE_EXTERNAL_MODULES", "VERL_PLATFORM")}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env})
+                          env={**base, **env})
 
 
 def test_plain_import_verl_registers_eopd_in_a_fresh_process():
@@ -146,7 +148,9 @@ def test_plain_import_verl_registers_eopd_in_a_fresh_process():
 def test_plugin_command_checks_and_lists_every_patch():
     from verl_eopd.integration.patches import PATCHES
 
-    out = subprocess.run([sys.executable, "-m", "verl_eopd.plugin"], capture_output=True, text=True, timeout=300)
+    clean = {k: v for k, v in os.environ.items() if k not in ("VERL_USE_EXTERNAL_MODULES", "VERL_PLATFORM")}
+    out = subprocess.run([sys.executable, "-m", "verl_eopd.plugin"], capture_output=True, text=True, timeout=300,
+                         env=clean)
     assert out.returncode == 0, out.stderr
     assert "'registered': True" in out.stdout
     for name, patch in PATCHES.items():
@@ -154,7 +158,7 @@ def test_plugin_command_checks_and_lists_every_patch():
     assert "[ACTIVE  ] rollout-registry-hf" in out.stdout  # every process registers the hf backend
     assert "[inactive] cpu-offload-no-pin" in out.stdout  # only with VERL_PLATFORM=cpu
     cpu = subprocess.run([sys.executable, "-m", "verl_eopd.plugin"], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "VERL_PLATFORM": "cpu"})
+                         env={**clean, "VERL_PLATFORM": "cpu"})
     assert cpu.returncode == 0, cpu.stderr
     assert "[ACTIVE  ] cpu-offload-no-pin" in cpu.stdout and "[ACTIVE  ] teacher-topk-hf" in cpu.stdout
 

@@ -393,3 +393,24 @@ def test_high_entropy_metrics_do_not_depend_on_the_gate():
         assert stats["fkl_high_entropy_mean"] == pytest.approx(float(fkl[high].mean()), rel=1e-4)
         assert stats["student_entropy_high_entropy_mean"] == pytest.approx(float(h[high].mean()), rel=1e-4)
     assert quant["fkl_gated_mean"] != pytest.approx(hard["fkl_gated_mean"], rel=1e-3)  # the gated one does move
+
+
+def test_nan_or_inf_logits_fail_loudly_naming_the_row():
+    """A NaN (or +inf) logit anywhere in a row: the teacher pass and the student pass refuse, naming the row,
+    instead of training on NaN; -inf logits (masked vocabulary) stay legal and give finite entropies."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 40, generator=g)
+    ids = torch.randint(0, 40, (2, 5), generator=g)
+    masked = logits.clone()
+    masked[..., 30:] = -math.inf  # legal: part of the vocabulary switched off
+    ts = teacher_stats(masked, ids.clamp(max=29), 4)
+    assert torch.isfinite(ts["entropy"]).all()
+    ref = torch.softmax(masked.double(), -1)
+    torch.testing.assert_close(ts["entropy"].double(), -(ref * ref.clamp_min(1e-300).log()).sum(-1), atol=1e-5, rtol=1e-5)
+    for bad_value in (float("nan"), math.inf):
+        bad = logits.clone()
+        bad[1, 2, 7] = bad_value  # flattened row 1 * 5 + 2 = 7
+        with pytest.raises(ValueError, match=r"teacher_logits holds NaN or \+inf logits at row 7"):
+            teacher_stats(bad, ids, 4, chunk_bytes=2 * 40 * 4)  # several chunks: checked once, after the loop
+        with pytest.raises(ValueError, match=r"student_logits holds NaN or \+inf logits at row 7"):
+            student_logprobs_at(bad.requires_grad_(True), ids.unsqueeze(-1), with_entropy=True)

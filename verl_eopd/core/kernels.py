@@ -28,10 +28,15 @@ def _rows_per_chunk(vocab_size: int, chunk_bytes: int) -> int:
 
 
 
-def _entropy_from_logp(logp: torch.Tensor) -> torch.Tensor:
-    """H = -sum_v p_v log p_v over the last dim of fp32 log-probs [n, V]; 0 log 0 = 0 (logits of -inf)."""
-    p = logp.exp()
-    return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
+def _check_rows(name: str, first_col: torch.Tensor) -> None:
+    """Raise naming the first row whose log-probs are NaN: a NaN or +inf logit makes its whole row NaN under
+    log_softmax. One host sync per call (not per chunk): `first_col` [N] is any column of the row outputs."""
+    bad = torch.isnan(first_col)
+    if first_col.numel() and bool(bad.any()):
+        j = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name} holds NaN or +inf logits at row {j} (of {first_col.numel()} rows, flattened "
+                         f"[..., V]; {int(bad.sum())} such rows): refusing to score or train on them. Fix: check the "
+                         "model's forward pass (weights, dtype overflow) for that sequence")
 
 
 class _ChunkBuffers:
@@ -64,9 +69,9 @@ def _chunk_logp(z: torch.Tensor, buf: _ChunkBuffers, with_entropy: bool):
     h = None
     if with_entropy:
         p = _aten._softmax.out(zf, -1, False, out=buf.probs[:n])
-        h = -p.mul_(logp).sum(-1)  # in place: the probabilities are not needed afterwards
-        if torch.isnan(h).any():  # logits of -inf: 0 * -inf; recompute with 0 log 0 = 0
-            h = _entropy_from_logp(logp)
+        # in place (the probabilities are not needed afterwards); nansum: 0 log 0 = 0 where a logit is -inf
+        # (0 * -inf is NaN). NaN rows from NaN/+inf logits are caught by the callers' _check_rows, once.
+        h = -torch.nansum(p.mul_(logp), -1)
     return logp, h
 
 
@@ -118,6 +123,7 @@ def teacher_stats(
             vals, idx = logp.topk(k, dim=-1)
             topk_ids[s:e], topk_lp[s:e] = idx, vals
             token_lp[s:e] = logp.gather(-1, ids[s:e, None]).squeeze(-1)
+    _check_rows("teacher_logits", token_lp)
     return {
         "topk_ids": topk_ids.reshape(*lead, k),
         "topk_logprobs": topk_lp.reshape(*lead, k),
@@ -150,6 +156,7 @@ class _GatherLogSoftmax(torch.autograd.Function):
                 out[s:e] = logp.gather(-1, index[s:e])
                 if with_entropy:
                     ent[s:e] = h
+        _check_rows("student_logits", out[:, 0] if out.shape[1] else out.new_zeros(0))
         ctx.save_for_backward(logits, index)
         ctx.rows = rows
         ctx.mark_non_differentiable(ent)
