@@ -202,3 +202,24 @@ def test_server_route_switches_the_token_column_patch_in_every_process(tiny_mode
     assert cfg.ray_kwargs.ray_init.runtime_env.env_vars[ENV] == value
     assert env["VERL_USE_EXTERNAL_MODULES"].split(",")[-1] == "verl_eopd.plugin" and on_cpu
     assert cfg.ray_kwargs.ray_init.runtime_env.env_vars["VERL_PLATFORM"] == "cpu"
+
+
+def test_embedded_default_picks_a_rollout_backend_and_one_rank_on_any_machine(monkeypatch):
+    """With no model given the run must not fall back to verl's unset rollout.name and 8 GPUs: vLLM when it is
+    importable (a stand-in module here), the `hf` backend otherwise; on CPU the CPU settings choose `hf`."""
+    import importlib.util
+    import types
+
+    from verl_eopd.cpu import embedded
+    from verl_eopd.cpu.platform import CPU_SETTINGS
+
+    info = {k: f"/x/{k}" for k in ("student", "teacher", "train", "val")}
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    settings = embedded.embedded_settings(info, "eopd")
+    assert settings["actor_rollout_ref.rollout.name"] == "hf"
+    assert settings["trainer.n_gpus_per_node"] == 1 and settings["trainer.nnodes"] == 1
+    stand_in = types.SimpleNamespace(name="vllm")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: stand_in if name == "vllm" else real(name, *a))
+    assert embedded.embedded_settings(info, "eopd")["actor_rollout_ref.rollout.name"] == "vllm"
+    assert CPU_SETTINGS["actor_rollout_ref.rollout.name"] == "hf"  # applied after the embedded settings on CPU

@@ -213,6 +213,14 @@ STEPS = 60  # rollout batches of the default run
 VAL_EVERY = 20  # verl's validation on the whole held-out split: before training, every VAL_EVERY steps, at the end
 
 
+def default_rollout_backend() -> str:
+    """`vllm` when it is importable (verl's default backend), else this package's `hf` backend: the embedded
+    default must generate on any machine, with or without a GPU or vLLM."""
+    import importlib.util
+
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
+
+
 def embedded_settings(info: dict, algorithm: str) -> dict:
     """verl config values for a run on the embedded pair (each applied unless the user set that key).
 
@@ -229,6 +237,10 @@ def embedded_settings(info: dict, algorithm: str) -> dict:
     return {
         "actor_rollout_ref.model.path": info["student"],
         "distillation.teacher_models.teacher_model.model_path": info["teacher"],
+        # a tiny model: one rank on one node whatever the machine (verl's default is 8 GPUs); CPU runs set it too
+        "trainer.n_gpus_per_node": 1,
+        "trainer.nnodes": 1,
+        "actor_rollout_ref.rollout.name": default_rollout_backend(),
         "data.train_files": info["train"],
         "data.val_files": info["val"],
         "data.prompt_key": "prompt",
