@@ -68,7 +68,12 @@ def tiny_models(tmp_path_factory):
     student = build_tiny_qwen3(str(root / "student"), vocab_size=STUDENT_VOCAB, seed=0, tokenizer=tok)
     teacher = build_tiny_qwen3(str(root / "teacher"), vocab_size=TEACHER_VOCAB, hidden=48, layers=3, seed=1,
                                tokenizer=tok)
-    return {"student": student, "teacher": teacher, "tokenizer": tok}
+    from verl_eopd.cpu.embedded import write_rl_parquet
+
+    write_rl_parquet([(1, 2), (3, 4)], root / "train.parquet", "train")
+    write_rl_parquet([(5, 6)], root / "val.parquet", "val")
+    return {"student": student, "teacher": teacher, "tokenizer": tok, "train": str(root / "train.parquet"),
+            "val": str(root / "val.parquet")}
 
 
 LAYERS = ("unit", "integration", "e2e")

@@ -105,6 +105,7 @@ def _run(tiny_models, *overrides):
     from verl_eopd.main import prepare
 
     cfg = _compose("algorithm=eopd", f"actor_rollout_ref.model.path={tiny_models['student']}",
+                   f"data.train_files={tiny_models['train']}", f"data.val_files={tiny_models['val']}",
                    f"distillation.teacher_models.teacher_model.model_path={tiny_models['teacher']}",
                    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
                    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
@@ -176,6 +177,7 @@ def test_unsatisfiable_ray_resources_on_cpu_are_an_error_not_a_hang(tiny_models,
     from verl_eopd.main import prepare
 
     cfg = _compose("algorithm=eopd", f"actor_rollout_ref.model.path={tiny_models['student']}",
+                   f"data.train_files={tiny_models['train']}", f"data.val_files={tiny_models['val']}",
                    f"distillation.teacher_models.teacher_model.model_path={tiny_models['teacher']}",
                    "trainer.device=cpu", *overrides)
     with pytest.raises(ValueError) as e:
@@ -193,6 +195,7 @@ def test_server_route_switches_the_token_column_patch_in_every_process(tiny_mode
 
     monkeypatch.delenv(ENV, raising=False)
     cfg = _compose("algorithm=eopd_server", f"actor_rollout_ref.model.path={tiny_models['student']}",
+                   f"data.train_files={tiny_models['train']}", f"data.val_files={tiny_models['val']}",
                    f"distillation.teacher_models.teacher_model.model_path={tiny_models['teacher']}",
                    f"distillation.distillation_loss.server_token_logprob={mode}",
                    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
@@ -223,3 +226,31 @@ def test_embedded_default_picks_a_rollout_backend_and_one_rank_on_any_machine(mo
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: stand_in if name == "vllm" else real(name, *a))
     assert embedded.embedded_settings(info, "eopd")["actor_rollout_ref.rollout.name"] == "vllm"
     assert CPU_SETTINGS["actor_rollout_ref.rollout.name"] == "hf"  # applied after the embedded settings on CPU
+
+
+@pytest.mark.parametrize("override,key,message", [
+    ("data.train_files=/nonexistent/train.parquet", "data.train_files", "no such file"),
+    ("data.val_files=[/nonexistent/val.parquet]", "data.val_files", "no such file"),
+    ("actor_rollout_ref.model.path=./no/such/folder", "actor_rollout_ref.model.path", "neither an existing folder"),
+    ("distillation.teacher_models.teacher_model.model_path='not a hub id!'",
+     "distillation.teacher_models.teacher_model.model_path", "neither an existing folder"),
+])
+def test_missing_files_and_bad_model_paths_fail_fast_naming_the_key(tiny_models, no_model_loads, override, key,
+                                                                    message):
+    import time
+
+    start = time.time()
+    with pytest.raises(ValueError) as e:
+        _run(tiny_models, override)
+    assert f"{key}=" in str(e.value) and message in str(e.value) and "Fix:" in str(e.value), str(e.value)
+    assert time.time() - start < 10
+
+
+def test_a_tokenizer_that_cannot_load_is_named(tmp_path, tiny_models, no_model_loads):
+    broken = tmp_path / "broken_teacher"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    with pytest.raises(ValueError) as e:
+        _run(tiny_models, f"distillation.teacher_models.teacher_model.model_path={broken}")
+    assert "distillation.teacher_models.teacher_model.model_path=" in str(e.value)
+    assert "tokenizer does not load" in str(e.value) and "Fix:" in str(e.value)

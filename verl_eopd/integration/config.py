@@ -8,6 +8,8 @@ there, once); `EOPDLossConfig.settings` hands them to the loss. The YAML mirror 
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -174,8 +176,15 @@ def check_tokenizers(student_path: str, teacher_path: str, trust_remote_code: bo
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    s_vocab = AutoTokenizer.from_pretrained(student_path, trust_remote_code=trust_remote_code).get_vocab()
-    t_vocab = AutoTokenizer.from_pretrained(teacher_path, trust_remote_code=trust_remote_code).get_vocab()
+    def vocab(key: str, path: str) -> dict:
+        try:
+            return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).get_vocab()
+        except Exception as e:  # noqa: BLE001 - re-raised naming the key
+            raise ValueError(f"{key}={path!r}: its tokenizer does not load ({type(e).__name__}: {e}). Fix: a model "
+                             "folder or hub id with a tokenizer (offline: a local folder)") from e
+
+    s_vocab = vocab("actor_rollout_ref.model.path", student_path)
+    t_vocab = vocab("distillation.teacher_models.teacher_model.model_path", teacher_path)
     bad = [(tok, i, t_vocab.get(tok)) for tok, i in s_vocab.items() if t_vocab.get(tok) != i]
     if bad:
         examples = ", ".join(f"{tok!r}: student {i} / teacher {j}" for tok, i, j in sorted(bad, key=lambda x: x[1])[:5])
@@ -192,6 +201,39 @@ def check_tokenizers(student_path: str, teacher_path: str, trust_remote_code: bo
             f"distillation.teacher_models.teacher_model.model_path={teacher_path!r}: the teacher embeds {t_rows} ids "
             f"but the student's tokenizer uses ids up to {need - 1}. Fix: use a teacher whose vocab covers the student's."
         )
+
+
+_REMOTE = ("hdfs://", "s3://", "gs://", "http://", "https://")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def check_paths(config) -> None:
+    """Data files that do not exist and model paths that are neither a folder nor a valid hub id fail here,
+    naming the key, before Ray starts (verl would fail tens of seconds later inside a Ray traceback)."""
+    from omegaconf import OmegaConf
+
+    for key in ("data.train_files", "data.val_files"):
+        value = OmegaConf.select(config, key)
+        files = [value] if isinstance(value, str) else list(value or [])
+        for f in files:
+            f = str(f)
+            if not f.startswith(_REMOTE) and not os.path.exists(os.path.expanduser(f)):
+                raise ValueError(f"{key}={f!r}: no such file. Fix: {key}=<existing parquet file or list of files> "
+                                 "(scripts/prepare_data.py writes them), or leave the model paths unset for the "
+                                 "embedded tiny default")
+    for key in ("actor_rollout_ref.model.path", "distillation.teacher_models.teacher_model.model_path"):
+        path = OmegaConf.select(config, key)
+        if not path:
+            continue
+        path = str(path)
+        local = os.path.expanduser(path)
+        if os.path.exists(local):
+            if not os.path.isdir(local):
+                raise ValueError(f"{key}={path!r} is a file; a model is a folder (config.json, weights, tokenizer). "
+                                 f"Fix: {key}=<model folder or hub id such as Qwen/Qwen3-1.7B-Base>")
+        elif path.startswith(("/", "./", "../", "~")) or not _HUB_ID.match(path):
+            raise ValueError(f"{key}={path!r}: neither an existing folder nor a valid hub id (owner/name). "
+                             f"Fix: {key}=<model folder or hub id such as Qwen/Qwen3-1.7B-Base>")
 
 
 def check_run_config(config) -> "EOPDLossConfig":
@@ -251,5 +293,6 @@ def check_run_config(config) -> "EOPDLossConfig":
         logging.getLogger("verl_eopd").warning(
             "actor_rollout_ref.rollout.temperature=%s: student log-probs are taken at this temperature while the "
             "teacher is scored at 1.0; the paper trains at 1.0", temperature)
+    check_paths(config)
     check_tokenizers(aref.model.path, teacher_path, bool(aref.model.get("trust_remote_code", False)))
     return loss
