@@ -96,10 +96,28 @@ def _response_logits(model, prompts: list[list[int]], responses: list[list[int]]
 
 def accuracy(model, prompts, answers, score: Callable, data_sources, *, max_new_tokens: int, eos_id: int,
              pad_id: int, decode: Callable, greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0) -> float:
-    """Mean verifiable reward of one response per prompt."""
+    """Mean verifiable reward `score(data_source, decode(response), answer)` of one response per prompt."""
     resp = generate(model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, greedy=greedy,
                     temperature=temperature, top_p=top_p)
     return sum(score(ds, decode(r), a) for r, a, ds in zip(resp, answers, data_sources)) / len(prompts)
+
+
+@torch.no_grad()
+def teacher_statistics(teacher, prompts: list[list[int]], responses: list[list[int]], *, topk: int, student_eos: int,
+                       teacher_eos: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """`core.kernels.teacher_stats` of the teacher on the student's responses [B, R]: the teacher scores its copy
+    (first student end token -> the teacher's), and its end token is mapped back in the top-k ids."""
+    t_resp = []
+    for r in responses:
+        r = list(r)
+        if student_eos != teacher_eos and student_eos in r:
+            r[r.index(student_eos)] = teacher_eos
+        t_resp.append(r)
+    t_logits, t_ids, _ = _response_logits(teacher, prompts, t_resp, pad_id)
+    ts = teacher_stats(t_logits, t_ids, topk)
+    if student_eos != teacher_eos:
+        ts["topk_ids"] = map_teacher_eos_in_topk(ts["topk_ids"], student_eos, teacher_eos)
+    return ts
 
 
 def distill(student, teacher, train_prompts: list[list[int]], cfg: LoopConfig, *, student_eos: int, teacher_eos: int,
@@ -122,17 +140,8 @@ def distill(student, teacher, train_prompts: list[list[int]], cfg: LoopConfig, *
         student.eval()
         responses = generate(student, batch, max_new_tokens=cfg.max_new_tokens, eos_id=student_eos, pad_id=pad_id,
                              temperature=cfg.temperature)
-        with torch.no_grad():
-            t_resp = []
-            for r in responses:  # the teacher's copy: first student end token -> the teacher's
-                r = list(r)
-                if student_eos != teacher_eos and student_eos in r:
-                    r[r.index(student_eos)] = teacher_eos
-                t_resp.append(r)
-            t_logits, t_ids, _ = _response_logits(teacher, batch, t_resp, pad_id)
-            ts = teacher_stats(t_logits, t_ids, cfg.topk)
-            if student_eos != teacher_eos:
-                ts["topk_ids"] = map_teacher_eos_in_topk(ts["topk_ids"], student_eos, teacher_eos)
+        ts = teacher_statistics(teacher, batch, responses, topk=cfg.topk, student_eos=student_eos,
+                                teacher_eos=teacher_eos, pad_id=pad_id)
         student.train()
         old = None
         for _ in range(cfg.ppo_epochs):

@@ -28,13 +28,11 @@ from typing import Callable
 
 import torch
 
-from ..core.eos import map_teacher_eos_in_topk
-from ..core.kernels import teacher_stats
 from ..core.objective import eopd_loss
 from ..core.settings import EOPDSettings
 from .curves import plot
 from .eval import pass_at_k
-from .loop import LoopConfig, _response_logits, distill, generate
+from .loop import LoopConfig, _response_logits, accuracy, distill, generate, teacher_statistics
 from .stats import holm, paired_t
 
 ARMS = {
@@ -92,9 +90,11 @@ class _Pair:
                 for r, a, ds in zip(out, [a for a in answers for _ in range(n)], [s for s in sources for _ in range(n)])]
         return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
-    def greedy_accuracy(self, model) -> float:
-        s = self.scores(model, self.val, self.val_answers, self.val_sources, greedy=True)
-        return sum(r[0] for r in s) / len(s)
+    def greedy_accuracy(self, model, teacher: bool = False) -> float:
+        """Greedy accuracy on the whole held-out split (the teacher stops on its own end token)."""
+        tok = self.teacher_tok if teacher else self.tok
+        return accuracy(model, self.val, self.val_answers, self.score, self.val_sources, max_new_tokens=16,
+                        eos_id=tok.eos_token_id, pad_id=self.pad, decode=lambda r: tok.decode(r, skip_special_tokens=True))
 
     @torch.no_grad()
     def claims_ab(self, model, prompts, seed: int) -> dict[str, float]:
@@ -102,11 +102,8 @@ class _Pair:
         the fixed prompts (one each, T = 1, sampling seed fixed)."""
         torch.manual_seed(seed)
         resp = generate(model, prompts, max_new_tokens=16, eos_id=self.student_eos, pad_id=self.pad)
-        t_resp = [[self.teacher_eos if (t == self.student_eos and i == r.index(self.student_eos)) else t
-                   for i, t in enumerate(r)] for r in resp]
-        t_logits, t_ids, _ = _response_logits(self.teacher, prompts, t_resp, self.pad)
-        ts = teacher_stats(t_logits, t_ids, 16)
-        ts["topk_ids"] = map_teacher_eos_in_topk(ts["topk_ids"], self.student_eos, self.teacher_eos)
+        ts = teacher_statistics(self.teacher, prompts, resp, topk=16, student_eos=self.student_eos,
+                                teacher_eos=self.teacher_eos, pad_id=self.pad)
         s_logits, ids, mask = _response_logits(model, prompts, resp, self.pad)
         old = torch.log_softmax(s_logits.float(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
         _, stats = eopd_loss(s_logits, ids, old, ts["topk_ids"], ts["topk_logprobs"], mask,
@@ -179,7 +176,7 @@ def run(arms, seeds, cfg: LoopConfig, k: int, ab_prompts_n: int, out_dir: Path, 
             results.setdefault(arm, []).append(run_arm(pair, arm, seed, cfg, ab_prompts, k, log))
     student0 = pair.load(info["student"])
     refs = {"student_before_greedy": pair.greedy_accuracy(student0),
-            "teacher_greedy": _teacher_greedy(pair)}
+            "teacher_greedy": pair.greedy_accuracy(pair.teacher, teacher=True)}
     summary = {"config": {**asdict(replace(cfg, settings=EOPDSettings())), "k": k, "ab_prompts": len(ab_prompts),
                           "seeds": list(seeds), "arms": list(arms)},
                "seconds": time.time() - t0, "references": refs, "results": results,
@@ -187,13 +184,6 @@ def run(arms, seeds, cfg: LoopConfig, k: int, ab_prompts_n: int, out_dir: Path, 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
-
-
-def _teacher_greedy(pair: _Pair) -> float:
-    s = [pair.score(ds, pair.teacher_tok.decode(r, skip_special_tokens=True), a) for r, a, ds in zip(
-        generate(pair.teacher, pair.val, max_new_tokens=16, eos_id=pair.teacher_eos, pad_id=pair.pad, greedy=True),
-        pair.val_answers, pair.val_sources)]
-    return sum(s) / len(s)
 
 
 def figures(summary: dict, fig_dir: Path) -> list[str]:
