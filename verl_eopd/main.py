@@ -22,7 +22,7 @@ from typing import Iterable, NamedTuple, Optional
 import hydra
 from omegaconf import OmegaConf, open_dict
 
-from .integration.env import PLUGIN_MODULE, TASK_RUNNER_ENV, TOKEN_COLUMN_ENV
+from .integration.env import TASK_RUNNER_ENV, TOKEN_COLUMN_ENV, external_modules_with_plugin
 
 logger = logging.getLogger("verl_eopd")
 
@@ -103,10 +103,9 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
         use_reference_policy=loss.teacher_route == "ref" or need_reference_policy(config),
         use_critic=need_critic(config),
     )
-    modules = [m for m in os.environ.get("VERL_USE_EXTERNAL_MODULES", "").split(",") if m]
     env = {
         # every process imports the plugin through verl's VERL_USE_EXTERNAL_MODULES (errors raise, not DEBUG)
-        "VERL_USE_EXTERNAL_MODULES": ",".join(dict.fromkeys([*modules, PLUGIN_MODULE])),
+        "VERL_USE_EXTERNAL_MODULES": external_modules_with_plugin(),
         # the server route's exact sampled-token column (integration/server_route.py)
         TOKEN_COLUMN_ENV: "1" if loss.teacher_route == "server" and loss.server_token_logprob == "exact" else "0",
     }

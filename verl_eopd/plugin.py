@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 
-from .integration.env import PLUGIN_MODULE, TASK_RUNNER_ENV
+from .integration.env import PLUGIN_MODULE, TASK_RUNNER_ENV, cpu_platform_requested
 
 logger = logging.getLogger("verl_eopd")
 _STATE = {"done": False}
@@ -36,7 +36,7 @@ def setup() -> None:
         from .integration.version import check_verl_version
 
         check_verl_version()
-        if os.environ.get("VERL_PLATFORM", "").lower() == "cpu":  # set by verl_eopd.main for CPU runs
+        if cpu_platform_requested():
             from .cpu.platform import install_light
 
             install_light()

@@ -24,7 +24,7 @@ import types
 import torch
 
 from ..integration import patches
-from ..integration.env import PLUGIN_MODULE
+from ..integration.env import external_modules_with_plugin
 _STATE = {"installed": False}
 
 
@@ -227,9 +227,7 @@ def install() -> None:
 
     os.environ["VERL_PLATFORM"] = "cpu"  # inherited by Ray workers started from here
     # verl/__init__ imports these in every worker before any entry point, failing loudly on an error
-    modules = [m for m in os.environ.get("VERL_USE_EXTERNAL_MODULES", "").split(",") if m]
-    if PLUGIN_MODULE not in modules:
-        os.environ["VERL_USE_EXTERNAL_MODULES"] = ",".join(modules + [PLUGIN_MODULE])
+    os.environ["VERL_USE_EXTERNAL_MODULES"] = external_modules_with_plugin()
     install_light()
     set_platform(_platform_class()())
     _STATE["installed"] = True

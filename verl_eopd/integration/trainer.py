@@ -35,6 +35,7 @@ from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
 from .config import EOPDLossConfig, build_loss_config
+from .env import cpu_platform_requested
 from .loss import eopd_ppo_loss
 from .teacher import TeacherSettings, teacher_worker_class
 
@@ -64,18 +65,12 @@ def teacher_settings(loss: EOPDLossConfig, distillation_config: DictConfig, mode
                            teacher_eos_token_id=teacher_eos, logits_chunk_mb=int(loss.logits_chunk_mb))
 
 
-def _on_cpu_platform() -> bool:
-    import os
-
-    return os.environ.get("VERL_PLATFORM", "").lower() == "cpu"
-
-
 class EOPDActorRolloutRefWorker(ActorRolloutRefWorker):
     """verl's hybrid actor/rollout/ref worker with the EOPD loss bound to the actor and, on the ref route,
     the teacher as the ref."""
 
     def __init__(self, config: DictConfig, role: str, distillation_config=None, **kwargs):
-        if _on_cpu_platform():  # verl would ask for backend "cpu:gloo,cpu:gloo" (its CPU default + the device's)
+        if cpu_platform_requested():  # verl would ask for backend "cpu:gloo,cpu:gloo" (its CPU default + the device's)
             from verl.utils.distributed import initialize_global_process_group_ray
 
             initialize_global_process_group_ray(timeout_second=None, backend="gloo")
