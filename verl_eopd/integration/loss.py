@@ -17,6 +17,7 @@ call to verl's `distillation_ppo_loss` (which finds `eopd_distillation_loss` in 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -77,6 +78,21 @@ def _eopd_config(distillation_config):
     return cfg
 
 
+def inplace_cross_entropy_follows(data) -> bool:
+    """True when verl computes the task log-probs of these same logits next with flash-attn's cross-entropy
+    (`verl.utils.torch_functional.logprobs_from_logits`: the micro-batch is not `distillation_only`, i.e. task
+    rewards or policy gradient are on, flash-attn is installed and VERL_DISABLE_FLASH_ATTN_CE is not 1).
+    Its backward (`inplace_backward=True`) writes the gradient into the logits' storage without bumping
+    their version counter, so anything that saved the logits for its own backward reads that gradient."""
+    from verl.utils import tensordict_utils as tu
+    from verl.utils import torch_functional as verl_F
+
+    if tu.get_non_tensor_data(data=data, key="distillation_only", default=False):
+        return False
+    return (bool(getattr(verl_F, "FLAH_ATTN_CROSS_ENTROPY_LOSS_AVAILABLE", False))
+            and os.environ.get("VERL_DISABLE_FLASH_ATTN_CE", "0") != "1")
+
+
 def eopd_logits_processor(config, distillation_config, data, student_logits: torch.Tensor, data_format: str = "thd"):
     """Student-side EOPD terms, per packed token; called by verl's engine with the student logits.
 
@@ -116,6 +132,11 @@ def eopd_logits_processor(config, distillation_config, data, student_logits: tor
     t_ids = _rows(t_ids, n, 0)
     labels = _rows(labels, n, 0).clamp(0, V - 1)  # dummy rows only; response labels are < V
 
+    if inplace_cross_entropy_follows(data):
+        # the student log-prob kernel recomputes the softmax from its saved logits in backward; verl's in-place
+        # cross-entropy backward may overwrite that storage first, so the kernel gets its own copy ([n, V],
+        # only on this path; the gradient still reaches the logits through the copy)
+        logits = logits.clone()
     valid = valid_topk(t_lp, t_ids, V)
     index = torch.cat([torch.where(valid, t_ids, torch.zeros_like(t_ids)), labels.unsqueeze(-1)], dim=-1)
     lq, student_entropy = student_logprobs_at(logits, index, with_entropy=True, chunk_bytes=settings.chunk_bytes)
