@@ -1,7 +1,7 @@
 """Laptop-scale test of the paper's claims on the embedded tiny pair: OPD vs EOPD vs an adaptive gate,
 seed-paired, with held-out accuracy curves, Avg@k / Pass@k and paired tests (Holm-corrected).
 
-    python scripts/mini_repro.py                 # 3 arms x 5 seeds; writes docs/mini_repro/ (results, figures)
+    python scripts/mini_repro.py                 # 2 tasks x 3 arms x 5 seeds; writes docs/mini_repro/
     python scripts/mini_repro.py --quick --out /tmp/mr     # smoke run (2 seeds, a few steps)
 
 What runs and what is measured: verl_eopd/math/repro.py. Training is the plain loop of
@@ -12,11 +12,14 @@ run's shape); docs/mini_repro.md compares it with runs of verl's trainer.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
+from verl_eopd.cpu.embedded import ADD, MULTIPLE
 from verl_eopd.math.loop import LoopConfig
-from verl_eopd.math.repro import ARMS, figures, markdown, run
+from verl_eopd.math.repro import ARMS, correct, figures, markdown, run, verdict_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=[ADD, MULTIPLE], choices=[ADD, MULTIPLE],
+                   help="embedded pairs: sums (one answer) and multiples (several answers, teacher uncertain on them)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--steps", type=int, default=60, help="rollout batches per run")
@@ -47,9 +52,17 @@ def main(argv=None) -> int:
         p.error("--seeds: a paired test needs at least 2 seeds")
     cfg = LoopConfig(steps=args.steps, batch=args.batch, ppo_epochs=args.epochs, lr=args.lr, eval_every=args.eval_every)
     out = Path(args.out)
-    summary = run(args.arms, args.seeds, cfg, args.k, args.ab_prompts, out)
-    figures(summary, out)
-    text = markdown(summary, " ".join(["python scripts/mini_repro.py", *argv]))
+    t0 = time.time()
+    summaries = []
+    for task in args.tasks:
+        summary = run(args.arms, args.seeds, cfg, args.k, args.ab_prompts, out / task, task=task)
+        figures(summary, out / task)
+        summaries.append(summary)
+    rows = correct([row for s in summaries for row in s["verdicts"]])  # one family over every task
+    (out / "verdicts.json").write_text(json.dumps(rows, indent=1))
+    command = " ".join(["python scripts/mini_repro.py", *argv])
+    text = "\n\n".join([f"Command: `{command}` ({(time.time() - t0) / 60:.1f} min on this machine).",
+                         *[markdown(s) for s in summaries], verdict_table(rows)])
     (out / "results.md").write_text(text + "\n")
     print(text)
     return 0

@@ -68,10 +68,10 @@ def tiny_models(tmp_path_factory):
     student = build_tiny_qwen3(str(root / "student"), vocab_size=STUDENT_VOCAB, seed=0, tokenizer=tok)
     teacher = build_tiny_qwen3(str(root / "teacher"), vocab_size=TEACHER_VOCAB, hidden=48, layers=3, seed=1,
                                tokenizer=tok)
-    from verl_eopd.cpu.embedded import write_rl_parquet
+    from verl_eopd.cpu.embedded import ADD, Problem, write_rl_parquet
 
-    write_rl_parquet([(1, 2), (3, 4)], root / "train.parquet", "train")
-    write_rl_parquet([(5, 6)], root / "val.parquet", "val")
+    write_rl_parquet([Problem(ADD, 1, 2), Problem(ADD, 3, 4)], root / "train.parquet", "train")
+    write_rl_parquet([Problem(ADD, 5, 6)], root / "val.parquet", "val")
     return {"student": student, "teacher": teacher, "tokenizer": tok, "train": str(root / "train.parquet"),
             "val": str(root / "val.parquet")}
 

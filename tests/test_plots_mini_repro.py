@@ -102,23 +102,33 @@ def test_verdicts_pair_seeds_and_holm_correct_the_family():
 
 @pytest.mark.e2e
 def test_mini_repro_quick_end_to_end(tmp_path):
-    """The smoke version: two seeds of OPD and EOPD on the embedded pair, evaluated, tested and written up."""
+    """The smoke version: two seeds of OPD and EOPD on both embedded pairs, evaluated, tested (one Holm family
+    over both tasks) and written up."""
+    from verl_eopd.cpu.embedded import ADD, MULTIPLE
+
     out = tmp_path / "mr"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "mini_repro.py"), "--quick", "--out", str(out)],
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in ("metrics.png", "pass_at_k.png", "results.json", "results.md"):
-        assert (out / name).exists(), name
-    results = json.loads((out / "results.json").read_text())
-    for arm in ("opd", "eopd"):
-        assert [r["seed"] for r in results["results"][arm]] == [0, 1]
-        for run in results["results"][arm]:
-            assert 0.0 <= run["pass@1"] <= run["pass@4"] <= 100.0
-            assert math.isfinite(run["student_entropy"]) and math.isfinite(run["fkl_high_entropy"])
-            assert sorted(int(s) for s in run["curve"]) == [0, 3]
-    assert {v["verdict"] for v in results["verdicts"]} <= {"holds", "reversed", "not shown"}
-    assert len(results["verdicts"]) == 4  # 4 claims (entropy, FKL, Pass@4, Avg@4) x 1 EOPD arm at k = 4
-    refs = results["references"]
-    assert refs["teacher_greedy"] > refs["student_before_greedy"] + 0.5  # the pair is a real test bed
+    for task in (ADD, MULTIPLE):
+        for name in ("metrics.png", "pass_at_k.png", "results.json"):
+            assert (out / task / name).exists(), (task, name)
+        results = json.loads((out / task / "results.json").read_text())
+        assert results["task"] == task
+        for arm in ("opd", "eopd"):
+            assert [r["seed"] for r in results["results"][arm]] == [0, 1]
+            for run in results["results"][arm]:
+                assert 0.0 <= run["pass@1"] <= run["pass@4"] <= 100.0
+                assert math.isfinite(run["student_entropy"]) and math.isfinite(run["fkl_high_entropy"])
+                assert sorted(int(s) for s in run["curve"]) == [0, 3]
+        refs = results["references"]
+        assert refs["teacher_greedy"] > refs["student_before_greedy"] + 0.5  # the pair is a real test bed
+    rows = json.loads((out / "verdicts.json").read_text())
+    assert {v["verdict"] for v in rows} <= {"holds", "reversed", "not shown"}
+    # 4 claims (entropy, FKL, Pass@4, Avg@4) x 1 EOPD arm x 2 tasks, corrected as one family
+    assert len(rows) == 8 and [r["task"] for r in rows] == [ADD] * 4 + [MULTIPLE] * 4
+    from verl_eopd.math.stats import holm
+
+    assert [r["p_holm"] for r in rows] == pytest.approx(holm([r["p"] for r in rows]))
     text = (out / "results.md").read_text()
-    assert "Holm-corrected" in text and "| EOPD (tau = 0.8) |" in text
+    assert "Holm-corrected over all 8 tests" in text and "| EOPD (tau = 0.8) |" in text and f"### {MULTIPLE}" in text

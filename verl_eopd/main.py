@@ -2,7 +2,7 @@
 
 The config is verl's `ppo_trainer` plus the EOPD presets (verl_eopd/conf/). Before Ray starts:
   * no model given (actor_rollout_ref.model.path and the teacher path both unset): the embedded tiny
-    default is built once and used (verl_eopd.cpu.embedded);
+    default is built once and used (verl_eopd.cpu.embedded; EOPD_EMBEDDED_TASK=multiple picks the second task);
   * no GPU (or trainer.device=cpu): CPU settings (verl_eopd.cpu.platform.CPU_SETTINGS: the HF rollout backend,
     gloo, sdpa, logical Ray resources) and the CPU platform;
   * every value a user wrote on the command line wins over both;
@@ -82,9 +82,9 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
     teacher = OmegaConf.select(config, "distillation.teacher_models.teacher_model.model_path")
     info = None
     if not student and not teacher:
-        from .cpu.embedded import embedded_settings, ensure_embedded_default
+        from .cpu.embedded import embedded_settings, ensure_embedded_default, selected_task
 
-        info = ensure_embedded_default()
+        info = ensure_embedded_default(task=selected_task())
         algorithm = algorithm or _algorithm_name(config)
         apply_settings(config, embedded_settings(info, algorithm), user_keys)
         print(f"[verl_eopd] no model given: embedded tiny default ({info['root']}), algorithm={algorithm}", flush=True)

@@ -1,23 +1,31 @@
-"""The embedded tiny default: a teacher and a smaller student on a synthetic arithmetic task, built here.
+"""The embedded tiny pairs: a teacher and a smaller student on a synthetic task, built here.
 
-`python -m verl_eopd.main algorithm=eopd` with no model given runs EOPD on this pair, so the whole loop
-runs on a laptop CPU or in CI with no hub access. Built once and cached (`EOPD_CACHE`, default
-`~/.cache/verl_eopd/tiny-v4`):
+`python -m verl_eopd.main algorithm=eopd` with no model given runs EOPD on a pair, so the whole loop runs on
+a laptop CPU or in CI with no hub access. Two tasks, each with its own pair, built once and cached
+(`EOPD_CACHE`, default `~/.cache/verl_eopd/<version>`); `EOPD_EMBEDDED_TASK` picks one (default `add`):
+
+  add (tiny-v4)  "What is a plus b?", one correct answer. The teacher (Qwen3 hidden 64, 2 layers) adds well
+                 (about 97% greedy on held-out sums); its entropy is near zero on the digits and about ln 3
+                 on the phrasing choice, so the gate never opens on the tokens that decide correctness
+  multiple       "Name a multiple of d between a and b." (d in 6..9, 3 to 5 correct answers), the task where
+  (tiny-multiple-v1)  the teacher is uncertain on the deciding tokens: it was taught every correct answer
+                 equally, so its entropy on the first digit of the answer (or of the quotient) is above
+                 tau = 0.8 on most problems; Pass@k rewards a student that keeps the alternatives. Teacher
+                 Qwen3 hidden 64, 3 layers (about 97% greedy on held-out problems)
 
   tokenizer   byte-level BPE trained on the task's text, digits split one per token (as Qwen's), ChatML
               template, specials <|endoftext|> <|im_start|> <|im_end|> (ids 0, 1, 2)
-  teacher     Qwen3 (hidden 64, 2 layers), fine-tuned to answer "What is a plus b?" in one of three
-              phrasings and to end with <|im_end|> (a chat model). It adds well (about 96% greedy, 91% at
-              T = 1 on held-out sums): near-zero entropy on the digits, about ln 3 nats on the phrasing
-              choice, so the gate has work to do
+  teacher     fine-tuned to answer in one of three phrasings and to end with <|im_end|> (a chat model)
   student     Qwen3 (hidden 32, 2 layers), fine-tuned briefly on the same text ending with <|endoftext|>
               (a "Base" model: a different end token, as Qwen3-Base vs Qwen3 chat, exercising the EOS remap);
-              it knows the answer formats and adds poorly (about 12% at T = 1 on held-out sums, 56% Pass@8)
-  data        train/val parquet in verl's RL format: chat `prompt`, `data_source`, `reward_model.ground_truth`
+              it knows the answer formats and is poor at the task (add: about 16% greedy; multiple: 7%)
+  data        train/val parquet in verl's RL format: chat `prompt`, `data_source` (the task), `reward_model.
+              ground_truth` (the sum; "d (a, b)" for a multiple), 90/10 split with a fixed seed
 
-The fine-tuning is a plain PyTorch loop (a few hundred steps of next-token loss on the responses).
-`compute_score` is the task's verifiable reward for `eopd_grpo`: 1.0 when the last integer of the
-response equals the sum.
+Mixing both tasks into one pair was tried and rejected: a teacher fine-tuned on both (2 or 3 layers) made
+on-policy distillation lower the student's addition accuracy within the 60-step budget (docs/cpu.md).
+The fine-tuning is a plain PyTorch loop (next-token loss on the responses). `compute_score` is the tasks'
+verifiable reward (verl's custom-reward signature), also used for `eopd_grpo`.
 """
 
 from __future__ import annotations
@@ -26,62 +34,141 @@ import json
 import os
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-VERSION = "tiny-v4"
-DATA_SOURCE = "eopd_tiny_add"
+ADD, MULTIPLE = "eopd_tiny_add", "eopd_tiny_multiple"  # the tasks (each is also verl's data_source)
+VERSIONS = {ADD: "tiny-v4", MULTIPLE: "tiny-multiple-v1"}  # cache folder of each task's pair
+VERSION = VERSIONS[ADD]  # the default pair
+DATA_SOURCE = ADD
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}"
 )
-PHRASINGS = ("The answer is {s}.", "It is {s}.", "{a} + {b} = {s}.")
+ADD_PHRASINGS = ("The answer is {s}.", "It is {s}.", "{a} + {b} = {s}.")
+MULTIPLE_PHRASINGS = ("The answer is {n}.", "It is {n}.", "{d} x {q} = {n}.")
 MAX_OPERAND = 60
+DIVISORS = (6, 7, 8, 9)
+MULTIPLE_STARTS = range(0, 90)  # a; b = a + width, width such that 3 to 5 multiples of d lie strictly between
+N_MULTIPLE = 1200  # problems drawn (fixed seed) from all (d, a, b)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("EOPD_CACHE", Path.home() / ".cache" / "verl_eopd")) / VERSION
+TASK_ENV = "EOPD_EMBEDDED_TASK"  # which pair `python -m verl_eopd.main` uses when no model is given
 
 
-# ------------------------------------------------------------------------------------------------ task
+def selected_task() -> str:
+    """The task named by $EOPD_EMBEDDED_TASK (`add` or `multiple`, or the full data_source name); `add` unset."""
+    value = os.environ.get(TASK_ENV, "add").strip()
+    for task in VERSIONS:
+        if value in (task, task.rsplit("_", 1)[-1]):
+            return task
+    raise ValueError(f"{TASK_ENV}={value!r} names no embedded task; fix: {TASK_ENV}=add (sums, the default) or "
+                     f"{TASK_ENV}=multiple (name a multiple of d between a and b)")
 
 
-def question(a: int, b: int) -> str:
-    return f"What is {a} plus {b}?"
+def cache_dir(task: str = ADD) -> Path:
+    return Path(os.environ.get("EOPD_CACHE", Path.home() / ".cache" / "verl_eopd")) / VERSIONS[task]
 
 
-def task_pairs(seed: int = 0) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """All (a, b) with 0 <= a, b < MAX_OPERAND, split 90/10 into train/val (fixed seed)."""
-    pairs = [(a, b) for a in range(MAX_OPERAND) for b in range(MAX_OPERAND)]
-    random.Random(seed).shuffle(pairs)
-    n_val = len(pairs) // 10
-    return pairs[n_val:], pairs[:n_val]
+# ------------------------------------------------------------------------------------------------ tasks
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem of the embedded tasks (`source` is verl's data_source, which also picks the reward rule).
+
+    add       "What is a plus b?": one correct answer, a + b (0 <= a, b < MAX_OPERAND)
+    multiple  "Name a multiple of 7 between a and b.": every n with n % 7 == 0 and a < n < b is correct (3 to 5
+              of them); the teacher was taught all of them equally, so it is uncertain on the very tokens
+              that decide correctness, where EOPD's gate opens
+    """
+
+    source: str
+    a: int
+    b: int
+    d: int = 0  # the divisor of a `multiple` problem
+
+    def question(self) -> str:
+        if self.source == MULTIPLE:
+            return f"Name a multiple of {self.d} between {self.a} and {self.b}."
+        return f"What is {self.a} plus {self.b}?"
+
+    def ground_truth(self) -> str:
+        """verl's `reward_model.ground_truth`: the sum, or "d (a, b)" for a multiple of d in the open interval."""
+        return f"{self.d} ({self.a}, {self.b})" if self.source == MULTIPLE else str(self.a + self.b)
+
+    def answers(self) -> list[int]:
+        """Every correct final number."""
+        if self.source == MULTIPLE:
+            return [n for n in range(self.a + 1, self.b) if n % self.d == 0]
+        return [self.a + self.b]
+
+    def response(self, rng: random.Random) -> str:
+        """A correct response in one of the task's phrasings (uniform over phrasings and correct answers)."""
+        if self.source == MULTIPLE:
+            n = rng.choice(self.answers())
+            return rng.choice(MULTIPLE_PHRASINGS).format(n=n, q=n // self.d, d=self.d)
+        return rng.choice(ADD_PHRASINGS).format(a=self.a, b=self.b, s=self.a + self.b)
+
+
+def task_problems(task: str = ADD, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+    """Every problem of the task, split 90/10 into train/val (fixed seed)."""
+    if task == ADD:
+        problems = [Problem(ADD, a, b) for a in range(MAX_OPERAND) for b in range(MAX_OPERAND)]
+    elif task == MULTIPLE:
+        every = [Problem(MULTIPLE, a, a + w, d) for d in DIVISORS for a in MULTIPLE_STARTS
+                 for w in range(3 * d + 1, 5 * d + 1)]
+        problems = random.Random(seed).sample([p for p in every if 3 <= len(p.answers()) <= 5], N_MULTIPLE)
+    else:
+        raise ValueError(f"unknown embedded task {task!r}; choose one of {sorted(VERSIONS)}")
+    random.Random(seed).shuffle(problems)
+    n_val = len(problems) // 10
+    return problems[n_val:], problems[:n_val]
+
+
+def tokenizer_corpus(task: str) -> list[str]:
+    """The text the task's tokenizer is trained on."""
+    if task == ADD:
+        return [f"What is {a} plus {b}? " + p.format(a=a, b=b, s=a + b) + " user assistant"
+                for a in range(MAX_OPERAND) for b in range(0, MAX_OPERAND, 3) for p in ADD_PHRASINGS]
+    rng = random.Random(0)
+    train, val = task_problems(task)
+    return [p.question() + " " + p.response(rng) + " user assistant" for p in train + val for _ in range(2)]
 
 
 def compute_score(data_source, solution_str, ground_truth, extra_info=None) -> float:
-    """verl custom-reward signature: 1.0 if the last integer in the response equals the answer, else 0.0."""
+    """verl's custom-reward signature. The response's last integer n is the answer: for `eopd_tiny_multiple`
+    1.0 when n is a multiple of 7 inside the open interval "(a, b)" of ground_truth, otherwise 1.0 when n
+    equals ground_truth; else 0.0."""
     numbers = re.findall(r"-?\d+", solution_str or "")
-    return 1.0 if numbers and numbers[-1] == str(ground_truth).strip() else 0.0
+    if not numbers:
+        return 0.0
+    if data_source == MULTIPLE:
+        d, a, b = (int(x) for x in re.findall(r"-?\d+", str(ground_truth)))
+        n = int(numbers[-1])
+        return 1.0 if n % d == 0 and a < n < b else 0.0
+    return 1.0 if numbers[-1] == str(ground_truth).strip() else 0.0
 
 
-def write_rl_parquet(pairs, path: Path, split: str) -> None:
+def write_rl_parquet(problems: list[Problem], path: Path, split: str) -> None:
     import pandas as pd
 
     rows = [{
-        "data_source": DATA_SOURCE,
-        "prompt": [{"role": "user", "content": question(a, b)}],
+        "data_source": p.source,
+        "prompt": [{"role": "user", "content": p.question()}],
         "ability": "math",
-        "reward_model": {"style": "rule", "ground_truth": str(a + b)},
-        "extra_info": {"split": split, "index": i, "a": a, "b": b},
-    } for i, (a, b) in enumerate(pairs)]
+        "reward_model": {"style": "rule", "ground_truth": p.ground_truth()},
+        "extra_info": {"split": split, "index": i, "a": p.a, "b": p.b, "d": p.d},
+    } for i, p in enumerate(problems)]
     pd.DataFrame(rows).to_parquet(path)
 
 
 # ------------------------------------------------------------------------------------------------ models
 
 
-def build_tokenizer(out_dir: str, *, eos_token: str = "<|im_end|>", vocab_size: int = 400):
+def build_tokenizer(out_dir: str, *, eos_token: str = "<|im_end|>", vocab_size: int = 400, task: str = ADD):
     """Byte-level BPE trained on the task's text; saved with a ChatML chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -90,8 +177,7 @@ def build_tokenizer(out_dir: str, *, eos_token: str = "<|im_end|>", vocab_size: 
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
-    corpus = [question(a, b) + " " + p.format(a=a, b=b, s=a + b) + " user assistant"
-              for a in range(MAX_OPERAND) for b in range(0, MAX_OPERAND, 3) for p in PHRASINGS]
+    corpus = tokenizer_corpus(task)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
@@ -124,20 +210,20 @@ def build_tiny_qwen3(out_dir: str, tokenizer, *, vocab_size: Optional[int] = Non
     return model
 
 
-def _sft_examples(tokenizer, pairs, rng: random.Random, end_token: str) -> list[tuple[list[int], int]]:
-    """(token ids, prompt length) for each pair with a random phrasing, ending with end_token."""
+def _sft_examples(tokenizer, problems: list[Problem], rng: random.Random, end_token: str) -> list[tuple[list[int], int]]:
+    """(token ids, prompt length) for each problem with a random correct response, ending with end_token."""
     out = []
-    for a, b in pairs:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question(a, b)}], tokenize=False,
+    for p in problems:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": p.question()}], tokenize=False,
                                                add_generation_prompt=True)
-        answer = rng.choice(PHRASINGS).format(a=a, b=b, s=a + b) + end_token
+        answer = p.response(rng) + end_token
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         r_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
         out.append((p_ids + r_ids, len(p_ids)))
     return out
 
 
-def sft(model_dir: str, tokenizer, pairs, *, end_token: str, steps: int, lr: float, batch: int = 32, seed: int = 0,
+def sft(model_dir: str, tokenizer, problems: list[Problem], *, end_token: str, steps: int, lr: float, batch: int = 32, seed: int = 0,
         log_every: int = 0) -> list[float]:
     """Plain next-token fine-tuning on the responses (prompt tokens masked); saves the model in place."""
     import torch
@@ -152,7 +238,7 @@ def sft(model_dir: str, tokenizer, pairs, *, end_token: str, steps: int, lr: flo
     losses = []
     model.train()
     for step in range(steps):
-        examples = _sft_examples(tokenizer, rng.sample(pairs, batch), rng, end_token)
+        examples = _sft_examples(tokenizer, rng.sample(problems, batch), rng, end_token)
         L = max(len(ids) for ids, _ in examples)
         ids = torch.full((batch, L), pad)
         labels = torch.full((batch, L), -100)
@@ -175,32 +261,47 @@ def sft(model_dir: str, tokenizer, pairs, *, end_token: str, steps: int, lr: flo
     return losses
 
 
-def ensure_embedded_default(root: Optional[Path] = None, *, teacher_steps: int = 1200, student_steps: int = 600,
-                            verbose: bool = True) -> dict[str, str]:
-    """Build (once) and return the paths of the tiny teacher, student and task data."""
+@dataclass(frozen=True)
+class Recipe:
+    """How a task's pair is built: teacher size and fine-tuning steps (batch 32, lr 3e-3, cosine); the student
+    is always Qwen3 hidden 32, 2 layers."""
+
+    teacher_hidden: int
+    teacher_layers: int
+    teacher_steps: int
+    student_steps: int
+
+
+RECIPES = {ADD: Recipe(64, 2, 1200, 600), MULTIPLE: Recipe(64, 3, 3000, 150)}
+
+
+def ensure_embedded_default(root: Optional[Path] = None, *, task: str = ADD, teacher_steps: Optional[int] = None,
+                            student_steps: Optional[int] = None, verbose: bool = True) -> dict[str, str]:
+    """Build (once) and return the paths of the task's tiny teacher, student and data (default: addition)."""
     import torch
 
-    root = Path(root or cache_dir())
+    recipe = RECIPES[task] if task in RECIPES else task_problems(task)  # task_problems raises naming the task
+    root = Path(root or cache_dir(task))
     done = root / "READY.json"
     if done.exists():
         return json.loads(done.read_text())
     root.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     if verbose:
-        print(f"[verl_eopd.cpu.embedded] building the tiny default in {root} (once; ~1 min)", flush=True)
-    train, val = task_pairs()
-    paths = {"root": str(root), "teacher": str(root / "teacher"), "student": str(root / "student"),
+        print(f"[verl_eopd.cpu.embedded] building the tiny {task} pair in {root} (once; 1-2 min)", flush=True)
+    train, val = task_problems(task)
+    paths = {"root": str(root), "task": task, "teacher": str(root / "teacher"), "student": str(root / "student"),
              "train": str(root / "train.parquet"), "val": str(root / "val.parquet")}
-    chat_tok = build_tokenizer(str(root / "tok_chat"), eos_token="<|im_end|>")
-    base_tok = build_tokenizer(str(root / "tok_base"), eos_token="<|endoftext|>")
+    chat_tok = build_tokenizer(str(root / "tok_chat"), eos_token="<|im_end|>", task=task)
+    base_tok = build_tokenizer(str(root / "tok_base"), eos_token="<|endoftext|>", task=task)
     assert chat_tok.get_vocab() == base_tok.get_vocab()
-    build_tiny_qwen3(paths["teacher"], chat_tok, hidden=64, layers=2, seed=1)
+    build_tiny_qwen3(paths["teacher"], chat_tok, hidden=recipe.teacher_hidden, layers=recipe.teacher_layers, seed=1)
     build_tiny_qwen3(paths["student"], base_tok, hidden=32, layers=2, seed=2)
     log = 100 if verbose else 0
-    t_losses = sft(paths["teacher"], chat_tok, train, end_token="<|im_end|>", steps=teacher_steps, lr=3e-3,
-                   seed=1, log_every=log)
-    s_losses = sft(paths["student"], base_tok, train, end_token="<|endoftext|>", steps=student_steps, lr=3e-3,
-                   seed=2, log_every=log)
+    t_losses = sft(paths["teacher"], chat_tok, train, end_token="<|im_end|>", steps=teacher_steps or recipe.teacher_steps,
+                   lr=3e-3, seed=1, log_every=log)
+    s_losses = sft(paths["student"], base_tok, train, end_token="<|endoftext|>",
+                   steps=student_steps or recipe.student_steps, lr=3e-3, seed=2, log_every=log)
     write_rl_parquet(train, Path(paths["train"]), "train")
     write_rl_parquet(val, Path(paths["val"]), "val")
     torch.set_num_threads(threads)
@@ -263,7 +364,7 @@ def embedded_settings(info: dict, algorithm: str) -> dict:
         "trainer.total_training_steps": STEPS,
         "trainer.logger": ["console", "file"],
         "trainer.project_name": "verl-eopd",  # not "verl_eopd": a ./verl_eopd log folder would shadow the package
-        "trainer.experiment_name": f"tiny_{algorithm}",
+        "trainer.experiment_name": ("tiny_" if info.get("task", ADD) == ADD else "tiny_multiple_") + algorithm,
         "trainer.val_before_train": True,
         "trainer.test_freq": VAL_EVERY,
         "trainer.save_freq": STEPS,

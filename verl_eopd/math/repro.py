@@ -7,7 +7,7 @@ by seed. Training is the plain loop of `math/loop.py` (verl_eopd's own objective
 EOS remap; the default run's shape: 512 responses per rollout batch, 4 PPO epochs, AdamW lr 1e-3).
 
 Measured, all on the held-out split (never trained on):
-  curve     greedy accuracy every `eval_every` steps (360 problems)
+  curve     greedy accuracy every `eval_every` steps (the whole held-out split)
   (c)       Avg@16 and Pass@k, k = 1..16 (16 samples per problem at T = 1, top-p 0.8: the paper's protocol)
   (a), (b)  on one fixed set of held-out prompts for every arm (one response per prompt, sampled by the arm's
             final student at T = 1, the same sampling seed): the student's token entropy, and the forward KL
@@ -141,8 +141,9 @@ def run_arm(pair: _Pair, arm: str, seed: int, cfg: LoopConfig, ab_prompts, k: in
     return result
 
 
-def verdicts(results: dict[str, list[dict]], k: int, arms=("eopd", "eopd_quantile")) -> list[dict]:
-    """Paired tests of each EOPD arm against OPD for every claim, Holm-corrected over the whole family."""
+def verdicts(results: dict[str, list[dict]], k: int, arms=("eopd", "eopd_quantile"), task: str = "") -> list[dict]:
+    """Paired tests of each EOPD arm against OPD for every claim, Holm-corrected over this family (`correct`
+    redoes the correction over several tasks' families)."""
     rows = []
     opd = sorted(results["opd"], key=lambda r: r["seed"])
     for arm in arms:
@@ -152,7 +153,13 @@ def verdicts(results: dict[str, list[dict]], k: int, arms=("eopd", "eopd_quantil
         assert [r["seed"] for r in runs] == [r["seed"] for r in opd], "arms must share seeds (paired design)"
         for claim, (key, sign) in claims(k).items():
             test = paired_t([r[key] for r in runs], [r[key] for r in opd])
-            rows.append({"arm": arm, "claim": claim, "key": key, "sign": sign, **asdict(test)})
+            rows.append({"task": task, "arm": arm, "claim": claim, "key": key, "sign": sign, **asdict(test)})
+    return correct(rows)
+
+
+def correct(rows: list[dict]) -> list[dict]:
+    """Holm-correct the p-values of `rows` as one family and label each: "holds" when the corrected p < 0.05
+    with the claimed sign, "reversed" with the opposite sign, else "not shown"."""
     for row, p_holm in zip(rows, holm([r["p"] for r in rows])):
         row["p_holm"] = p_holm
         if p_holm < 0.05:
@@ -162,11 +169,13 @@ def verdicts(results: dict[str, list[dict]], k: int, arms=("eopd", "eopd_quantil
     return rows
 
 
-def run(arms, seeds, cfg: LoopConfig, k: int, ab_prompts_n: int, out_dir: Path, log: Callable = print) -> dict:
-    """Train and evaluate every arm x seed; returns everything measured (also written to results.json)."""
+def run(arms, seeds, cfg: LoopConfig, k: int, ab_prompts_n: int, out_dir: Path, log: Callable = print,
+        task: str = "eopd_tiny_add") -> dict:
+    """Train and evaluate every arm x seed on the task's embedded pair; returns everything measured (also
+    written to out_dir/results.json)."""
     from ..cpu.embedded import ensure_embedded_default
 
-    info = ensure_embedded_default()
+    info = ensure_embedded_default(task=task)
     pair = _Pair(info)
     ab_prompts = random.Random(0).sample(pair.val, min(ab_prompts_n, len(pair.val)))
     t0 = time.time()
@@ -177,10 +186,11 @@ def run(arms, seeds, cfg: LoopConfig, k: int, ab_prompts_n: int, out_dir: Path, 
     student0 = pair.load(info["student"])
     refs = {"student_before_greedy": pair.greedy_accuracy(student0),
             "teacher_greedy": pair.greedy_accuracy(pair.teacher, teacher=True)}
-    summary = {"config": {**asdict(replace(cfg, settings=EOPDSettings())), "k": k, "ab_prompts": len(ab_prompts),
-                          "seeds": list(seeds), "arms": list(arms)},
+    summary = {"task": task, "config": {**asdict(replace(cfg, settings=EOPDSettings())), "k": k,
+                                        "ab_prompts": len(ab_prompts), "seeds": list(seeds), "arms": list(arms),
+                                        "heldout_problems": len(pair.val)},
                "seconds": time.time() - t0, "references": refs, "results": results,
-               "verdicts": verdicts(results, k) if "opd" in results and len(seeds) >= 2 else []}
+               "verdicts": verdicts(results, k, task=task) if "opd" in results and len(seeds) >= 2 else []}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
@@ -196,7 +206,8 @@ def figures(summary: dict, fig_dir: Path) -> list[str]:
     fig_dir.mkdir(parents=True, exist_ok=True)
     groups = {LABELS[a]: [{"heldout_greedy_accuracy": {int(s): v for s, v in r["curve"].items()}} for r in runs]
               for a, runs in summary["results"].items()}
-    written = plot(groups, str(fig_dir), panels={"held-out greedy accuracy (360 problems)": "heldout_greedy_accuracy"})
+    n = summary["config"].get("heldout_problems", "all")
+    written = plot(groups, str(fig_dir), panels={f"held-out greedy accuracy ({n} problems)": "heldout_greedy_accuracy"})
     k = summary["config"]["k"]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for arm, runs in summary["results"].items():
@@ -205,7 +216,7 @@ def figures(summary: dict, fig_dir: Path) -> list[str]:
         ax.plot(ks, means, marker="o", ms=3, label=f"{LABELS[arm]} (n={len(runs)})")
     ax.set_xlabel("k")
     ax.set_ylabel("held-out Pass@k (%)")
-    ax.set_title("Pass@k, T = 1, top-p 0.8, mean over seeds", fontsize=10)
+    ax.set_title(f"{summary.get('task', '')}: Pass@k, T = 1, top-p 0.8, mean over seeds", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -214,10 +225,11 @@ def figures(summary: dict, fig_dir: Path) -> list[str]:
     return written + [str(fig_dir / "pass_at_k.png")]
 
 
-def markdown(summary: dict, command: str) -> str:
-    """The verdict table and the per-arm figures, for docs/mini_repro.md."""
+def markdown(summary: dict) -> str:
+    """One task's per-arm table (mean +- std over seeds), for docs/mini_repro.md."""
     cfg, refs, k = summary["config"], summary["references"], summary["config"]["k"]
-    lines = [f"Command: `{command}` ({summary['seconds'] / 60:.1f} min on this machine).", "",
+    lines = [f"### {summary.get('task', 'eopd_tiny_add')} ({cfg.get('heldout_problems', '?')} held-out problems, "
+             f"{summary['seconds'] / 60:.1f} min)", "",
              f"Seeds {cfg['seeds']}, paired across arms. {cfg['steps']} steps of {cfg['batch']} responses, "
              f"{cfg['ppo_epochs']} PPO epochs, lr {cfg['lr']}. Student before training: "
              f"{100 * refs['student_before_greedy']:.1f}% greedy on the held-out split; teacher "
@@ -237,13 +249,17 @@ def markdown(summary: dict, command: str) -> str:
         sd = (sum((v - mu) ** 2 for v in ends) / max(1, len(ends) - 1)) ** 0.5
         lines.append(f"| {LABELS[arm]} | {mu:.1f} +- {sd:.1f} | {m(f'avg@{k}')} | {m('pass@1')} | {m(f'pass@{min(8, k)}')} | "
                      f"{m(f'pass@{k}')} | {m('student_entropy')} | {m('fkl_high_entropy')} |")
-    if summary["verdicts"]:
-        lines += ["", "Paired t-tests against OPD (EOPD arm minus OPD, per seed), Holm-corrected over all "
-                  f"{len(summary['verdicts'])} tests:", "",
-                  "| arm | claim | mean difference [95% CI] | t (df) | p | p (Holm) | verdict |",
-                  "|---|---|---|---|---|---|---|"]
-        for v in summary["verdicts"]:
-            lo, hi = v["ci95"]
-            lines.append(f"| {LABELS[v['arm']]} | {v['claim']} | {v['mean_diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
-                         f"{v['t']:.2f} ({v['df']}) | {v['p']:.3g} | {v['p_holm']:.3g} | {v['verdict']} |")
+    return "\n".join(lines)
+
+
+def verdict_table(rows: list[dict]) -> str:
+    """The paired tests against OPD, one row per task x arm x claim."""
+    lines = [f"Paired t-tests against OPD (EOPD arm minus OPD, per seed), Holm-corrected over all {len(rows)} tests:",
+             "", "| task | arm | claim | mean difference [95% CI] | t (df) | p | p (Holm) | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
+    for v in rows:
+        lo, hi = v["ci95"]
+        lines.append(f"| {v.get('task', '')} | {LABELS[v['arm']]} | {v['claim']} | {v['mean_diff']:+.3f} "
+                     f"[{lo:+.3f}, {hi:+.3f}] | {v['t']:.2f} ({v['df']}) | {v['p']:.3g} | {v['p_holm']:.3g} | "
+                     f"{v['verdict']} |")
     return "\n".join(lines)
