@@ -143,7 +143,7 @@ print(json.dumps({{'before': before, 'after': after}}))
     facts = _python(code, VERL_USE_EXTERNAL_PLUGINS="none", VERL_USE_EXTERNAL_MODULES="", VERL_PLATFORM="",
                     EOPD_TASK_RUNNER="")
     assert facts["before"] == {"loss": False, "hf": False, "trainer": False, "patches": [], "torch": True}
-    assert facts["after"] == {"loss": True, "hf": True, "patches": ["rollout-registry-hf"]}
+    assert facts["after"] == {"loss": True, "hf": True, "patches": ["verl-trainer-main-alias", "rollout-registry-hf"]}
 
 
 def test_docs_and_docstrings_cite_only_files_in_the_repository():

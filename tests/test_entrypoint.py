@@ -74,6 +74,40 @@ def test_main_prints_the_composed_config():
     assert "trainer_mode: eopd" in out.stdout
 
 
+def test_the_promised_command_is_the_same_run(tmp_path):
+    """`python -m verl.trainer.main algorithm=eopd` (verl 0.9.1 has no such module; the plugin's finder serves
+    verl_eopd/cli.py) composes exactly the config of `python -m verl_eopd.main`, from another directory."""
+    ours = subprocess.run([sys.executable, "-m", "verl_eopd.main", "algorithm=eopd", "data.train_batch_size=64",
+                           "--cfg", "job"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    promised = subprocess.run([sys.executable, "-m", "verl.trainer.main", "algorithm=eopd", "data.train_batch_size=64",
+                               "--cfg", "job"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert promised.returncode == 0, promised.stderr[-2000:]
+    assert promised.stdout == ours.stdout and "loss_mode: eopd" in promised.stdout
+    assert "train_batch_size: 64" in promised.stdout
+
+
+def test_verls_own_trainer_main_would_win_and_nothing_is_written_into_verl(tmp_path):
+    """The finder answers last: a `verl.trainer.main` that verl itself ships (a stand-in file on
+    verl.trainer's path) is found first; and verl's installed package holds no file of ours."""
+    (tmp_path / "main.py").write_text("VERLS_OWN = True\n")
+    code = ("import importlib.util, json, verl.trainer as t\n"
+            "mine = importlib.util.find_spec('verl.trainer.main').origin\n"
+            f"t.__path__.append({str(tmp_path)!r})\n"
+            "import sys; sys.path_importer_cache.clear()\n"
+            "theirs = importlib.util.find_spec('verl.trainer.main').origin\n"
+            "print(json.dumps([mine, theirs]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    import json
+
+    mine, theirs = json.loads(out.stdout.strip().splitlines()[-1])
+    assert mine == str(Path(verl_eopd.__file__).parent / "cli.py")
+    assert theirs == str(tmp_path / "main.py")
+    import verl
+
+    assert not (Path(verl.__file__).parent / "trainer" / "main.py").exists()
+
+
 def test_stock_verl_entrypoint_composes_our_config():
     out = _cli("-m", "verl.trainer.main_ppo", f"--config-path={CONF}", "--config-name=eopd_trainer",
                "algorithm=eopd_grpo", "--cfg", "job")

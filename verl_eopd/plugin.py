@@ -9,7 +9,9 @@ verl does for entry points. Importing it runs `setup()`:
 3. registers `loss_mode: eopd` in verl's distillation-loss registry and the `hf` rollout backend;
 4. in the TaskRunner (EOPD_TASK_RUNNER=1, set for that actor alone by verl_eopd.main) registers the EOPD
    v1 trainer;
-5. with EOPD_TEACHER_TOKEN_COLUMN=1 (teacher_route=server) arms the server-route token-column patch.
+5. with EOPD_TEACHER_TOKEN_COLUMN=1 (teacher_route=server) arms the server-route token-column patch;
+6. makes `python -m verl.trainer.main` name this package's command (integration/verl_main_alias.py) unless
+   verl ships that module itself.
 
 `python -m verl_eopd.plugin` checks that EOPD is active here and lists every runtime patch
 (integration/patches.py) with its state in that process.
@@ -36,6 +38,9 @@ def setup() -> None:
         from .integration.version import check_verl_version
 
         check_verl_version()
+        from .integration import patches, verl_main_alias
+
+        patches.apply("verl-trainer-main-alias", verl_main_alias.install)
         if cpu_platform_requested():
             from .cpu.platform import install_light
 

@@ -42,6 +42,14 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
         when="every process, at plugin set-up",
     ),
     Patch(
+        name="verl-trainer-main-alias",
+        target="sys.meta_path (a finder for the module name verl.trainer.main, appended last)",
+        why="verl 0.9.1 ships no verl.trainer.main, the command users were promised; writing a file into verl's "
+            "package is not ours to do, and a finder placed last yields to a verl that ships its own",
+        verl_version=VERL,
+        when="every process that imports verl, at plugin set-up",
+    ),
+    Patch(
         name="cpu-offload-no-pin",
         target="torch.distributed.fsdp.CPUOffloadPolicy (and verl.workers.engine.fsdp.transformer_impl's reference)",
         why="verl's forward-only engines (the reference worker holding the teacher) offload with "
