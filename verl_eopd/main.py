@@ -128,6 +128,9 @@ def run(config, user_keys: Optional[Iterable[str]] = None, algorithm: Optional[s
     summary of the run (verl_eopd/report.py)."""
     start = time.time()
     _, env, on_cpu, embedded = prepare(config, user_keys, algorithm)
+    from .report import header
+
+    print(header(config, algorithm or _algorithm_name(config), on_cpu), flush=True)
     os.environ.update(env)
     if env.get("VERL_FILE_LOGGER_PATH"):  # verl's file logger opens the file but makes no folder
         os.makedirs(os.path.dirname(env["VERL_FILE_LOGGER_PATH"]), exist_ok=True)

@@ -28,6 +28,24 @@ def metrics_path(config) -> Optional[str]:
     return os.path.abspath(os.path.join(root, config.trainer.project_name, f"{config.trainer.experiment_name}.jsonl"))
 
 
+def header(config, algorithm: str, on_cpu: bool) -> str:
+    """The few lines printed before the run starts: what trains on what, where, and where its outputs go."""
+    sel = lambda key: OmegaConf.select(config, key)  # noqa: E731
+    n = (sel("trainer.n_gpus_per_node") or 1) * (sel("trainer.nnodes") or 1)
+    device = f"CPU ({n} rank{'s' if n > 1 else ''})" if on_cpu else f"{n} GPU{'s' if n > 1 else ''}"
+    metrics = metrics_path(config) or "(no file logger: add trainer.logger='[console,file]')"
+    return "\n".join([
+        f"[verl_eopd] algorithm={algorithm} on {device}, rollout {sel('actor_rollout_ref.rollout.name')}",
+        f"  student {sel('actor_rollout_ref.model.path')}",
+        f"  teacher {sel('distillation.teacher_models.teacher_model.model_path')}",
+        f"  data    {sel('data.train_files')} (validation {sel('data.val_files')})",
+        f"  steps   {sel('trainer.total_training_steps') or 'one per batch for trainer.total_epochs'}; "
+        f"checkpoints {sel('trainer.default_local_dir')}",
+        f"  metrics {metrics}",
+        f"  console {sel('trainer.console') or 'compact'} (trainer.console=full for verl's every-metric line)",
+    ])
+
+
 def embedded_teacher_accuracy(info: dict) -> float:
     """Greedy accuracy of the embedded teacher on the embedded held-out split (verl's validation set)."""
     import pandas as pd

@@ -258,6 +258,9 @@ def check_run_config(config) -> "EOPDLossConfig":
             "actor_rollout_ref.model.use_fused_kernels=true: fused kernels never materialise the student logits the "
             "EOPD forward KL needs. Fix: actor_rollout_ref.model.use_fused_kernels=false"
         )
+    from .console import console_mode
+
+    console_mode(config)  # trainer.console: compact | full
     if not config.trainer.get("use_v1", True):
         raise ValueError("trainer.use_v1=false: EOPD runs on verl's v1 trainer. Fix: trainer.use_v1=true")
     if loss.teacher_route == "ref":

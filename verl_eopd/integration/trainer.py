@@ -35,6 +35,7 @@ from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
 from .config import EOPDLossConfig, build_loss_config
+from .console import compact_tracking
 from .env import cpu_platform_requested
 from .loss import eopd_ppo_loss
 from .teacher import TeacherSettings, teacher_worker_class
@@ -108,6 +109,16 @@ class EOPDTrainer(PPOTrainerSync):
         self.eopd_ref_route = build_loss_config(config.distillation).teacher_route == "ref"
         if self.eopd_ref_route:
             self.use_reference_policy = True
+
+    @property
+    def logger(self):
+        """verl's Tracking object of the run (set by verl's `fit`)."""
+        return self.__dict__.get("_eopd_tracking")
+
+    @logger.setter
+    def logger(self, tracking):
+        # verl creates Tracking inside `fit`; its console backend becomes the compact one (integration/console.py)
+        self.__dict__["_eopd_tracking"] = compact_tracking(tracking, self.config, int(getattr(self, "total_training_steps", 0) or 0))
 
     def _build_replay_buffer(self):
         """verl's synchronous replay buffer, polled every `trainer.v1.sampler.sampler_kwargs.poll_interval` s.

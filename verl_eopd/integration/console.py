@@ -1,0 +1,76 @@
+"""The compact console of EOPD runs: one short line per step instead of verl's every-metric line.
+
+verl's `console` backend prints every metric of a step on one line (about 3,000 characters for EOPD). With
+`trainer.console: compact` (the EOPD default) the trainer's console backend is this one:
+
+    [eopd] step 12/60  rkl 0.412  fkl_gated 0.210  gate 0.183  H_student 0.405  score 0.31  10.5 s/step
+    [eopd] step 20/60  validation: eopd_tiny_add 46.9%
+
+Every metric still goes to the other backends (`file`, tensorboard, wandb ...); `trainer.console: full`
+restores verl's line.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+MODES = ("compact", "full")
+# (label, metric key, format)
+COLUMNS = (
+    ("rkl", "actor/eopd/rkl_mean", "{:.3f}"),
+    ("fkl_gated", "actor/eopd/fkl_gated_mean", "{:.3f}"),
+    ("gate", "actor/eopd/gate_frac", "{:.3f}"),
+    ("H_student", "actor/eopd/student_entropy_mean", "{:.3f}"),
+    ("score", "critic/score/mean", "{:.2f}"),
+)
+VAL_PREFIX, VAL_SUFFIX = "val-core/", "/acc/mean@1"
+
+
+def _number(value) -> float:
+    return float(value.item() if hasattr(value, "item") else value)
+
+
+def compact_line(data: Mapping, step: int, total: int) -> str:
+    """The console line(s) of one logged record (a training step, a validation, or both)."""
+    parts = [f"[eopd] step {step}/{total}"]
+    for label, key, fmt in COLUMNS:
+        if key in data:
+            parts.append(f"{label} {fmt.format(_number(data[key]))}")
+    if "timing_s/step" in data:
+        parts.append(f"{_number(data['timing_s/step']):.1f} s/step")
+    val = [(k[len(VAL_PREFIX):-len(VAL_SUFFIX)], _number(v)) for k, v in sorted(data.items())
+           if k.startswith(VAL_PREFIX) and k.endswith(VAL_SUFFIX)]
+    if val:
+        parts.append("validation: " + ", ".join(f"{name} {100 * v:.1f}%" for name, v in val))
+    return "  ".join(parts)
+
+
+class CompactConsole:
+    """A verl Tracking backend (`log(data, step)`) printing `compact_line`."""
+
+    def __init__(self, total_steps: int):
+        self.total_steps = total_steps
+
+    def log(self, data, step) -> None:
+        print(compact_line(data, step, self.total_steps), flush=True)
+
+    def finish(self, *args, **kwargs) -> None:  # verl's Tracking.finish calls it on some backends
+        return None
+
+
+def console_mode(config) -> str:
+    """`trainer.console` (compact by default); a clear error for anything else."""
+    mode = str(config.trainer.get("console", "compact"))
+    if mode not in MODES:
+        raise ValueError(f"trainer.console={mode!r}: choose trainer.console=compact (one short line per step) or "
+                         "trainer.console=full (verl's line with every metric)")
+    return mode
+
+
+def compact_tracking(tracking, config, total_steps: int):
+    """Replace the `console` backend of verl's Tracking object by CompactConsole (compact mode only)."""
+    backends = getattr(tracking, "logger", None)
+    if console_mode(config) == "compact" and isinstance(backends, dict) and "console" in backends:
+        backends["console"] = CompactConsole(total_steps)
+        tracking.console_logger = backends["console"]
+    return tracking
