@@ -70,7 +70,11 @@ def test_the_task_is_chosen_by_environment_and_a_bad_name_fails_naming_it(monkey
         embedded.ensure_embedded_default(task="sums")
     info = {k: f"/x/{k}" for k in ("student", "teacher", "train", "val")}
     assert embedded.embedded_settings({**info, "task": MULTIPLE}, "opd")["trainer.experiment_name"] == "tiny_multiple_opd"
-    assert embedded.embedded_settings(info, "opd")["trainer.experiment_name"] == "tiny_opd"
+    settings = embedded.embedded_settings(info, "opd")
+    assert settings["trainer.experiment_name"] == "tiny_opd"
+    # the CPU-sized run replaces the presets' paper values (cosine lr 3e-6, 128 prompts, 4096 tokens)
+    assert (settings["actor_rollout_ref.actor.optim.lr_scheduler_type"], settings["actor_rollout_ref.actor.optim.lr"],
+            settings["data.train_batch_size"], settings["data.max_response_length"]) == ("constant", 1e-3, 512, 16)
 
 
 def _teacher_digit_entropy(info: dict, n: int = 120) -> tuple[float, float, float]:

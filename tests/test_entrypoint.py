@@ -48,6 +48,14 @@ def test_each_algorithm_composes_with_the_intended_values(algorithm, expected):
     assert cfg.actor_rollout_ref.actor.use_kl_loss is False and cfg.actor_rollout_ref.actor.loss_agg_mode == "token-mean"
     assert "rollout_correction" in cfg.algorithm  # verl's own algorithm sub-config survives our group
     assert cfg.algorithm.adv_estimator == "grpo"  # never verl's default gae, which would build a critic
+    # the paper's training values for real models (the embedded default overrides them for CPU)
+    actor, optim = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.actor.optim
+    assert (cfg.data.train_batch_size, cfg.data.max_response_length, actor.ppo_mini_batch_size, actor.ppo_epochs) == \
+        (128, 4096, 32, 1)
+    assert (optim.lr, optim.lr_scheduler_type, optim.min_lr_ratio, optim.lr_warmup_steps_ratio, optim.weight_decay) == \
+        (3e-6, "cosine", 0.0, 0.0, 0.01)
+    assert (optim.optimizer, actor.grad_clip, cfg.actor_rollout_ref.rollout.temperature,
+            cfg.actor_rollout_ref.rollout.top_p) == ("AdamW", 1.0, 1.0, 1.0)
     # the composed node builds the validated dataclass
     from verl.utils.config import omega_conf_to_dataclass
 

@@ -328,6 +328,7 @@ def _recipe(setting, algo, *extra):
     ("qwen3-1.7b-math", "eopd", "Qwen/Qwen3-1.7B-Base", "math_train", 3, 1, 1.0),
     ("qwen3-0.6b-math", "opd", "Qwen/Qwen3-0.6B-Base", "math_train", 3, 1, 0.0),
     ("qwen3-4b-dapo", "eopd_grpo", "Qwen/Qwen3-4B-Base", "dapo_math", 2, 8, 1.0),
+    ("qwen3-1.7b-math", "eopd_server", "Qwen/Qwen3-1.7B-Base", "math_train", 3, 1, 1.0),
 ])
 def test_paper_recipes_compose_with_the_papers_hyperparameters(setting, algo, student, train, epochs, n, fkl):
     import yaml
@@ -348,6 +349,13 @@ def test_paper_recipes_compose_with_the_papers_hyperparameters(setting, algo, st
     assert actor["optim"]["lr_warmup_steps_ratio"] == 0.0 and actor["use_kl_loss"] is False
     assert actor["entropy_coeff"] == 0.0
     assert cfg["trainer"]["total_epochs"] == epochs and cfg["trainer"]["nnodes"] == 2  # user overrides win
+    assert os.path.isabs(cfg["data"]["train_files"]) and os.path.isabs(cfg["trainer"]["default_local_dir"])
+    assert cfg["trainer"]["experiment_name"] == f"{setting}_{algo}" and cfg["trainer"]["max_actor_ckpt_to_keep"] == 2
+    if algo == "eopd_server":  # one 8-GPU node: 4 train, 4 serve the teacher
+        assert cfg["trainer"]["n_gpus_per_node"] == 4 and cfg["distillation"]["n_gpus_per_node"] == 4
+        assert cfg["distillation"]["enabled"] is True and loss["teacher_route"] == "server"
+    else:
+        assert cfg["trainer"]["n_gpus_per_node"] == 8 and loss["teacher_route"] == "ref"
     assert (loss["topk"], loss["entropy_threshold"], loss["fkl_coef"]) == (16, 0.8, fkl)
     assert (loss["clip_ratio_low"], loss["clip_ratio_high"]) == (0.2, 0.2)
     assert loss["use_task_rewards"] is (algo == "eopd_grpo")
@@ -358,6 +366,10 @@ def test_paper_recipes_compose_with_the_papers_hyperparameters(setting, algo, st
 def test_paper_recipe_rejects_unknown_names_and_missing_data(tmp_path):
     assert "unknown SETTING" in _recipe("qwen3-32b", "eopd").stderr
     assert "unknown ALGO" in _recipe("qwen3-1.7b-math", "ppo").stderr
+    env = {**os.environ, "DRY_RUN": "1", "TEACHER_GPUS": "8"}
+    out = subprocess.run(["bash", os.path.join(ROOT, "scripts", "paper_recipe.sh"), "qwen3-1.7b-math", "eopd_server"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 2 and "Fix: TEACHER_GPUS=4" in out.stderr
     env = {**os.environ, "DATA_DIR": str(tmp_path)}
     out = subprocess.run(["bash", os.path.join(ROOT, "scripts", "paper_recipe.sh"), "qwen3-1.7b-math", "eopd"],
                          capture_output=True, text=True, timeout=60, env=env)

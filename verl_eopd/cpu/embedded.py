@@ -356,6 +356,7 @@ def embedded_settings(info: dict, algorithm: str) -> dict:
         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": 256,
         "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu": 256,
         "actor_rollout_ref.actor.optim.lr": 1e-3,
+        "actor_rollout_ref.actor.optim.lr_scheduler_type": "constant",  # the presets' cosine is for real runs
         "actor_rollout_ref.model.enable_gradient_checkpointing": False,
         "actor_rollout_ref.rollout.val_kwargs.temperature": 0.0,
         "actor_rollout_ref.rollout.val_kwargs.do_sample": False,
