@@ -397,6 +397,7 @@ def test_math_reward_scores_inside_verls_reward_loop(tmp_path):
                  "reward.custom_reward_function.path=pkg://verl_eopd.math.reward",
                  "+reward.custom_reward_function.reward_kwargs.box_required=false",
                  "trainer.total_training_steps=2", "trainer.save_freq=-1", "trainer.logger=[console,file]",
+                 "data.max_prompt_length=64", "data.max_response_length=16",
                  "data.train_batch_size=16", "actor_rollout_ref.actor.ppo_mini_batch_size=8", "data.val_max_samples=32",
                  "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16",
                  "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=16",
