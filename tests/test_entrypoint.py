@@ -146,13 +146,16 @@ def _run(tiny_models, *overrides):
     """verl_eopd.main.prepare: every check of a run, no process state touched (run() = prepare + launch)."""
     from verl_eopd.main import prepare
 
-    cfg = _compose("algorithm=eopd", f"actor_rollout_ref.model.path={tiny_models['student']}",
+    return prepare(_tiny_cfg(tiny_models, *overrides))
+
+
+def _tiny_cfg(tiny_models, *overrides):
+    return _compose("algorithm=eopd", f"actor_rollout_ref.model.path={tiny_models['student']}",
                    f"data.train_files={tiny_models['train']}", f"data.val_files={tiny_models['val']}",
                    f"distillation.teacher_models.teacher_model.model_path={tiny_models['teacher']}",
                    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
                    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
                    "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=2", *overrides)
-    return prepare(cfg)
 
 
 @pytest.mark.parametrize(
@@ -296,3 +299,61 @@ def test_a_tokenizer_that_cannot_load_is_named(tmp_path, tiny_models, no_model_l
         _run(tiny_models, f"distillation.teacher_models.teacher_model.model_path={broken}")
     assert "distillation.teacher_models.teacher_model.model_path=" in str(e.value)
     assert "tokenizer does not load" in str(e.value) and "Fix:" in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ GPU machines
+
+
+def test_a_gpu_run_without_flash_attn_falls_back_to_sdpa(tiny_models, no_model_loads, monkeypatch):
+    """Stand-ins: a visible GPU, and flash-attn absent or present. Absent: sdpa on padded micro-batches for the
+    actor (the reference-route teacher inherits it); present, or set by the user: untouched."""
+    import importlib.util
+
+    from verl_eopd.cpu import platform as cpu
+
+    monkeypatch.setattr(cpu, "gpu_available", lambda: True)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    from verl_eopd.main import prepare
+
+    cfg = _tiny_cfg(tiny_models)
+    _, env, on_cpu, _ = prepare(cfg)
+    assert not on_cpu and "VERL_PLATFORM" not in env
+    assert cfg.actor_rollout_ref.model.override_config.attn_implementation == "sdpa"
+    assert cfg.actor_rollout_ref.model.use_remove_padding is False
+    cfg = _tiny_cfg(tiny_models, "+actor_rollout_ref.model.override_config.attn_implementation=eager")
+    prepare(cfg, user_keys=["actor_rollout_ref.model.override_config.attn_implementation"])
+    assert cfg.actor_rollout_ref.model.override_config.attn_implementation == "eager"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    cfg = _tiny_cfg(tiny_models)
+    prepare(cfg)
+    assert "attn_implementation" not in (cfg.actor_rollout_ref.model.get("override_config") or {})
+
+
+@pytest.mark.parametrize("device,local_gpu,address,cluster,expected", [
+    ("cpu", True, None, None, True),  # asked for
+    ("cuda", True, None, None, False),
+    ("cuda", False, None, None, True),  # no GPU anywhere the run can see
+    ("cuda", False, "10.0.0.1:6379", 8.0, False),  # a CPU-only head/login node joining a GPU cluster
+    ("cuda", False, "10.0.0.1:6379", 0.0, True),  # a CPU-only cluster
+    ("cuda", False, "local", None, True),
+])
+def test_cpu_mode_only_when_asked_or_when_no_gpu_is_visible_to_the_run(monkeypatch, device, local_gpu, address,
+                                                                        cluster, expected):
+    from omegaconf import OmegaConf
+
+    from verl_eopd.cpu import platform as cpu
+
+    asked = []
+    monkeypatch.setattr(cpu, "gpu_available", lambda: local_gpu)
+    monkeypatch.setattr(cpu, "cluster_gpus", lambda a: asked.append(a) or cluster)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if address:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    assert cpu.run_on_cpu(OmegaConf.create({"trainer": {"device": device}})) is expected
+    assert asked == ([address] if cluster is not None else [])
+    if address and cluster is not None:  # the config's address is the same door
+        monkeypatch.delenv("RAY_ADDRESS")
+        asked.clear()
+        cfg = OmegaConf.create({"trainer": {"device": device}, "ray_kwargs": {"ray_init": {"address": address}}})
+        assert cpu.run_on_cpu(cfg) is expected and asked == [address]

@@ -3,7 +3,7 @@
 The config is verl's `ppo_trainer` plus the EOPD presets (verl_eopd/conf/). Before Ray starts:
   * no model given (actor_rollout_ref.model.path and the teacher path both unset): the embedded tiny
     default is built once and used (verl_eopd.cpu.embedded; EOPD_EMBEDDED_TASK=multiple picks the second task);
-  * no GPU (or trainer.device=cpu): CPU settings (verl_eopd.cpu.platform.CPU_SETTINGS: the HF rollout backend,
+  * no GPU on this machine nor in the Ray cluster it joins (or trainer.device=cpu): CPU settings (verl_eopd.cpu.platform.CPU_SETTINGS: the HF rollout backend,
     gloo, sdpa, logical Ray resources) and the CPU platform;
   * every value a user wrote on the command line wins over both;
   * the whole config is checked (config.check_run_config) so a bad key fails before any model loads.
@@ -88,12 +88,18 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
         algorithm = algorithm or _algorithm_name(config)
         apply_settings(config, embedded_settings(info, algorithm), user_keys)
         print(f"[verl_eopd] no model given: embedded tiny default ({info['root']}), algorithm={algorithm}", flush=True)
-    on_cpu = config.trainer.get("device", "cuda") == "cpu" or not cpu.gpu_available()
+    on_cpu = cpu.run_on_cpu(config)
     if on_cpu:
         apply_settings(config, cpu.CPU_SETTINGS, user_keys)
         if config.distillation.get("enabled", False):
             apply_settings(config, cpu.CPU_SERVER_SETTINGS, user_keys)
         cpu.check_ray_resources(config)
+    else:
+        from .integration.gpu import NO_FLASH_ATTN_SETTINGS, flash_attn_available
+
+        if not flash_attn_available() and apply_settings(config, NO_FLASH_ATTN_SETTINGS, user_keys):
+            print("[verl_eopd] flash-attn is not installed: attention sdpa on padded micro-batches "
+                  "(pip install 'verl[flash-attn-cu130torch211]==0.9.1' for verl's default)", flush=True)
     loss = check_run_config(config)
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config

@@ -239,6 +239,44 @@ def gpu_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() > 0
 
 
+def cluster_gpus(address: str, timeout: float = 120.0) -> float:
+    """GPUs of the running Ray cluster at `address`, asked from a subprocess (the driver's own `ray.init` stays
+    verl's, with the run's runtime_env)."""
+    import subprocess
+    import sys
+
+    code = ("import json, ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
+            "print(json.dumps(ray.cluster_resources().get('GPU', 0)))" % address)
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        out = None
+    if out is None or out.returncode != 0:
+        why = "no answer in %.0f s" % timeout if out is None else (out.stderr.strip().splitlines() or ["?"])[-1]
+        raise RuntimeError(f"RAY_ADDRESS={address}: could not reach the Ray cluster to count its GPUs ({why}). "
+                           "Fix: start the cluster first (ray start --head on the head node), or unset RAY_ADDRESS; "
+                           "trainer.device=cpu runs on CPU without asking")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def run_on_cpu(config) -> bool:
+    """CPU settings only when asked (`trainer.device=cpu`) or when no GPU exists anywhere the run can see: this
+    machine, or the Ray cluster it joins (`ray_kwargs.ray_init.address` or RAY_ADDRESS). A driver without a
+    GPU (a CPU-only head node, a login node, CUDA_VISIBLE_DEVICES="") that joins a GPU cluster runs on GPUs."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    if config.trainer.get("device", "cuda") == "cpu":
+        return True
+    if gpu_available():
+        return False
+    address = OmegaConf.select(config, "ray_kwargs.ray_init.address") or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        return cluster_gpus(address) == 0
+    return True
+
+
 # verl config values for a one-process, one-node CPU run (each applied unless the user set that key)
 CPU_SETTINGS = {
     "trainer.device": "cpu",

@@ -1,0 +1,63 @@
+"""The set-up script's plan on CPU and GPU machines (stand-in nvidia-smi, dry run), and the GPU extras
+resolving to verl 0.9.1's own pins (read from verl's installed metadata, no network)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _plan(tmp_path, nvidia_smi_rc: int | None, **env) -> str:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    path = os.environ["PATH"]
+    if nvidia_smi_rc is not None:
+        (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\necho 'GPU 0: stand-in'\nexit {nvidia_smi_rc}\n")
+        (bin_dir / "nvidia-smi").chmod(0o755)
+        path = f"{bin_dir}{os.pathsep}{path}"
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "setup_env.sh")], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PATH": path, "EOPD_SETUP_DRY_RUN": "1", "EOPD_VENV": str(tmp_path / "v"),
+                              **env})
+    assert out.returncode == 0, out.stderr
+    assert not (tmp_path / "v").exists()  # a dry run creates nothing
+    return out.stdout
+
+
+def test_a_gpu_machine_gets_verls_vllm_stack_and_a_cpu_machine_the_cpu_torch(tmp_path):
+    assert _plan(tmp_path, 0) == "machine: gpu\n+ pip install -e .[test,vllm]\n"
+    assert _plan(tmp_path, 0, EOPD_EXTRAS="test,sglang") == "machine: gpu\n+ pip install -e .[test,sglang]\n"
+    cpu = "machine: cpu\n+ pip install torch==2.13.0\n+ pip install -e .[test]\n"
+    assert _plan(tmp_path, 9) == cpu  # nvidia-smi present but no GPU (driver without a device)
+    if subprocess.run(["bash", "-c", "command -v nvidia-smi"], capture_output=True).returncode != 0:
+        assert _plan(tmp_path, None) == cpu
+
+
+def _verl_extra(name: str) -> dict[str, str]:
+    pins = {}
+    for req in importlib.metadata.requires("verl") or []:
+        spec, _, marker = req.partition(";")
+        if f'extra == "{name}"' in marker and "==" in spec:
+            pkg, version = spec.strip().split("==")
+            pins[pkg.strip()] = version.strip()
+    return pins
+
+
+def test_the_gpu_extras_are_verls_and_the_docs_state_their_pins():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["vllm"] == ["verl[vllm]==0.9.1"] and extras["sglang"] == ["verl[sglang]==0.9.1"]
+    vllm, sglang = _verl_extra("vllm"), _verl_extra("sglang")
+    assert (vllm["torch"], vllm["vllm"], vllm["transformers"]) == ("2.11.0", "0.24.0", "5.9.0")
+    assert (sglang["torch"], sglang["sglang"]) == ("2.11.0", "0.5.12")
+    doc = (ROOT / "docs" / "gpu.md").read_text()
+    for pin in ("torch==2.11.0", "vllm==0.24.0", "transformers==5.9.0", "sglang==0.5.12",
+                f"flash-attn=={_verl_extra('flash-attn-cu130torch211')['flash-attn']}"):
+        assert pin in doc, pin
