@@ -146,7 +146,7 @@ def _run(tiny_models, *overrides):
     """verl_eopd.main.prepare: every check of a run, no process state touched (run() = prepare + launch)."""
     from verl_eopd.main import prepare
 
-    return prepare(_tiny_cfg(tiny_models, *overrides))
+    return prepare(_tiny_cfg(tiny_models, *overrides), user_keys=[o.split("=", 1)[0].lstrip("+~") for o in overrides])
 
 
 def _tiny_cfg(tiny_models, *overrides):
@@ -175,6 +175,49 @@ def test_bad_configs_fail_before_any_model_loads_naming_the_key(tiny_models, no_
     with pytest.raises(ValueError) as e:
         _run(tiny_models, override)
     assert key in str(e.value) and "Fix:" in str(e.value)
+    fix = _pasteable_fix(str(e.value))
+    if fix is not None:  # the fix is an override: pasted after the bad one, the run passes every check
+        _run(tiny_models, override, fix)
+
+
+def _pasteable_fix(message: str):
+    """The first `key=value` override after "Fix:" (None when the fix names a placeholder such as <path>)."""
+    import re
+
+    m = re.search(r"Fix: (\+{0,2}[\w.]+=[^\s,;<>]+)", message)
+    return m.group(1).rstrip(".)") if m and "<" not in message.split("Fix:", 1)[1].split()[0] else None
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+def test_the_embedded_default_follows_the_rank_count(tiny_models, no_model_loads, monkeypatch, ranks):
+    """`trainer.n_gpus_per_node=N` alone: Ray's logical GPUs follow N, every rank's share of the 512-response
+    mini-batch cuts into whole micro-batches, and every check passes (the tiny models stand in for the pair)."""
+    from verl_eopd.cpu import embedded
+    from verl_eopd.main import prepare
+
+    info = {**{k: tiny_models[k] for k in ("student", "teacher", "train", "val")}, "root": "/x", "task": embedded.ADD}
+    monkeypatch.setattr(embedded, "ensure_embedded_default", lambda task=embedded.ADD: info)
+    cfg = _compose("algorithm=eopd", f"trainer.n_gpus_per_node={ranks}")
+    prepare(cfg, user_keys=["trainer.n_gpus_per_node"])
+    assert cfg.trainer.n_gpus_per_node == ranks and cfg.ray_kwargs.ray_init.num_gpus == ranks
+    micro = cfg.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu
+    assert micro == min(256, 512 // ranks) and (512 // ranks) % micro == 0
+    assert cfg.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu == micro
+
+
+@pytest.mark.parametrize("overrides,fix", [
+    (("actor_rollout_ref.actor.ppo_mini_batch_size=6", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4"),
+     "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=3"),  # 6 responses on 1 rank: micro 4 cannot cut them
+    (("actor_rollout_ref.actor.ppo_mini_batch_size=6", "trainer.n_gpus_per_node=4"),
+     "trainer.n_gpus_per_node=3"),  # 6 responses over 4 ranks
+])
+def test_a_batch_that_cannot_divide_over_the_ranks_fails_before_ray_and_the_fix_works(tiny_models, no_model_loads,
+                                                                                      overrides, fix):
+    with pytest.raises(ValueError) as e:
+        _run(tiny_models, "data.train_batch_size=6", *overrides)
+    assert "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu" in str(e.value) and "trainer.n_gpus_per_node" in str(e.value)
+    assert _pasteable_fix(str(e.value)) == fix
+    _run(tiny_models, "data.train_batch_size=6", *overrides, fix)
 
 
 def test_mismatched_tokenizer_is_refused(tmp_path, tiny_models, no_model_loads):
@@ -218,16 +261,17 @@ def test_server_route_preset_composes_and_is_checked(tiny_models, no_model_loads
     ],
 )
 def test_unsatisfiable_ray_resources_on_cpu_are_an_error_not_a_hang(tiny_models, no_model_loads, overrides, key):
-    """CPU runs: a placement Ray could never satisfy (it would wait silently) fails at start, naming the key."""
+    """CPU runs: a placement Ray could never satisfy (it would wait silently) fails at start, naming the key;
+    the override after "Fix:" pasted as written makes the run pass every check."""
     from verl_eopd.main import prepare
 
-    cfg = _compose("algorithm=eopd", f"actor_rollout_ref.model.path={tiny_models['student']}",
-                   f"data.train_files={tiny_models['train']}", f"data.val_files={tiny_models['val']}",
-                   f"distillation.teacher_models.teacher_model.model_path={tiny_models['teacher']}",
-                   "trainer.device=cpu", *overrides)
+    keys = [o.split("=", 1)[0].lstrip("+") for o in overrides]
     with pytest.raises(ValueError) as e:
-        prepare(cfg, user_keys=[o.split("=", 1)[0].lstrip("+") for o in overrides])
+        prepare(_tiny_cfg(tiny_models, "trainer.device=cpu", *overrides), user_keys=keys)
     assert key in str(e.value) and "Fix:" in str(e.value)
+    fix = _pasteable_fix(str(e.value))
+    assert fix is not None and fix.lstrip("+").startswith(key), str(e.value)
+    prepare(_tiny_cfg(tiny_models, "trainer.device=cpu", *overrides, fix), user_keys=keys + [key])
 
 
 @pytest.mark.parametrize("mode,value", [("exact", "1"), ("fallback", "0")])

@@ -86,13 +86,19 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
 
         info = ensure_embedded_default(task=selected_task())
         algorithm = algorithm or _algorithm_name(config)
-        apply_settings(config, embedded_settings(info, algorithm), user_keys)
+        # the embedded default runs on one rank unless the user asks for more (batch sizes follow the ranks)
+        per_node, nodes = (int(config.trainer[key]) if f"trainer.{key}" in user_keys else 1
+                           for key in ("n_gpus_per_node", "nnodes"))
+        apply_settings(config, embedded_settings(info, algorithm, ranks=per_node * nodes, per_node=per_node),
+                       user_keys)
         print(f"[verl_eopd] no model given: embedded tiny default ({info['root']}), algorithm={algorithm}", flush=True)
     on_cpu = cpu.run_on_cpu(config)
     if on_cpu:
         apply_settings(config, cpu.CPU_SETTINGS, user_keys)
         if config.distillation.get("enabled", False):
             apply_settings(config, cpu.CPU_SERVER_SETTINGS, user_keys)
+        # Ray's logical GPUs follow the ranks (CPU workers ask for none that exist)
+        apply_settings(config, {"ray_kwargs.ray_init.num_gpus": cpu.logical_gpus(config)}, user_keys)
         cpu.check_ray_resources(config)
     else:
         from .integration.gpu import NO_FLASH_ATTN_SETTINGS, flash_attn_available

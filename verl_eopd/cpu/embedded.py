@@ -322,7 +322,7 @@ def default_rollout_backend() -> str:
     return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
 
 
-def embedded_settings(info: dict, algorithm: str) -> dict:
+def embedded_settings(info: dict, algorithm: str, ranks: int = 1, per_node: Optional[int] = None) -> dict:
     """verl config values for a run on the embedded pair (each applied unless the user set that key).
 
     Sized so that the run visibly distils within 15 minutes on a 2-core CPU (docs/cpu.md): 512 responses per
@@ -333,13 +333,17 @@ def embedded_settings(info: dict, algorithm: str) -> dict:
     held-out accuracy within tens of steps. verl's per-sample cost on CPU (~10 ms of agent-loop work per
     response) makes reusing each batch for several epochs cheaper than sampling more. verl validates greedily
     on the whole held-out split (360 problems never trained on) before training and every VAL_EVERY steps.
+
+    `ranks` (trainer.n_gpus_per_node x trainer.nnodes when the user set them, else 1): each rank holds
+    512 / ranks responses of a mini-batch, cut into micro-batches of at most 256.
     """
     grpo = algorithm == "eopd_grpo"
+    micro = max(1, min(256, 512 // max(1, ranks)))
     return {
         "actor_rollout_ref.model.path": info["student"],
         "distillation.teacher_models.teacher_model.model_path": info["teacher"],
-        # a tiny model: one rank on one node whatever the machine (verl's default is 8 GPUs); CPU runs set it too
-        "trainer.n_gpus_per_node": 1,
+        # a tiny model: one rank on one node unless asked (verl's default is 8 GPUs)
+        "trainer.n_gpus_per_node": per_node or ranks,
         "trainer.nnodes": 1,
         "actor_rollout_ref.rollout.name": default_rollout_backend(),
         "data.train_files": info["train"],
@@ -352,9 +356,9 @@ def embedded_settings(info: dict, algorithm: str) -> dict:
         "actor_rollout_ref.rollout.n": 4 if grpo else 1,
         "actor_rollout_ref.actor.ppo_mini_batch_size": 128 if grpo else 512,  # prompts per optimizer step
         "actor_rollout_ref.actor.ppo_epochs": 4,
-        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 256,
-        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": 256,
-        "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu": 256,
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": micro,
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": micro,
+        "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu": micro,
         "actor_rollout_ref.actor.optim.lr": 1e-3,
         "actor_rollout_ref.actor.optim.lr_scheduler_type": "constant",  # the presets' cosine is for real runs
         "actor_rollout_ref.model.enable_gradient_checkpointing": False,

@@ -300,9 +300,8 @@ CPU_SETTINGS = {
     "distillation.distillation_loss.logits_chunk_mb": 4,
     "reward.num_workers": 1,
     "data.dataloader_num_workers": 0,
-    # Ray: logical resources (one logical GPU per pool; verl's pools always ask for one)
+    # Ray: logical resources (ray_init.num_gpus follows the ranks: `logical_gpus`)
     "ray_kwargs.ray_init.num_cpus": 16,
-    "ray_kwargs.ray_init.num_gpus": 1,
     # TransferQueue puts each storage unit in a 1-CPU placement group; 8 (verl's default) plus the
     # trainer's actors must fit in ray_init.num_cpus or Ray waits forever
     "transfer_queue.backend.SimpleStorage.num_data_storage_units": 1,
@@ -314,8 +313,18 @@ CPU_SERVER_SETTINGS = {
     "distillation.n_gpus_per_node": 1,
     "distillation.nnodes": 1,
     "distillation.teacher_models.teacher_model.inference.tensor_model_parallel_size": 1,
-    "ray_kwargs.ray_init.num_gpus": 2,
 }
+
+
+def logical_gpus(config) -> int:
+    """The logical GPUs verl's resource pools ask Ray for: trainer.n_gpus_per_node x trainer.nnodes, plus
+    distillation.n_gpus_per_node x distillation.nnodes when verl's teacher pool is on (distillation.enabled)."""
+    from omegaconf import OmegaConf
+
+    need = int(config.trainer.n_gpus_per_node) * int(config.trainer.nnodes)
+    if OmegaConf.select(config, "distillation.enabled"):
+        need += int(config.distillation.n_gpus_per_node) * int(config.distillation.nnodes)
+    return need
 
 
 def check_ray_resources(config) -> None:
@@ -330,16 +339,15 @@ def check_ray_resources(config) -> None:
         raise ValueError(
             f"ray_kwargs.ray_init.num_cpus={num_cpus} cannot host transfer_queue.backend.SimpleStorage."
             f"num_data_storage_units={units} (1 CPU each) plus the trainer's actors (~4): Ray would wait forever. "
-            f"Fix: ray_kwargs.ray_init.num_cpus>={need} (logical CPUs, they need not exist) or fewer storage units"
+            f"Fix: ray_kwargs.ray_init.num_cpus={need} (logical CPUs, they need not exist), or fewer storage units"
         )
-    gpus_needed = int(config.trainer.n_gpus_per_node) * int(config.trainer.nnodes)
-    if OmegaConf.select(config, "distillation.enabled"):  # verl's teacher pool takes its own (logical) GPUs
-        gpus_needed += int(config.distillation.n_gpus_per_node) * int(config.distillation.nnodes)
+    gpus_needed = logical_gpus(config)
     num_gpus = OmegaConf.select(config, "ray_kwargs.ray_init.num_gpus")
     if num_gpus is not None and int(num_gpus) < gpus_needed:
         raise ValueError(
             f"ray_kwargs.ray_init.num_gpus={num_gpus} is below the {gpus_needed} logical GPUs verl's resource pools "
             "need (trainer.n_gpus_per_node x trainer.nnodes, plus distillation.n_gpus_per_node x distillation.nnodes "
-            f"when distillation.enabled): they would never be placed. Fix: ray_kwargs.ray_init.num_gpus={gpus_needed}"
+            f"when distillation.enabled): they would never be placed. Fix: ++ray_kwargs.ray_init.num_gpus={gpus_needed} "
+            "(or drop it: on CPU it follows the ranks)"
         )
 

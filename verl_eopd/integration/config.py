@@ -236,6 +236,39 @@ def check_paths(config) -> None:
                              f"Fix: {key}=<model folder or hub id such as Qwen/Qwen3-1.7B-Base>")
 
 
+def check_batch_shapes(config) -> None:
+    """With fixed micro-batches (no dynamic batch size) every data-parallel rank's share of a PPO mini-batch
+    must cut into whole micro-batches; verl asserts it only inside the actor update, after Ray and the engines
+    have started. Shares: ppo_mini_batch_size x rollout.n responses over (ranks / ulysses sp size)."""
+    from omegaconf import OmegaConf
+
+    sel = lambda key, default=None: OmegaConf.select(config, key, default=default)  # noqa: E731
+    if sel("actor_rollout_ref.actor.use_dynamic_bsz", False):
+        return
+    micro = sel("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu")
+    if micro is None:
+        return
+    ranks = int(config.trainer.n_gpus_per_node) * int(config.trainer.nnodes)
+    dp = max(1, ranks // int(sel("actor_rollout_ref.actor.ulysses_sequence_parallel_size", 1) or 1))
+    n = int(sel("actor_rollout_ref.rollout.n", 1))
+    responses = int(config.actor_rollout_ref.actor.ppo_mini_batch_size) * n
+    if responses % dp == 0 and (responses // dp) % int(micro) == 0:
+        return
+    share = responses / dp
+    if responses % dp == 0:
+        fit = max(d for d in range(1, int(micro) + 1) if (responses // dp) % d == 0)
+        fix = f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={fit}"
+    else:
+        fit = next(d for d in range(dp, 0, -1) if responses % d == 0)
+        fix = f"trainer.n_gpus_per_node={fit} (with trainer.nnodes=1), or a multiple of {dp} responses per mini-batch"
+    raise ValueError(
+        f"actor_rollout_ref.actor.ppo_mini_batch_size x rollout.n = {responses} responses per optimizer step over "
+        f"{dp} data-parallel ranks (trainer.n_gpus_per_node x trainer.nnodes / ulysses sp) is {share:g} per rank, "
+        f"not a whole number of actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro} micro-batches: verl "
+        f"would stop inside the first update. Fix: {fix}"
+    )
+
+
 def check_run_config(config) -> "EOPDLossConfig":
     """Validate a composed EOPD run config; raises ValueError naming the key and the fix."""
     from omegaconf import OmegaConf
@@ -261,6 +294,7 @@ def check_run_config(config) -> "EOPDLossConfig":
     from .console import console_mode
 
     console_mode(config)  # trainer.console: compact | full
+    check_batch_shapes(config)
     if not config.trainer.get("use_v1", True):
         raise ValueError("trainer.use_v1=false: EOPD runs on verl's v1 trainer. Fix: trainer.use_v1=true")
     if loss.teacher_route == "ref":
