@@ -121,6 +121,11 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
         # the server route's exact sampled-token column (integration/server_route.py)
         TOKEN_COLUMN_ENV: "1" if loss.teacher_route == "server" and loss.server_token_logprob == "exact" else "0",
     }
+    from .integration.server_eos import ENV as SERVER_EOS_ENV, server_eos_pair
+
+    pair = server_eos_pair(config, loss)
+    if pair is not None:  # the server route sends the teacher its own end token (integration/server_eos.py)
+        env[SERVER_EOS_ENV] = f"{pair[0]},{pair[1]}"
     if on_cpu:
         env.update(VERL_PLATFORM="cpu", TOKENIZERS_PARALLELISM=os.environ.get("TOKENIZERS_PARALLELISM", "false"))
     from .report import metrics_path

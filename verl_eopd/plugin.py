@@ -9,7 +9,8 @@ verl does for entry points. Importing it runs `setup()`:
 3. registers `loss_mode: eopd` in verl's distillation-loss registry and the `hf` rollout backend;
 4. in the TaskRunner (EOPD_TASK_RUNNER=1, set for that actor alone by verl_eopd.main) registers the EOPD
    v1 trainer;
-5. with EOPD_TEACHER_TOKEN_COLUMN=1 (teacher_route=server) arms the server-route token-column patch;
+5. with EOPD_TEACHER_TOKEN_COLUMN=1 (teacher_route=server) arms the server-route token-column patch, and
+   with EOPD_SERVER_EOS the server-route end-token remap (integration/server_eos.py);
 6. makes `python -m verl.trainer.main` name this package's command (integration/verl_main_alias.py) unless
    verl ships that module itself.
 
@@ -54,6 +55,9 @@ def setup() -> None:
 
             register_eopd_trainer()
         server_route.install()  # only with EOPD_TEACHER_TOKEN_COLUMN=1 (teacher_route=server)
+        from .integration import server_eos
+
+        server_eos.install()  # only with EOPD_SERVER_EOS (teacher_route=server, different end tokens)
     except Exception as e:  # noqa: BLE001 - re-raised after logging
         logger.error("verl_eopd plugin failed to load: %s", e)
         raise

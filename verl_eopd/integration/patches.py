@@ -74,6 +74,16 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
         when="teacher_route=server with server_token_logprob=exact (EOPD_TEACHER_TOKEN_COLUMN=1), on import of the module",
     ),
     Patch(
+        name="server-eos-remap",
+        target="verl.experimental.teacher_loop.teacher_manager.AsyncTeacherLLMServerManager.compute_teacher_logprobs_single",
+        why="verl sends the student's token ids to the teacher pool unchanged; a Base student's end token would be "
+            "scored as the chat teacher's unlikely token (about -21 nats). The wrapper sends the teacher's end token "
+            "and maps it back in the returned ids (integration/server_eos.py)",
+        verl_version=VERL,
+        when="teacher_route=server with different student/teacher end tokens and eos_remap (EOPD_SERVER_EOS), "
+             "on import of the module",
+    ),
+    Patch(
         name="server-token-column-sglang",
         target="verl.workers.rollout.sglang_rollout.async_sglang_server._extract_prompt_logprobs_sglang",
         why="as for vLLM: SGLang's input_token_logprobs hold the scored token's exact log-prob, verl drops it",

@@ -126,31 +126,42 @@ def patch_module(module: Any) -> bool:
 
 
 class _PatchingLoader(importlib.abc.Loader):
-    def __init__(self, loader):
-        self.loader = loader
+    def __init__(self, loader, patch: Callable[[Any], object]):
+        self.loader, self.patch = loader, patch
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
         self.loader.exec_module(module)
-        patch_module(module)
+        self.patch(module)
+
+
+_ARMED: dict[str, Callable[[Any], object]] = {}  # module name -> its patch, for the modules armed in this process
 
 
 class _PostImportHook(importlib.abc.MetaPathFinder):
-    """Patch the target modules right after they are imported (they import vLLM/SGLang: never imported here)."""
+    """Patch the armed modules right after they are imported (they import vLLM/SGLang: never imported here)."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname not in TARGETS:
+        patch = _ARMED.get(fullname)
+        if patch is None:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None and spec.loader is not None:
-                spec.loader = _PatchingLoader(spec.loader)
+                spec.loader = _PatchingLoader(spec.loader, patch)
                 return spec
         return None
+
+
+def add_post_import_patch(module_name: str, patch: Callable[[Any], object]) -> None:
+    """Run `patch(module)` right after `module_name` is imported in this process (one shared import hook)."""
+    _ARMED[module_name] = patch
+    if not any(isinstance(f, _PostImportHook) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PostImportHook())
 
 
 def install() -> bool:
@@ -161,6 +172,5 @@ def install() -> bool:
     for name in TARGETS:
         if name in sys.modules:
             patch_module(sys.modules[name])
-    if not any(isinstance(f, _PostImportHook) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PostImportHook())
+        add_post_import_patch(name, patch_module)
     return True
