@@ -115,6 +115,20 @@ def test_server_route_live_on_cpu(e2e):
         assert 0.0 < d["actor/eopd/gate_frac"] < 1.0 and math.isfinite(d["actor/loss"])
 
 
+def test_two_ranks_from_the_command_line(tmp_path):
+    """`python -m verl_eopd.main algorithm=eopd trainer.n_gpus_per_node=2 trainer.total_training_steps=2`: Ray's
+    logical GPUs and the micro-batches follow the ranks, and two FSDP2 ranks (gloo) train and log EOPD metrics
+    (validation and the checkpoint switched off for time)."""
+    run_main(["algorithm=eopd", "trainer.n_gpus_per_node=2", "trainer.total_training_steps=2",
+              "trainer.val_before_train=false", "trainer.test_freq=-1", "trainer.save_freq=-1"], cwd=tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "verl-eopd" / "tiny_eopd.jsonl").read_text().splitlines()]
+    train = [r for r in records if "actor/loss" in r["data"]]
+    assert [r["step"] for r in train] == [1, 2]
+    for r in train:
+        assert all(f"actor/eopd/{k}" in r["data"] for k in DESIGN_METRICS)
+        assert math.isfinite(r["data"]["actor/loss"]) and 0.0 < r["data"]["actor/eopd/gate_frac"] < 1.0
+
+
 SHORT_STEPS = 30
 
 
@@ -143,3 +157,10 @@ def test_default_run_validates_at_both_ends_and_lifts_the_student(tmp_path):
     assert teacher >= 85.0, out[-2000:]
     assert f"checkpoint: {tmp_path / 'checkpoints' / 'verl-eopd' / 'tiny_eopd' / f'global_step_{SHORT_STEPS}'}" in out
     assert f"metrics:    {path}" in out
+    # the console a person reads: the header, one compact line per step, no every-metric line
+    assert "[verl_eopd] algorithm=eopd on CPU (1 rank), rollout hf" in out
+    steps = [line for line in out.splitlines() if "[eopd] step " in line and " rkl " in line]
+    assert len(steps) == SHORT_STEPS and all(len(line) < 200 for line in steps), steps[:3]
+    assert "actor/pg_loss" not in out and "actor/eopd/gate_frac" not in out
+    console = len(proc.stdout) + len(proc.stderr)
+    assert console < 20_000 * SHORT_STEPS / 60 + 10_000, console  # the 60-step run stays under 20 KB

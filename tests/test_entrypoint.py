@@ -401,3 +401,31 @@ def test_cpu_mode_only_when_asked_or_when_no_gpu_is_visible_to_the_run(monkeypat
         asked.clear()
         cfg = OmegaConf.create({"trainer": {"device": device}, "ray_kwargs": {"ray_init": {"address": address}}})
         assert cpu.run_on_cpu(cfg) is expected and asked == [address]
+
+
+def test_resuming_a_checkpoint_trained_with_other_eopd_settings_is_refused_before_ray(tiny_models, no_model_loads,
+                                                                                     tmp_path):
+    """A checkpoint folder whose eopd_settings.json says fkl_coef 0.5 and tau 1.2: this run (1.0, 0.8) would
+    continue it under another objective. Refused naming the settings; the three fixes each pass."""
+    import json
+
+    from verl_eopd.integration.config import settings_record
+
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "global_step_7").mkdir(parents=True)
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("7")
+    saved = settings_record(_tiny_cfg(tiny_models))
+    saved.update(fkl_coef=0.5, entropy_threshold=1.2, logits_chunk_mb=1)  # chunk size: speed only, never a change
+    (ckpt / "global_step_7" / "eopd_settings.json").write_text(json.dumps(saved))
+    where = f"trainer.default_local_dir={ckpt}"
+    with pytest.raises(ValueError) as e:
+        _run(tiny_models, where)
+    msg = str(e.value)
+    assert "fkl_coef: 0.5 -> 1.0" in msg and "entropy_threshold: 1.2 -> 0.8" in msg and "logits_chunk_mb" not in msg
+    assert "global_step_7" in msg and "Fix: trainer.resume_accept_changed_eopd=true" in msg
+    _run(tiny_models, where, _pasteable_fix(msg))
+    _run(tiny_models, where, "trainer.resume_mode=disable")
+    _run(tiny_models, f"trainer.default_local_dir={tmp_path / 'elsewhere'}")
+    saved.update(fkl_coef=1.0, entropy_threshold=0.8)
+    (ckpt / "global_step_7" / "eopd_settings.json").write_text(json.dumps(saved))
+    _run(tiny_models, where)  # same objective: resumes

@@ -135,6 +135,10 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
         env["VERL_FILE_LOGGER_PATH"] = metrics
     with open_dict(config):
         config.trainer.default_local_dir = os.path.abspath(str(config.trainer.default_local_dir))
+    from .integration.config import check_resume
+
+    check_resume(config)  # after the checkpoint folder is absolute
+    with open_dict(config):
         for name, value in env.items():  # Ray processes of any cluster get them through runtime_env
             OmegaConf.update(config, f"ray_kwargs.ray_init.runtime_env.env_vars.{name}", value, force_add=True)
     return Prepared(loss, env, on_cpu, info)

@@ -269,6 +269,57 @@ def check_batch_shapes(config) -> None:
     )
 
 
+SETTINGS_FILE = "eopd_settings.json"  # written beside each verl checkpoint (integration/trainer.py)
+_SPEED_ONLY = ("logits_chunk_mb",)  # settings that change speed and memory, not the objective
+
+
+def settings_record(config) -> dict:
+    """The EOPD settings a checkpoint is trained with: the loss node and the teacher."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(config.distillation.distillation_loss, resolve=True)
+    node["teacher_model_path"] = OmegaConf.select(config, "distillation.teacher_models.teacher_model.model_path")
+    return node
+
+
+def changed_settings(saved: dict, now: dict) -> dict:
+    """{key: (saved, now)} for the settings that differ, speed-only ones left out."""
+    return {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k) and k not in _SPEED_ONLY}
+
+
+def check_resume(config) -> None:
+    """A run that would resume (trainer.resume_mode auto or resume_path) from a checkpoint trained with other EOPD
+    settings is refused before Ray, unless trainer.resume_accept_changed_eopd=true."""
+    import json
+    import os
+
+    mode = str(config.trainer.get("resume_mode", "auto"))
+    if mode == "disable":
+        return
+    if mode == "resume_path":
+        folder = config.trainer.get("resume_from_path")
+    else:
+        root = str(config.trainer.default_local_dir)
+        tracker = os.path.join(root, "latest_checkpointed_iteration.txt")
+        if not os.path.exists(tracker):
+            return
+        with open(tracker) as f:
+            folder = os.path.join(root, f"global_step_{int(f.read().strip())}")
+    path = os.path.join(str(folder), SETTINGS_FILE) if folder else None
+    if not path or not os.path.exists(path):
+        return
+    with open(path) as f:
+        changed = changed_settings(json.load(f), settings_record(config))
+    if changed and not config.trainer.get("resume_accept_changed_eopd", False):
+        diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise ValueError(
+            f"trainer.resume_mode={mode} would resume {folder}, trained with other EOPD settings ({diff}): the run "
+            "would continue under another objective. Fix: trainer.resume_accept_changed_eopd=true to resume anyway, "
+            "trainer.resume_mode=disable to start over, or another trainer.default_local_dir"
+        )
+
+
 def check_run_config(config) -> "EOPDLossConfig":
     """Validate a composed EOPD run config; raises ValueError naming the key and the fix."""
     from omegaconf import OmegaConf

@@ -34,7 +34,7 @@ from verl.utils import tensordict_utils as tu
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
-from .config import EOPDLossConfig, build_loss_config
+from .config import SETTINGS_FILE, EOPDLossConfig, build_loss_config, changed_settings, settings_record
 from .console import compact_tracking
 from .env import cpu_platform_requested
 from .loss import eopd_ppo_loss
@@ -150,14 +150,10 @@ class EOPDTrainer(PPOTrainerSync):
                     self.role_worker_mapping[role] = ray.remote(EOPDActorRolloutRefWorker)
 
     # ------------------------------------------------------------------ checkpoints
-    EOPD_SETTINGS_FILE = "eopd_settings.json"
+    EOPD_SETTINGS_FILE = SETTINGS_FILE
 
     def _eopd_settings(self) -> dict:
-        from omegaconf import OmegaConf
-
-        node = OmegaConf.to_container(self.config.distillation.distillation_loss, resolve=True)
-        node["teacher_model_path"] = self.config.distillation.teacher_models.teacher_model.model_path
-        return node
+        return settings_record(self.config)
 
     def _save_checkpoint(self):
         """verl's checkpoint plus the EOPD settings it was trained with (compared on resume)."""
@@ -171,7 +167,8 @@ class EOPDTrainer(PPOTrainerSync):
                 json.dump(self._eopd_settings(), f, indent=1, sort_keys=True)
 
     def _load_checkpoint(self):
-        """verl's resume; then the EOPD settings saved with the checkpoint are compared with this run's."""
+        """verl's resume; then the EOPD settings saved with the checkpoint are compared with this run's (a change
+        was refused before Ray unless trainer.resume_accept_changed_eopd=true: config.check_resume)."""
         import json
         import os
 
@@ -188,7 +185,7 @@ class EOPDTrainer(PPOTrainerSync):
         with open(path) as f:
             saved = json.load(f)
         now = self._eopd_settings()
-        changed = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
+        changed = changed_settings(saved, now)
         if changed:
             logger.warning("[verl_eopd] resumed at step %d with EOPD settings that differ from the checkpoint's "
                            "(saved -> now): %s", self.global_steps, changed)
