@@ -241,6 +241,12 @@ def test_padded_teacher_vocabulary_is_accepted(tiny_models, no_model_loads):
     """Same tokenizer, teacher table 352 rows vs student 320: passes every check, ours and verl's."""
     loss, env, on_cpu, embedded = _run(tiny_models)
     assert loss.teacher_route == "ref" and env["VERL_PLATFORM"] == "cpu" and on_cpu and embedded is None
+    # every process: the console mode, and TransferQueue's threads capped at the physical cores (its warning
+    # otherwise repeats on every put/get)
+    import psutil
+
+    assert env["EOPD_CONSOLE"] == "compact"
+    assert 1 <= int(env["TQ_NUM_THREADS"]) <= min(8, psutil.cpu_count(logical=False) or 1)
 
 
 def test_server_route_preset_composes_and_is_checked(tiny_models, no_model_loads):

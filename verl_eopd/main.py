@@ -3,8 +3,9 @@
 The config is verl's `ppo_trainer` plus the EOPD presets (verl_eopd/conf/). Before Ray starts:
   * no model given (actor_rollout_ref.model.path and the teacher path both unset): the embedded tiny
     default is built once and used (verl_eopd.cpu.embedded; EOPD_EMBEDDED_TASK=multiple picks the second task);
-  * no GPU on this machine nor in the Ray cluster it joins (or trainer.device=cpu): CPU settings (verl_eopd.cpu.platform.CPU_SETTINGS: the HF rollout backend,
-    gloo, sdpa, logical Ray resources) and the CPU platform;
+  * no GPU on this machine nor in the Ray cluster it joins (or trainer.device=cpu): CPU settings
+    (verl_eopd.cpu.platform.CPU_SETTINGS: the HF rollout backend, gloo, sdpa, logical Ray resources) and the
+    CPU platform;
   * every value a user wrote on the command line wins over both;
   * the whole config is checked (config.check_run_config) so a bad key fails before any model loads.
 Then verl's own `run_ppo` runs with verl's own TaskRunner, started with EOPD_TASK_RUNNER=1 so that the
@@ -126,6 +127,15 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
     pair = server_eos_pair(config, loss)
     if pair is not None:  # the server route sends the teacher its own end token (integration/server_eos.py)
         env[SERVER_EOS_ENV] = f"{pair[0]},{pair[1]}"
+    from .integration.console import ENV as CONSOLE_ENV, console_mode
+
+    env[CONSOLE_ENV] = console_mode(config)
+    # TransferQueue asks torch for 8 threads per put/get and warns on every call (thousands of console lines)
+    # when the machine has fewer physical cores; its own variable, capped at the cores, keeps it quiet
+    import psutil
+
+    cores = psutil.cpu_count(logical=False) or 1
+    env["TQ_NUM_THREADS"] = os.environ.get("TQ_NUM_THREADS") or str(max(1, min(8, cores)))
     if on_cpu:
         env.update(VERL_PLATFORM="cpu", TOKENIZERS_PARALLELISM=os.environ.get("TOKENIZERS_PARALLELISM", "false"))
     from .report import metrics_path

@@ -12,9 +12,11 @@ restores verl's line.
 
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 MODES = ("compact", "full")
+ENV = "EOPD_CONSOLE"  # the run's trainer.console, for every process (set by verl_eopd.main)
 # (label, metric key, format)
 COLUMNS = (
     ("rkl", "actor/eopd/rkl_mean", "{:.3f}"),
@@ -74,3 +76,25 @@ def compact_tracking(tracking, config, total_steps: int):
         backends["console"] = CompactConsole(total_steps)
         tracking.console_logger = backends["console"]
     return tracking
+
+
+def quiet_config_dump() -> None:
+    """In the TaskRunner with the compact console: verl's `TaskRunner.run` pprints the whole resolved config
+    (about 1,000 lines); one line says how to see it instead. Other pprint calls of the module are verl's."""
+    import verl.trainer.main_ppo as main_ppo
+
+    original = main_ppo.pprint
+
+    def pprint(obj, *args, **kwargs):
+        if isinstance(obj, dict) and "actor_rollout_ref" in obj and "trainer" in obj:
+            print("[verl_eopd] composed config not printed (trainer.console=compact): add --cfg job to the command "
+                  "to see it, or trainer.console=full", flush=True)
+            return None
+        return original(obj, *args, **kwargs)
+
+    pprint.__wrapped__ = original
+    main_ppo.pprint = pprint
+
+
+def compact_requested() -> bool:
+    return os.environ.get(ENV, "compact") == "compact"

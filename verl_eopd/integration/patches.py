@@ -50,6 +50,14 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
         when="every process that imports verl, at plugin set-up",
     ),
     Patch(
+        name="console-config-dump",
+        target="verl.trainer.main_ppo.pprint",
+        why="verl's TaskRunner prints the whole resolved config (about 90 KB) with no switch; with the compact "
+            "console one line says how to see it (--cfg job)",
+        verl_version=VERL,
+        when="the TaskRunner (EOPD_TASK_RUNNER=1) with trainer.console=compact (EOPD_CONSOLE)",
+    ),
+    Patch(
         name="cpu-offload-no-pin",
         target="torch.distributed.fsdp.CPUOffloadPolicy (and verl.workers.engine.fsdp.transformer_impl's reference)",
         why="verl's forward-only engines (the reference worker holding the teacher) offload with "
