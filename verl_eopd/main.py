@@ -23,6 +23,7 @@ from typing import Iterable, NamedTuple, Optional
 import hydra
 from omegaconf import OmegaConf, open_dict
 
+from .integration.console import ENV as CONSOLE_ENV
 from .integration.env import TASK_RUNNER_ENV, TOKEN_COLUMN_ENV, external_modules_with_plugin
 
 logger = logging.getLogger("verl_eopd")
@@ -127,7 +128,7 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
     pair = server_eos_pair(config, loss)
     if pair is not None:  # the server route sends the teacher its own end token (integration/server_eos.py)
         env[SERVER_EOS_ENV] = f"{pair[0]},{pair[1]}"
-    from .integration.console import ENV as CONSOLE_ENV, console_mode
+    from .integration.console import console_mode
 
     env[CONSOLE_ENV] = console_mode(config)
     # TransferQueue asks torch for 8 threads per put/get and warns on every call (thousands of console lines)
@@ -174,6 +175,13 @@ def run(config, user_keys: Optional[Iterable[str]] = None, algorithm: Optional[s
     from verl.utils.device import auto_set_device
 
     auto_set_device(config)  # resolves verl's device platform: after the CPU platform is installed
+    if env.get(CONSOLE_ENV) == "compact":
+        # verl's TaskRunner class is pickled by value with the module's globals as they are here, so the
+        # config-dump patch is applied in this process, before run_ppo exports the class
+        from .integration.console import quiet_config_dump
+        from .integration.patches import apply
+
+        apply("console-config-dump", quiet_config_dump)
     # verl's own TaskRunner; EOPD_TASK_RUNNER=1 in that actor alone makes the plugin register the EOPD trainer
     run_ppo(config, task_runner_class=TaskRunnerV1.options(runtime_env={"env_vars": {TASK_RUNNER_ENV: "1"}}))
     from .report import embedded_teacher_accuracy, summarize

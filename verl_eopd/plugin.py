@@ -54,10 +54,6 @@ def setup() -> None:
             from .integration.trainer import register_eopd_trainer
 
             register_eopd_trainer()
-            from .integration.console import compact_requested, quiet_config_dump
-
-            if compact_requested():
-                patches.apply("console-config-dump", quiet_config_dump)
         server_route.install()  # only with EOPD_TEACHER_TOKEN_COLUMN=1 (teacher_route=server)
         from .integration import server_eos
 

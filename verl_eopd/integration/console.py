@@ -12,7 +12,6 @@ restores verl's line.
 
 from __future__ import annotations
 
-import os
 from typing import Mapping
 
 MODES = ("compact", "full")
@@ -79,8 +78,10 @@ def compact_tracking(tracking, config, total_steps: int):
 
 
 def quiet_config_dump() -> None:
-    """In the TaskRunner with the compact console: verl's `TaskRunner.run` pprints the whole resolved config
-    (about 1,000 lines); one line says how to see it instead. Other pprint calls of the module are verl's."""
+    """With the compact console: verl's `TaskRunnerV1.run` pprints the whole resolved config (about 1,000
+    lines); one line says how to see it instead. Other pprint calls of the module are verl's. Applied in the
+    driver: Ray pickles the TaskRunner class by value (the module holds Ray's wrapper, not the class), with
+    the module's globals as they are when run_ppo exports it."""
     import verl.trainer.main_ppo as main_ppo
 
     original = main_ppo.pprint
@@ -94,7 +95,3 @@ def quiet_config_dump() -> None:
 
     pprint.__wrapped__ = original
     main_ppo.pprint = pprint
-
-
-def compact_requested() -> bool:
-    return os.environ.get(ENV, "compact") == "compact"

@@ -55,7 +55,7 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
         why="verl's TaskRunner prints the whole resolved config (about 90 KB) with no switch; with the compact "
             "console one line says how to see it (--cfg job)",
         verl_version=VERL,
-        when="the TaskRunner (EOPD_TASK_RUNNER=1) with trainer.console=compact (EOPD_CONSOLE)",
+        when="the driver (verl_eopd.main) with trainer.console=compact, before verl pickles its TaskRunner class",
     ),
     Patch(
         name="cpu-offload-no-pin",
