@@ -131,6 +131,9 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
     from .integration.console import console_mode
 
     env[CONSOLE_ENV] = console_mode(config)
+    if env[CONSOLE_ENV] == "compact":  # verl warns in every process that engines it does not use are missing
+        quiet = "ignore::UserWarning:verl.workers.engine"
+        env["PYTHONWARNINGS"] = ",".join(w for w in (os.environ.get("PYTHONWARNINGS"), quiet) if w)
     # TransferQueue asks torch for 8 threads per put/get and warns on every call (thousands of console lines)
     # when the machine has fewer physical cores; its own variable, capped at the cores, keeps it quiet
     import psutil
