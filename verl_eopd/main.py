@@ -134,6 +134,8 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
     if env[CONSOLE_ENV] == "compact":  # verl warns in every process that engines it does not use are missing
         quiet = "ignore::UserWarning:verl.workers.engine"
         env["PYTHONWARNINGS"] = ",".join(w for w in (os.environ.get("PYTHONWARNINGS"), quiet) if w)
+        env.setdefault("TQ_LOGGING_LEVEL", os.environ.get("TQ_LOGGING_LEVEL", "WARNING"))  # TransferQueue's INFO stats
+        env.setdefault("TQDM_MININTERVAL", os.environ.get("TQDM_MININTERVAL", "60"))  # the progress bar once a minute
     # TransferQueue asks torch for 8 threads per put/get and warns on every call (thousands of console lines)
     # when the machine has fewer physical cores; its own variable, capped at the cores, keeps it quiet
     import psutil

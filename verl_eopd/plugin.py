@@ -54,6 +54,12 @@ def setup() -> None:
             from .integration.trainer import register_eopd_trainer
 
             register_eopd_trainer()
+            from .integration.console import ENV as CONSOLE_ENV, quiet_config_dump
+
+            if os.environ.get(CONSOLE_ENV) == "compact":  # the trainer's validation pprints (compact console)
+                import verl.trainer.ppo.v1.trainer_base as trainer_base
+
+                patches.apply("console-config-dump", lambda: quiet_config_dump(trainer_base))
         server_route.install()  # only with EOPD_TEACHER_TOKEN_COLUMN=1 (teacher_route=server)
         from .integration import server_eos
 

@@ -3,8 +3,11 @@
 verl's `console` backend prints every metric of a step on one line (about 3,000 characters for EOPD). With
 `trainer.console: compact` (the EOPD default) the trainer's console backend is this one:
 
-    [eopd] step 12/60  rkl 0.412  fkl_gated 0.210  gate 0.183  H_student 0.405  score 0.31  10.5 s/step
-    [eopd] step 20/60  validation: eopd_tiny_add 46.9%
+    [eopd] step 12/60 rkl 0.412 fkl_gated 0.210 gate 0.183 H 0.405 score 0.31 10.5 s/step
+    [eopd] step 20/60 validation: eopd_tiny_add 46.9%
+
+(rkl: reverse KL on the sampled tokens; fkl_gated: forward KL on the gated tokens; gate: share of tokens
+gated; H: the student's entropy; score: the task reward, i.e. training accuracy.)
 
 Every metric still goes to the other backends (`file`, tensorboard, wandb ...); `trainer.console: full`
 restores verl's line.
@@ -21,7 +24,7 @@ COLUMNS = (
     ("rkl", "actor/eopd/rkl_mean", "{:.3f}"),
     ("fkl_gated", "actor/eopd/fkl_gated_mean", "{:.3f}"),
     ("gate", "actor/eopd/gate_frac", "{:.3f}"),
-    ("H_student", "actor/eopd/student_entropy_mean", "{:.3f}"),
+    ("H", "actor/eopd/student_entropy_mean", "{:.3f}"),
     ("score", "critic/score/mean", "{:.2f}"),
 )
 VAL_PREFIX, VAL_SUFFIX = "val-core/", "/acc/mean@1"
@@ -43,7 +46,7 @@ def compact_line(data: Mapping, step: int, total: int) -> str:
            if k.startswith(VAL_PREFIX) and k.endswith(VAL_SUFFIX)]
     if val:
         parts.append("validation: " + ", ".join(f"{name} {100 * v:.1f}%" for name, v in val))
-    return "  ".join(parts)
+    return " ".join(parts)
 
 
 class CompactConsole:
@@ -77,21 +80,29 @@ def compact_tracking(tracking, config, total_steps: int):
     return tracking
 
 
-def quiet_config_dump() -> None:
-    """With the compact console: verl's `TaskRunnerV1.run` pprints the whole resolved config (about 1,000
-    lines); one line says how to see it instead. Other pprint calls of the module are verl's. Applied in the
-    driver: Ray pickles the TaskRunner class by value (the module holds Ray's wrapper, not the class), with
-    the module's globals as they are when run_ppo exports it."""
-    import verl.trainer.main_ppo as main_ppo
+_QUIET_PREFIXES = ("Initial validation metrics", "Final validation metrics")  # the compact lines show them
 
-    original = main_ppo.pprint
+
+def quiet_config_dump(module=None) -> None:
+    """With the compact console, verl's multi-line pprints become one line or nothing: the whole resolved config
+    that `TaskRunnerV1.run` prints (about 1,000 lines) becomes one line saying how to see it, and the
+    validation-metric dicts the trainer prints are dropped (the compact console prints the accuracies). Other
+    pprint calls are verl's. `module`: verl.trainer.main_ppo (patched in the driver: Ray pickles the TaskRunner
+    class by value with the module's globals as they are there) or verl.trainer.ppo.v1.trainer_base (patched in
+    the TaskRunner, where the trainer runs)."""
+    if module is None:
+        import verl.trainer.main_ppo as module
+
+    original = module.pprint
 
     def pprint(obj, *args, **kwargs):
         if isinstance(obj, dict) and "actor_rollout_ref" in obj and "trainer" in obj:
             print("[verl_eopd] composed config not printed (trainer.console=compact): add --cfg job to the command "
                   "to see it, or trainer.console=full", flush=True)
             return None
+        if isinstance(obj, str) and obj.startswith(_QUIET_PREFIXES):
+            return None
         return original(obj, *args, **kwargs)
 
     pprint.__wrapped__ = original
-    main_ppo.pprint = pprint
+    module.pprint = pprint

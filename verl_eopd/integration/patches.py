@@ -51,11 +51,13 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
     ),
     Patch(
         name="console-config-dump",
-        target="verl.trainer.main_ppo.pprint",
-        why="verl's TaskRunner prints the whole resolved config (about 90 KB) with no switch; with the compact "
-            "console one line says how to see it (--cfg job)",
+        target="verl.trainer.main_ppo.pprint and verl.trainer.ppo.v1.trainer_base.pprint",
+        why="verl's TaskRunner prints the whole resolved config (about 90 KB) and the trainer the validation-metric "
+            "dicts, with no switch; with the compact console one line says how to see the config (--cfg job) "
+            "and the compact lines show the accuracies",
         verl_version=VERL,
-        when="the driver (verl_eopd.main) with trainer.console=compact, before verl pickles its TaskRunner class",
+        when="trainer.console=compact: main_ppo in the driver (before verl pickles its TaskRunner class), "
+             "trainer_base in the TaskRunner",
     ),
     Patch(
         name="cpu-offload-no-pin",
