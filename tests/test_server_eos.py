@@ -30,9 +30,12 @@ def test_the_teacher_gets_its_own_end_token_only_at_the_end():
 def test_ids_come_back_in_the_students_tokens_with_and_without_the_token_column():
     topk = torch.tensor([[T, 5, 6], [5, 6, 7], [S, T, 6]], dtype=torch.int32)  # row 2 already holds S: untouched
     assert se.map_back(topk, 3, S, T).tolist() == [[S, 5, 6], [5, 6, 7], [S, T, 6]]
-    with_col = torch.cat([topk, torch.tensor([[7], [T], [T]], dtype=torch.int32)], dim=1)  # column K: the tokens
-    got = se.map_back(with_col, 3, S, T)
-    assert got.dtype == torch.int32 and got[:, -1].tolist() == [7, S, S] and got[:, :3].tolist() == se.map_back(topk, 3, S, T).tolist()
+    # column K: the scored tokens (row j holds token j + 1; the last row is the dummy 0)
+    with_col = torch.cat([topk, torch.tensor([[T], [T], [0]], dtype=torch.int32)], dim=1)
+    got = se.map_back(with_col, 3, S, T, remapped=True)
+    assert got.dtype == torch.int32 and got[:, :3].tolist() == se.map_back(topk, 3, S, T).tolist()
+    assert got[:, -1].tolist() == [T, S, 0]  # only the remapped final token; a T the student wrote stays T
+    assert se.map_back(with_col, 3, S, T, remapped=False)[:, -1].tolist() == [T, T, 0]  # not remapped: untouched
 
 
 @pytest.mark.unit
@@ -53,6 +56,9 @@ def test_the_wrapper_sends_the_remapped_copy_and_maps_the_answer_back():
     ids, lps = asyncio.run(wrapped(manager, sent, routing_key=None))
     assert seen["ids"] == [11, 12, 13, T] and sent == [11, 12, 13, S]  # the caller's list is not modified
     assert ids[:, 0].tolist() == [S] * 4 and ids[:, -1].tolist() == [12, 13, S, 0]  # column: the student's tokens
+    # a response the student ended with the teacher's token itself (or cut): nothing sent changes, nothing renamed
+    ids, _ = asyncio.run(wrapped(manager, [11, T, 13, T], routing_key=None))
+    assert seen["ids"] == [11, T, 13, T] and ids[:, -1].tolist() == [T, 13, T, 0]
     assert getattr(wrapped, se._PATCHED) and wrapped.__wrapped__ is original
 
 

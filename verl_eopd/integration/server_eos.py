@@ -10,9 +10,10 @@ two end tokens differ and `eos_remap` is on):
 
   * sends the teacher a copy whose final token, when it is the student's end token (a response stops at its
     first end token, so that is the one), is the teacher's;
-  * maps the teacher's end token back to the student's in the returned top-k ids (`core.eos`), and in the
-    exact token column when the payload carries one (integration/server_route.py), so the loss sees the
-    student's own tokens.
+  * maps the teacher's end token back to the student's in the returned top-k ids (`core.eos`, as on the
+    reference route), and, in the exact token column when the payload carries one
+    (integration/server_route.py), at the remapped final token only, so the column holds the student's own
+    tokens (a teacher end token the student wrote itself stays).
 It runs where the agent loop runs (Ray workers get the variable through runtime_env) and is applied when
 verl's teacher manager module is imported, through `patches.apply` (declared there as server-eos-remap).
 """
@@ -70,13 +71,18 @@ def remap_sequence(sequence_ids: list[int], student_eos: int, teacher_eos: int) 
     return list(sequence_ids)
 
 
-def map_back(teacher_ids: torch.Tensor, topk: Optional[int], student_eos: int, teacher_eos: int) -> torch.Tensor:
-    """Teacher ids [S, K] (or [S, K + 1] with the exact token column) with the teacher's end token renamed."""
+def map_back(teacher_ids: torch.Tensor, topk: Optional[int], student_eos: int, teacher_eos: int,
+             remapped: bool = True) -> torch.Tensor:
+    """Teacher ids [S, K] (or [S, K + 1] with the exact token column) with the teacher's end token renamed in
+    the top-k (as on the reference route). In the token column (the scored tokens themselves: row j holds token
+    j + 1, the last row is a dummy) only the final token is renamed, and only when `remapped`: a teacher end
+    token the student itself wrote elsewhere stays what it is."""
     ids = teacher_ids.long()
-    if topk is not None and ids.dim() == 2 and ids.shape[1] == topk + 1:  # the token column: the tokens themselves
-        col = ids[:, -1:]
-        ids = torch.cat([map_teacher_eos_in_topk(ids[:, :-1], student_eos, teacher_eos),
-                         torch.where(col == teacher_eos, torch.full_like(col, student_eos), col)], dim=-1)
+    if topk is not None and ids.dim() == 2 and ids.shape[1] == topk + 1:
+        col = ids[:, -1:].clone()
+        if remapped and col.shape[0] >= 2 and int(col[-2, 0]) == teacher_eos:
+            col[-2, 0] = student_eos
+        ids = torch.cat([map_teacher_eos_in_topk(ids[:, :-1], student_eos, teacher_eos), col], dim=-1)
     else:
         ids = map_teacher_eos_in_topk(ids, student_eos, teacher_eos)
     return ids.to(teacher_ids.dtype)
@@ -84,10 +90,12 @@ def map_back(teacher_ids: torch.Tensor, topk: Optional[int], student_eos: int, t
 
 def with_eos_remap(original: Callable, student_eos: int, teacher_eos: int) -> Callable:
     async def compute_teacher_logprobs_single(self, sequence_ids, *args, **kwargs):
-        ids, logprobs = await original(self, remap_sequence(sequence_ids, student_eos, teacher_eos), *args, **kwargs)
+        sent = remap_sequence(sequence_ids, student_eos, teacher_eos)
+        ids, logprobs = await original(self, sent, *args, **kwargs)
         cfg = getattr(self, "distillation_loss_config", None)
         topk = int(cfg.topk) if cfg is not None and getattr(cfg, "topk", None) is not None else None
-        return map_back(ids, topk, student_eos, teacher_eos), logprobs
+        remapped = bool(sequence_ids) and int(sent[-1]) != int(sequence_ids[-1])
+        return map_back(ids, topk, student_eos, teacher_eos, remapped), logprobs
 
     setattr(compute_teacher_logprobs_single, _PATCHED, True)
     compute_teacher_logprobs_single.__wrapped__ = original
