@@ -18,7 +18,7 @@ STEP = {"actor/eopd/rkl_mean": 0.41234, "actor/eopd/fkl_gated_mean": torch.tenso
 @pytest.mark.unit
 def test_a_step_is_one_short_line_with_the_eopd_columns():
     line = compact_line(STEP, 12, 60)
-    assert line == "[eopd] step 12/60 rkl 0.412 fkl_gated 0.210 gate 0.183 H 0.405 score 0.31 10.5 s/step"
+    assert line == "[eopd] step 12/60 rkl 0.412 fkl 0.210 gate 0.183 H 0.405 score 0.31 10.5s"
     assert "\n" not in line and len(line) < 120
 
 
@@ -27,7 +27,7 @@ def test_validation_records_show_each_data_source():
     val = {"val-core/eopd_tiny_add/acc/mean@1": 0.4694, "val-core/eopd_tiny_multiple/acc/mean@1": 0.5,
            "val-aux/eopd_tiny_add/reward/mean@1": 0.47}
     assert compact_line(val, 0, 60) == "[eopd] step 0/60 validation: eopd_tiny_add 46.9%, eopd_tiny_multiple 50.0%"
-    assert compact_line({**STEP, **val}, 60, 60).endswith("s/step validation: eopd_tiny_add 46.9%, eopd_tiny_multiple 50.0%")
+    assert compact_line({**STEP, **val}, 60, 60).endswith("10.5s validation: eopd_tiny_add 46.9%, eopd_tiny_multiple 50.0%")
 
 
 class _Tracking:  # verl's Tracking: a dict of backends under .logger

@@ -96,7 +96,9 @@ def _teacher_digit_entropy(info: dict, n: int = 120) -> tuple[float, float, floa
     resp = generate(teacher, prompts, max_new_tokens=16, eos_id=eos, pad_id=pad, greedy=True)
     ts = teacher_statistics(teacher, prompts, resp, topk=16, student_eos=eos, teacher_eos=eos, pad_id=pad)
     digits = {i for i in range(len(tok)) if tok.decode([i]).strip().isdigit()}
-    opened = sum(any(t in digits and ts["entropy"][b, j] > 0.8 for j, t in enumerate(r)) for b, r in enumerate(resp))
+    # the first response token is the phrasing choice (a digit in "a + b = s." and "d x q = n."): not a deciding token
+    opened = sum(any(t in digits and ts["entropy"][b, j] > 0.8 for j, t in enumerate(r) if j > 0)
+                 for b, r in enumerate(resp))
     acc = sum(compute_score(row["data_source"], tok.decode(r, skip_special_tokens=True), row["reward_model"]["ground_truth"])
               for row, r in zip(rows, resp)) / n
     torch.manual_seed(0)
@@ -124,7 +126,8 @@ def test_the_multiple_pair_has_an_uncertain_teacher_on_the_deciding_tokens_and_t
     acc, opened, distinct = _teacher_digit_entropy(info)
     assert acc >= 0.85 and opened >= 0.5 and distinct >= 2.0, (acc, opened, distinct)
     add_acc, add_opened, add_distinct = _teacher_digit_entropy(embedded.ensure_embedded_default(verbose=False))
-    assert add_acc >= 0.85 and add_opened <= 0.1 and add_distinct <= 1.0, (add_acc, add_opened, add_distinct)
+    # sums: a deciding digit above tau on 7.5% of the teacher's answers (multiples: 100%)
+    assert add_acc >= 0.85 and add_opened <= 0.15 and add_distinct <= 1.0, (add_acc, add_opened, add_distinct)
 
     steps = 3
     proc = run_main(["algorithm=eopd", f"trainer.total_training_steps={steps}", f"trainer.test_freq={steps}",

@@ -135,7 +135,8 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
         quiet = "ignore::UserWarning:verl.workers.engine"
         env["PYTHONWARNINGS"] = ",".join(w for w in (os.environ.get("PYTHONWARNINGS"), quiet) if w)
         env.setdefault("TQ_LOGGING_LEVEL", os.environ.get("TQ_LOGGING_LEVEL", "WARNING"))  # TransferQueue's INFO stats
-        env.setdefault("TQDM_MININTERVAL", os.environ.get("TQDM_MININTERVAL", "60"))  # the progress bar once a minute
+        env.setdefault("TQDM_MININTERVAL", os.environ.get("TQDM_MININTERVAL", "300"))  # the progress bar every 5 min
+        env.setdefault("VERL_LOGGING_LEVEL", os.environ.get("VERL_LOGGING_LEVEL", "WARNING"))  # verl's INFO lines
     # TransferQueue asks torch for 8 threads per put/get and warns on every call (thousands of console lines)
     # when the machine has fewer physical cores; its own variable, capped at the cores, keeps it quiet
     import psutil

@@ -3,11 +3,11 @@
 verl's `console` backend prints every metric of a step on one line (about 3,000 characters for EOPD). With
 `trainer.console: compact` (the EOPD default) the trainer's console backend is this one:
 
-    [eopd] step 12/60 rkl 0.412 fkl_gated 0.210 gate 0.183 H 0.405 score 0.31 10.5 s/step
+    [eopd] step 12/60 rkl 0.412 fkl 0.210 gate 0.183 H 0.405 score 0.31 10.5s
     [eopd] step 20/60 validation: eopd_tiny_add 46.9%
 
-(rkl: reverse KL on the sampled tokens; fkl_gated: forward KL on the gated tokens; gate: share of tokens
-gated; H: the student's entropy; score: the task reward, i.e. training accuracy.)
+(rkl: reverse KL on the sampled tokens; fkl: forward KL on the gated tokens; gate: share of tokens gated;
+H: the student's entropy; score: the task reward, i.e. training accuracy; then seconds for the step.)
 
 Every metric still goes to the other backends (`file`, tensorboard, wandb ...); `trainer.console: full`
 restores verl's line.
@@ -22,7 +22,7 @@ ENV = "EOPD_CONSOLE"  # the run's trainer.console, for every process (set by ver
 # (label, metric key, format)
 COLUMNS = (
     ("rkl", "actor/eopd/rkl_mean", "{:.3f}"),
-    ("fkl_gated", "actor/eopd/fkl_gated_mean", "{:.3f}"),
+    ("fkl", "actor/eopd/fkl_gated_mean", "{:.3f}"),
     ("gate", "actor/eopd/gate_frac", "{:.3f}"),
     ("H", "actor/eopd/student_entropy_mean", "{:.3f}"),
     ("score", "critic/score/mean", "{:.2f}"),
@@ -41,7 +41,7 @@ def compact_line(data: Mapping, step: int, total: int) -> str:
         if key in data:
             parts.append(f"{label} {fmt.format(_number(data[key]))}")
     if "timing_s/step" in data:
-        parts.append(f"{_number(data['timing_s/step']):.1f} s/step")
+        parts.append(f"{_number(data['timing_s/step']):.1f}s")
     val = [(k[len(VAL_PREFIX):-len(VAL_SUFFIX)], _number(v)) for k, v in sorted(data.items())
            if k.startswith(VAL_PREFIX) and k.endswith(VAL_SUFFIX)]
     if val:
