@@ -269,6 +269,25 @@ def check_batch_shapes(config) -> None:
     )
 
 
+def end_token_ids(loss, model_config, teacher_path: str) -> tuple[Optional[int], Optional[int]]:
+    """(student, teacher) end-token ids for the EOS remap: the configured ids, else each tokenizer's
+    eos_token_id (the student's from `model_config.tokenizer_path` or its model path)."""
+    from transformers import AutoTokenizer
+
+    trust = bool(model_config.get("trust_remote_code", False))
+
+    def eos(path: str) -> Optional[int]:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust).eos_token_id
+
+    s = loss.student_eos_token_id
+    if s is None:
+        s = eos(model_config.get("tokenizer_path") or model_config.path)
+    t = loss.teacher_eos_token_id
+    if t is None:
+        t = eos(teacher_path)
+    return s, t
+
+
 SETTINGS_FILE = "eopd_settings.json"  # written beside each verl checkpoint (integration/trainer.py)
 _SPEED_ONLY = ("logits_chunk_mb",)  # settings that change speed and memory, not the objective
 

@@ -48,19 +48,13 @@ def eos_pair() -> Optional[tuple[int, int]]:
 
 def server_eos_pair(config, loss) -> Optional[tuple[int, int]]:
     """(student, teacher) end tokens to remap on the server route, or None (ref route, eos_remap off, or the
-    same token). Configured ids win; otherwise each model's tokenizer's eos_token_id."""
+    same token), resolved as on the reference route (`config.end_token_ids`)."""
     if loss.teacher_route != "server" or not loss.eos_remap:
         return None
-    from transformers import AutoTokenizer
+    from .config import end_token_ids
 
-    trust = bool(config.actor_rollout_ref.model.get("trust_remote_code", False))
-    s = loss.student_eos_token_id
-    if s is None:
-        s = AutoTokenizer.from_pretrained(config.actor_rollout_ref.model.path, trust_remote_code=trust).eos_token_id
-    t = loss.teacher_eos_token_id
-    if t is None:
-        path = config.distillation.teacher_models.teacher_model.model_path
-        t = AutoTokenizer.from_pretrained(path, trust_remote_code=trust).eos_token_id
+    teacher_path = config.distillation.teacher_models.teacher_model.model_path
+    s, t = end_token_ids(loss, config.actor_rollout_ref.model, teacher_path)
     return None if s is None or t is None or int(s) == int(t) else (int(s), int(t))
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import Optional
 
 import ray
 from omegaconf import DictConfig
@@ -34,7 +33,8 @@ from verl.utils import tensordict_utils as tu
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
-from .config import SETTINGS_FILE, EOPDLossConfig, build_loss_config, changed_settings, settings_record
+from .config import (SETTINGS_FILE, EOPDLossConfig, build_loss_config, changed_settings, end_token_ids,
+                     settings_record)
 from .console import compact_tracking
 from .env import cpu_platform_requested
 from .loss import eopd_ppo_loss
@@ -44,24 +44,10 @@ logger = logging.getLogger("verl_eopd")
 TRAINER_NAME = "eopd"
 
 
-def _eos_token_id(path: str, trust_remote_code: bool = False) -> Optional[int]:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code).eos_token_id
-
-
 def teacher_settings(loss: EOPDLossConfig, distillation_config: DictConfig, model_config: DictConfig) -> TeacherSettings:
     """Teacher path, top-k and end-token ids for the reference-worker teacher (ids resolved from tokenizers)."""
     path = distillation_config.teacher_models.teacher_model.model_path
-    student_eos = teacher_eos = None
-    if loss.eos_remap:
-        trust = bool(model_config.get("trust_remote_code", False))
-        student_eos = loss.student_eos_token_id
-        if student_eos is None:
-            student_eos = _eos_token_id(model_config.get("tokenizer_path") or model_config.path, trust)
-        teacher_eos = loss.teacher_eos_token_id
-        if teacher_eos is None:
-            teacher_eos = _eos_token_id(path, trust)
+    student_eos, teacher_eos = end_token_ids(loss, model_config, path) if loss.eos_remap else (None, None)
     return TeacherSettings(model_path=path, topk=int(loss.topk), student_eos_token_id=student_eos,
                            teacher_eos_token_id=teacher_eos, logits_chunk_mb=int(loss.logits_chunk_mb))
 
