@@ -134,9 +134,9 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
     if env[CONSOLE_ENV] == "compact":  # verl warns in every process that engines it does not use are missing
         quiet = "ignore::UserWarning:verl.workers.engine"
         env["PYTHONWARNINGS"] = ",".join(w for w in (os.environ.get("PYTHONWARNINGS"), quiet) if w)
-        env.setdefault("TQ_LOGGING_LEVEL", os.environ.get("TQ_LOGGING_LEVEL", "WARNING"))  # TransferQueue's INFO stats
-        env.setdefault("TQDM_MININTERVAL", os.environ.get("TQDM_MININTERVAL", "300"))  # the progress bar every 5 min
-        env.setdefault("VERL_LOGGING_LEVEL", os.environ.get("VERL_LOGGING_LEVEL", "WARNING"))  # verl's INFO lines
+        # TransferQueue's INFO statistics, verl's INFO lines off; the progress bar every 5 min (the user's win)
+        quiet_defaults = {"TQ_LOGGING_LEVEL": "WARNING", "VERL_LOGGING_LEVEL": "WARNING", "TQDM_MININTERVAL": "300"}
+        env.update({name: os.environ.get(name, value) for name, value in quiet_defaults.items()})
     # TransferQueue asks torch for 8 threads per put/get and warns on every call (thousands of console lines)
     # when the machine has fewer physical cores; its own variable, capped at the cores, keeps it quiet
     import psutil
@@ -150,12 +150,11 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
     metrics = metrics_path(config)
     if metrics and not os.environ.get("VERL_FILE_LOGGER_PATH"):
         env["VERL_FILE_LOGGER_PATH"] = metrics
-    with open_dict(config):
-        config.trainer.default_local_dir = os.path.abspath(str(config.trainer.default_local_dir))
     from .integration.config import check_resume
 
-    check_resume(config)  # after the checkpoint folder is absolute
     with open_dict(config):
+        config.trainer.default_local_dir = os.path.abspath(str(config.trainer.default_local_dir))
+        check_resume(config)  # after the checkpoint folder is absolute
         for name, value in env.items():  # Ray processes of any cluster get them through runtime_env
             OmegaConf.update(config, f"ray_kwargs.ray_init.runtime_env.env_vars.{name}", value, force_add=True)
     return Prepared(loss, env, on_cpu, info)
