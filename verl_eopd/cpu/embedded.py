@@ -113,16 +113,20 @@ class Problem:
         return rng.choice(ADD_PHRASINGS).format(a=self.a, b=self.b, s=self.a + self.b)
 
 
+def _known(task: str) -> str:
+    if task not in VERSIONS:
+        raise ValueError(f"unknown embedded task {task!r}; choose one of {sorted(VERSIONS)}")
+    return task
+
+
 def task_problems(task: str = ADD, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
     """Every problem of the task, split 90/10 into train/val (fixed seed)."""
-    if task == ADD:
+    if _known(task) == ADD:
         problems = [Problem(ADD, a, b) for a in range(MAX_OPERAND) for b in range(MAX_OPERAND)]
-    elif task == MULTIPLE:
+    else:  # MULTIPLE
         every = [Problem(MULTIPLE, a, a + w, d) for d in DIVISORS for a in MULTIPLE_STARTS
                  for w in range(3 * d + 1, 5 * d + 1)]
         problems = random.Random(seed).sample([p for p in every if 3 <= len(p.answers()) <= 5], N_MULTIPLE)
-    else:
-        raise ValueError(f"unknown embedded task {task!r}; choose one of {sorted(VERSIONS)}")
     random.Random(seed).shuffle(problems)
     n_val = len(problems) // 10
     return problems[n_val:], problems[:n_val]
@@ -280,7 +284,7 @@ def ensure_embedded_default(root: Optional[Path] = None, *, task: str = ADD, tea
     """Build (once) and return the paths of the task's tiny teacher, student and data (default: addition)."""
     import torch
 
-    recipe = RECIPES[task] if task in RECIPES else task_problems(task)  # task_problems raises naming the task
+    recipe = RECIPES[_known(task)]
     root = Path(root or cache_dir(task))
     done = root / "READY.json"
     if done.exists():
