@@ -37,3 +37,104 @@ def test_generate_stops_at_the_end_token_and_greedy_is_deterministic(tiny_models
     b = generate(model, prompts, max_new_tokens=6, eos_id=2, pad_id=0, greedy=True)
     assert a == b and all(1 <= len(r) <= 6 for r in a)
     assert all(2 not in r[:-1] for r in a)  # nothing after the end token
+
+
+def test_grpo_advantages_equal_verls_outcome_grpo():
+    import numpy as np
+    from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+
+    from verl_eopd.math.loop import grpo_advantages
+
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.rand(12, generator=g) > 0.5).float()
+    scores[4:8] = 1.0  # a group where every response is right: advantage 0, not a division by zero
+    mask = torch.ones(12, 3)
+    rewards = torch.zeros(12, 3)
+    rewards[:, -1] = scores
+    for group in (4, 1):
+        want, _ = compute_grpo_outcome_advantage(rewards, mask, np.repeat(np.arange(12 // group), group))
+        torch.testing.assert_close(grpo_advantages(scores, group), want[:, 0])
+
+
+@pytest.mark.parametrize("clip_c", [3.0, 1.5])
+def test_ppo_policy_loss_equals_verls_vanilla_loss(clip_c):
+    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
+    from verl.workers.config import ActorConfig
+
+    from verl_eopd.math.loop import ppo_policy_loss
+
+    g = torch.Generator().manual_seed(1)
+    B, R = 6, 5
+    old = -torch.rand(B, R, generator=g) * 3
+    logp = (old + torch.randn(B, R, generator=g) * 0.5).requires_grad_(True)  # ratios beyond both clips
+    adv = torch.randn(B, generator=g) * 2
+    mask = torch.ones(B, R)
+    mask[1, 3:] = 0
+    mask[4, 1:] = 0
+    cfg = ActorConfig(strategy="fsdp2", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio_low=0.2,
+                      clip_ratio_high=0.2, clip_ratio_c=clip_c, loss_agg_mode="token-mean")
+    logp_ref = logp.detach().clone().requires_grad_(True)
+    want, _ = compute_policy_loss_vanilla(old, logp_ref, adv[:, None].expand(B, R), mask, "token-mean", cfg)
+    got = ppo_policy_loss(logp, old, adv, mask, 0.2, clip_c)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(logp.grad, logp_ref.grad)
+
+
+def test_grpo_step_adds_coef_times_eopd_to_the_task_loss(tiny_models, monkeypatch):
+    """The gradient of one loop step with task rewards equals that of pg + coef x eopd computed here by hand on
+    the same sampled responses (gradients, not parameters: AdamW's first step is sign-like and would hide
+    a wrong coefficient)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from verl_eopd.math import loop
+
+    load = lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32, attn_implementation="sdpa")
+    student, teacher = load(tiny_models["student"]), load(tiny_models["teacher"])
+    twin = copy.deepcopy(student)
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    reward = lambda i, r: float((sum(r) + i) % 2 == 0)  # any deterministic function of the prompt and response
+    cfg = loop.LoopConfig(steps=1, batch=12, rollouts_per_prompt=4, task_rewards=True, distillation_coef=0.3,
+                          max_new_tokens=5, topk=4, seed=3, lr=1e-2)
+    seen = {}
+    real_generate = loop.generate
+
+    def spy(model, batch, **kw):
+        seen["batch"], seen["responses"] = batch, real_generate(model, batch, **kw)
+        return seen["responses"]
+
+    grads = {}
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def clip_spy(params, *a, **kw):
+        params = list(params)
+        grads["loop"] = [p.grad.detach().clone() for p in params]
+        return real_clip(params, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_spy)
+    loop.generate = spy
+    try:
+        hist = loop.distill(student, teacher, prompts, cfg, student_eos=2, teacher_eos=2, pad_id=0, reward=reward)
+    finally:
+        loop.generate = real_generate
+    batch, resp = seen["batch"], seen["responses"]
+    assert len(batch) == 12 and all(batch[4 * j] == batch[4 * j + k] for j in range(3) for k in range(4))
+    idx = [prompts.index(p) for p in batch]
+    scores = torch.tensor([reward(i, r) for i, r in zip(idx, resp)])
+    assert hist[0]["score"] == pytest.approx(float(scores.mean()))
+    ts = loop.teacher_statistics(teacher, batch, resp, topk=4, student_eos=2, teacher_eos=2, pad_id=0)
+    twin.train()
+    s_logits, ids, mask = loop._response_logits(twin, batch, resp, 0)
+    logp = torch.log_softmax(s_logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    distill_loss, _ = loop.eopd_loss(s_logits, ids, logp.detach(), ts["topk_ids"], ts["topk_logprobs"], mask,
+                                     cfg.settings, teacher_entropy=ts["entropy"],
+                                     teacher_token_logprobs=ts["token_logprobs"])
+    adv = loop.grpo_advantages(scores, 4)
+    pg = loop.ppo_policy_loss(logp, logp.detach(), adv, mask, 0.2, 3.0)
+    assert 0 < scores.mean() < 1 and float(pg.abs()) + float(adv.abs().sum()) > 0  # both terms present
+    (pg + 0.3 * distill_loss).backward()
+    for (name, p), got in zip(twin.named_parameters(), grads["loop"]):
+        torch.testing.assert_close(got, p.grad, atol=1e-7, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")

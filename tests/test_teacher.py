@@ -81,7 +81,11 @@ def _td(batch, use_remove_padding=True, extra=None):
     return td
 
 
-def _teacher_worker(tiny_models, use_remove_padding=True, eos=(None, None)):
+FP32 = {"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
+
+
+def _teacher_worker(tiny_models, use_remove_padding=True, eos=(None, None), mixed_precision=FP32, model_dtype="fp32",
+                    param_dtype=None):
     from verl.trainer.config import CheckpointConfig
     from verl.workers.config import FSDPEngineConfig, HFModelConfig, TrainingWorkerConfig
 
@@ -92,11 +96,11 @@ def _teacher_worker(tiny_models, use_remove_padding=True, eos=(None, None)):
                               use_remove_padding=use_remove_padding, override_config={"attn_implementation": "sdpa"})
     engine_cfg = FSDPEngineConfig(strategy="fsdp2", use_torch_compile=False, use_dynamic_bsz=False, forward_only=True,
                                   infer_micro_batch_size_per_gpu=2, use_remove_padding=use_remove_padding,
-                                  mixed_precision={"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"})
+                                  mixed_precision=mixed_precision, model_dtype=model_dtype)
     cfg = TrainingWorkerConfig(model_type="language_model", model_config=model_cfg, engine_config=engine_cfg,
                                optimizer_config=None, checkpoint_config=CheckpointConfig())
     settings = TeacherSettings(model_path=tiny_models["teacher"], topk=K, student_eos_token_id=eos[0],
-                               teacher_eos_token_id=eos[1])
+                               teacher_eos_token_id=eos[1], param_dtype=param_dtype)
     worker = teacher_worker_class()(cfg, teacher=settings)
     worker.reset()
     return worker
@@ -142,6 +146,30 @@ def test_teacher_outputs_equal_dense_teacher_forward(verl_cpu, tiny_models, use_
     # the entropy really varies, so a gate at tau has something to select
     ent = torch.cat([e for e in out["teacher_entropy"].unbind()])
     assert ent.std() > 0.2
+
+
+def test_bf16_teacher_copy_gives_the_fp32_copys_outputs_at_half_the_memory(verl_cpu, tiny_models):
+    """teacher_param_dtype=bf16 (the default): the teacher's parameters, which verl keeps offloaded between passes,
+    in bf16; FSDP computes in its param_dtype (bf16 by default) either way, so every output is bit-identical to
+    the fp32 copy's, and the RoPE buffers stay fp32. verl's own model_dtype=bf16 would also round the buffers,
+    and changes the outputs (the reason for the parameter-only cast)."""
+    bf16 = {"param_dtype": "bf16", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
+    batch = _batch(seed=5)
+    outs, sizes = {}, {}
+    for name, model_dtype, param_dtype in (("fp32", "fp32", None), ("ours", "fp32", "bf16"), ("verl", "bf16", None)):
+        worker = _teacher_worker(tiny_models, mixed_precision=bf16, model_dtype=model_dtype, param_dtype=param_dtype)
+        module = worker.engine.module
+        sizes[name] = sum(p.numel() * p.element_size() for p in module.parameters())
+        if name != "verl":
+            assert {b.dtype for b in module.buffers()} == {torch.float32}, name
+        outs[name] = worker.infer_batch(_td(batch))
+    assert sizes["ours"] * 2 == sizes["fp32"]
+    for key in ("teacher_ids", "teacher_logprobs", "teacher_entropy", "teacher_token_logprob"):
+        for a, b in zip(outs["fp32"][key].unbind(), outs["ours"][key].unbind()):
+            assert torch.equal(a, b), key
+    diff = max((a - b).abs().max().item() for a, b in zip(outs["fp32"]["teacher_logprobs"].unbind(),
+                                                            outs["verl"]["teacher_logprobs"].unbind()))
+    assert diff > 1e-3  # bf16 RoPE frequencies
 
 
 def test_teacher_scores_the_remapped_end_token(verl_cpu, tiny_models):

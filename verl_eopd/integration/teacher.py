@@ -45,6 +45,7 @@ class TeacherSettings:
     student_eos_token_id: Optional[int] = None
     teacher_eos_token_id: Optional[int] = None
     logits_chunk_mb: int = DEFAULT_LOGITS_CHUNK_MB
+    param_dtype: Optional[str] = None  # "bf16" | "fp32": the teacher's parameters (its offloaded copy); None: as loaded
 
     @property
     def remap_eos(self) -> bool:
@@ -86,6 +87,23 @@ def _teacher_engine_class():
         def __init__(self, model_config, *args, **kwargs):
             model_config.model_type = "language_model"  # FSDPEngine builds the module by this name
             super().__init__(model_config, *args, **kwargs)
+
+        eopd_param_dtype: Optional[str] = None  # set by TeacherTrainingWorker before initialize()
+
+        def _build_module(self):
+            """verl's module, then the parameters (only) cast to `eopd_param_dtype`. The teacher is loaded as
+            verl loads it (model_dtype fp32: RoPE frequencies and other buffers in fp32) and its parameters are
+            then kept in bf16: half the memory of the offloaded copy, and no change to what FSDP computes with
+            bf16 param_dtype. Loading with model_dtype=bf16 instead would also round the buffers (Transformers
+            5 keeps `inv_freq` in the load dtype: each RoPE frequency off by up to 0.2%, the angle error growing with position)."""
+            module = super()._build_module()
+            if self.eopd_param_dtype is not None:
+                from verl.utils.torch_dtypes import PrecisionType
+
+                dtype = PrecisionType.to_dtype(self.eopd_param_dtype)
+                for p in module.parameters():  # tied embeddings: one Parameter, cast once
+                    p.data = p.data.to(dtype)
+            return module
 
         def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
             k = tu.get_non_tensor_data(data=micro_batch, key="eopd_topk", default=None)
@@ -158,6 +176,7 @@ def teacher_worker_class():
             )
             super().__init__(config)
             self.teacher = teacher
+            self.engine.eopd_param_dtype = teacher.param_dtype  # read by the engine's initialize() (reset)
 
         def infer_batch(self, data):
             t = self.teacher

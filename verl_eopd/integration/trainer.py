@@ -49,7 +49,8 @@ def teacher_settings(loss: EOPDLossConfig, distillation_config: DictConfig, mode
     path = distillation_config.teacher_models.teacher_model.model_path
     student_eos, teacher_eos = end_token_ids(loss, model_config, path) if loss.eos_remap else (None, None)
     return TeacherSettings(model_path=path, topk=int(loss.topk), student_eos_token_id=student_eos,
-                           teacher_eos_token_id=teacher_eos, logits_chunk_mb=int(loss.logits_chunk_mb))
+                           teacher_eos_token_id=teacher_eos, logits_chunk_mb=int(loss.logits_chunk_mb),
+                           param_dtype=loss.teacher_param_dtype)
 
 
 class EOPDActorRolloutRefWorker(ActorRolloutRefWorker):

@@ -9,6 +9,10 @@ One step = what verl's trainer does with `train_batch_size = ppo_mini_batch_size
                 scores the response at temperature 1, `core.kernels.teacher_stats` gives top-k, exact entropy
                 and log pi_T(y_t); the teacher's end token is mapped back in the top-k
     update      `core.objective.eopd_loss` (token-mean over the batch), AdamW, gradient clipping
+With `task_rewards` (verl's `eopd_grpo`): `rollouts_per_prompt` responses per prompt, the task reward scores
+each, GRPO's group-normalised advantage and PPO's clipped policy loss (`grpo_advantages`, `ppo_policy_loss`:
+verl's outcome GRPO and vanilla PPO loss, tests/test_loop.py compares them) are added to
+`distillation_coef` x the EOPD loss, as verl's `distillation_ppo_loss` adds them.
 Only the objective, teacher statistics and EOS remap are verl_eopd's; the rest is the smallest loop that
 feeds them, so a result here says what the objective does, not what verl's scheduling does.
 """
@@ -42,6 +46,35 @@ class LoopConfig:
     eval_every: int = 25
     ppo_epochs: int = 1  # updates per rollout batch (verl's actor.ppo_epochs); later ones are PPO-clipped
     settings: EOPDSettings = field(default_factory=EOPDSettings)
+    rollouts_per_prompt: int = 1  # verl's rollout.n: batch / n prompts per step, each sampled n times
+    task_rewards: bool = False  # add GRPO on the task reward (verl's use_task_rewards, algorithm=eopd_grpo)
+    distillation_coef: float = 1.0  # verl's distillation_loss_coef: weight of EOPD next to the GRPO loss
+    clip_ratio: float = 0.2  # GRPO's PPO clip (verl's clip_ratio_low = clip_ratio_high)
+    clip_ratio_c: float = 3.0  # GRPO's dual clip for negative advantages (verl's clip_ratio_c)
+
+
+def grpo_advantages(scores: torch.Tensor, group: int, eps: float = 1e-6) -> torch.Tensor:
+    """Outcome GRPO advantages [B] of B = prompts x `group` scores (a prompt's responses adjacent):
+        A_i = (s_i - mean_g) / (std_g + eps),   std unbiased; a group of one keeps A_i = s_i (verl: mean 0, std 1)
+    """
+    if group == 1:
+        return scores.clone()
+    g = scores.view(-1, group)
+    return ((g - g.mean(-1, keepdim=True)) / (g.std(-1, keepdim=True) + eps)).reshape(-1)
+
+
+def ppo_policy_loss(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, clip: float,
+                    clip_c: float) -> torch.Tensor:
+    """PPO's clipped policy loss, token-mean over mask; logp, old, mask [B, R], adv [B] (one per response):
+        r_t = exp(logp_t - old_t),  l_t = max(-A r_t, -A clip(r_t, 1 - clip, 1 + clip)),  and for A < 0
+        l_t = min(l_t, -A clip_c) (dual clip);  L = sum_t mask_t l_t / sum_t mask_t
+    """
+    a = adv[:, None].to(logp.dtype)
+    ratio = torch.exp((logp - old).clamp(-20.0, 20.0))
+    clipped = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip, 1 + clip))
+    per_token = torch.where(a < 0, torch.minimum(clipped, -a * clip_c), clipped)
+    m = mask.to(logp.dtype)
+    return (per_token * m).sum() / m.sum().clamp_min(1.0)
 
 
 def _left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,9 +153,20 @@ def teacher_statistics(teacher, prompts: list[list[int]], responses: list[list[i
     return ts
 
 
+def _norm(grads) -> float:
+    return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None)))
+
+
 def distill(student, teacher, train_prompts: list[list[int]], cfg: LoopConfig, *, student_eos: int, teacher_eos: int,
-            pad_id: int, evaluate: Optional[Callable[[int], dict]] = None, log: Callable = print) -> list[dict]:
-    """Run cfg.steps on-policy distillation steps; returns per-step records (loss stats, and eval when due)."""
+            pad_id: int, evaluate: Optional[Callable[[int], dict]] = None, log: Callable = print,
+            reward: Optional[Callable[[int, list[int]], float]] = None) -> list[dict]:
+    """Run cfg.steps on-policy distillation steps; returns per-step records (loss stats, and eval when due).
+    `reward(prompt_index, response_ids)`: the task reward, needed with cfg.task_rewards."""
+    n = cfg.rollouts_per_prompt
+    if cfg.batch % n:
+        raise ValueError(f"LoopConfig.batch ({cfg.batch}) must be a multiple of rollouts_per_prompt ({n})")
+    if cfg.task_rewards and reward is None:
+        raise ValueError("LoopConfig.task_rewards needs distill(..., reward=...)")
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -132,16 +176,22 @@ def distill(student, teacher, train_prompts: list[list[int]], cfg: LoopConfig, *
         history.append({"step": 0, **evaluate(0)})
     order: list[int] = []
     for step in range(1, cfg.steps + 1):
-        if len(order) < cfg.batch:
+        if len(order) < cfg.batch // n:
             more = list(range(len(train_prompts)))
             rng.shuffle(more)
             order += more
-        batch, order = [train_prompts[i] for i in order[:cfg.batch]], order[cfg.batch:]
+        picked, order = [i for i in order[:cfg.batch // n] for _ in range(n)], order[cfg.batch // n:]
+        batch = [train_prompts[i] for i in picked]
         student.eval()
         responses = generate(student, batch, max_new_tokens=cfg.max_new_tokens, eos_id=student_eos, pad_id=pad_id,
                              temperature=cfg.temperature)
         ts = teacher_statistics(teacher, batch, responses, topk=cfg.topk, student_eos=student_eos,
                                 teacher_eos=teacher_eos, pad_id=pad_id)
+        task = {}
+        if cfg.task_rewards:
+            scores = torch.tensor([float(reward(i, r)) for i, r in zip(picked, responses)])
+            adv = grpo_advantages(scores, n)
+            task = {"score": float(scores.mean())}
         student.train()
         old = None
         for _ in range(cfg.ppo_epochs):
@@ -150,17 +200,29 @@ def distill(student, teacher, train_prompts: list[list[int]], cfg: LoopConfig, *
                 old = torch.log_softmax(s_logits.detach().float(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
             loss, stats = eopd_loss(s_logits, ids, old, ts["topk_ids"], ts["topk_logprobs"], mask, cfg.settings,
                                     teacher_entropy=ts["entropy"], teacher_token_logprobs=ts["token_logprobs"])
+            if cfg.task_rewards:
+                logp = torch.log_softmax(s_logits.float(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+                pg = ppo_policy_loss(logp, old, adv, mask, cfg.clip_ratio, cfg.clip_ratio_c)
+                if "pg_grad_norm" not in task and evaluate is not None and step % cfg.eval_every in (0, 1):
+                    # the two terms' scales: gradient norms of each alone (first epoch of evaluated steps)
+                    params = [p for p in student.parameters() if p.requires_grad]
+                    g_pg = torch.autograd.grad(pg, params, retain_graph=True, allow_unused=True)
+                    g_d = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+                    task["pg_grad_norm"] = _norm(g_pg)
+                    task["distill_grad_norm"] = _norm(g_d)
+                task["pg_loss"] = float(pg.detach())
+                loss = pg + cfg.distillation_coef * loss
             opt.zero_grad()
             loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip))
             opt.step()
-        rec = {"step": step, "grad_norm": grad_norm, **stats}
+        rec = {"step": step, "grad_norm": grad_norm, **stats, **task}
         if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
             rec.update(evaluate(step))
         history.append(rec)
         if "acc" in rec or step == 1:
             log(f"[loop] step {step}: loss {stats['loss']:.3f} rkl {stats['rkl_mean']:.3f} gate {stats['gate_frac']:.3f}"
                 + (f" acc {rec['acc']:.3f}" if "acc" in rec else ""))
-        if not math.isfinite(stats["loss"]):
-            raise FloatingPointError(f"loss is {stats['loss']} at step {step}")
+        if not math.isfinite(float(loss)):
+            raise FloatingPointError(f"loss is {float(loss)} at step {step}")
     return history

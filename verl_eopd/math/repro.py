@@ -76,7 +76,7 @@ class _Pair:
                             add_special_tokens=False)["input_ids"] for r in out]
             return ids, [r["reward_model"]["ground_truth"] for r in out], [r["data_source"] for r in out]
 
-        self.train, _, _ = rows(info["train"])
+        self.train, self.train_answers, self.train_sources = rows(info["train"])
         self.val, self.val_answers, self.val_sources = rows(info["val"])
         self.student_eos, self.teacher_eos = self.tok.eos_token_id, self.teacher_tok.eos_token_id
         self.pad = self.tok.pad_token_id
