@@ -20,6 +20,7 @@ from .core import (
     entropy_from_topk,
     entropy_gate,
     eopd_loss,
+    eopd_loss_from_hidden,
     eopd_stats,
     eopd_token_losses,
     fkl_topk,
@@ -27,7 +28,9 @@ from .core import (
     ppo_clipped_rkl,
     remap_first_eos,
     student_logprobs_at,
+    student_logprobs_at_from_hidden,
     teacher_stats,
+    teacher_stats_from_hidden,
     token_logprob_from_topk,
 )
 from .integration.version import SUPPORTED_VERL_VERSIONS
@@ -44,6 +47,7 @@ __all__ = [
     "entropy_from_topk",
     "entropy_gate",
     "eopd_loss",
+    "eopd_loss_from_hidden",
     "eopd_stats",
     "eopd_token_losses",
     "fkl_topk",
@@ -51,6 +55,8 @@ __all__ = [
     "ppo_clipped_rkl",
     "remap_first_eos",
     "student_logprobs_at",
+    "student_logprobs_at_from_hidden",
     "teacher_stats",
+    "teacher_stats_from_hidden",
     "token_logprob_from_topk",
 ]

@@ -4,8 +4,14 @@ Never imports verl or ray (a test asserts it), so it runs anywhere torch does.
 """
 
 from .eos import map_teacher_eos_in_topk, remap_first_eos
-from .kernels import DEFAULT_CHUNK_BYTES, student_logprobs_at, teacher_stats
-from .objective import entropy_gate, eopd_loss, eopd_stats, eopd_token_losses, ppo_clipped_rkl
+from .kernels import (
+    DEFAULT_CHUNK_BYTES,
+    student_logprobs_at,
+    student_logprobs_at_from_hidden,
+    teacher_stats,
+    teacher_stats_from_hidden,
+)
+from .objective import entropy_gate, eopd_loss, eopd_loss_from_hidden, eopd_stats, eopd_token_losses, ppo_clipped_rkl
 from .settings import (
     DEFAULT_LOGITS_CHUNK_MB,
     ENTROPY_ESTIMATORS,
@@ -30,6 +36,7 @@ __all__ = [
     "entropy_from_topk",
     "entropy_gate",
     "eopd_loss",
+    "eopd_loss_from_hidden",
     "eopd_stats",
     "eopd_token_losses",
     "estimated_entropy",
@@ -39,7 +46,9 @@ __all__ = [
     "remap_first_eos",
     "resolve_settings",
     "student_logprobs_at",
+    "student_logprobs_at_from_hidden",
     "teacher_stats",
+    "teacher_stats_from_hidden",
     "token_logprob_from_topk",
     "valid_topk",
 ]

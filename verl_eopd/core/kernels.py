@@ -6,17 +6,22 @@ function that saves nothing but its inputs and recomputes the softmax chunk by c
 
     teacher_stats:        top-k ids and log-probs, exact entropy H = -sum_v p_v log p_v, log p(y)   (no grad)
     student_logprobs_at:  log softmax(z)[index] (differentiable) and, optionally, the entropy (detached)
+The `*_from_hidden` twins take the last hidden states h [N, H] and the lm head W [V, H] instead of z = h W^T:
+each chunk's logits are computed from h, used and dropped, and recomputed in backward (one extra lm-head
+matmul), so no [N, V] tensor of any dtype exists, in the forward or the backward pass.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional
 
 import torch
 
 from .settings import DEFAULT_LOGITS_CHUNK_MB
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "teacher_stats", "student_logprobs_at"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "teacher_stats", "teacher_stats_from_hidden", "student_logprobs_at",
+           "student_logprobs_at_from_hidden"]
 
 DEFAULT_CHUNK_BYTES = DEFAULT_LOGITS_CHUNK_MB * 2**20
 
@@ -109,27 +114,80 @@ def teacher_stats(
     ids = sampled_ids.reshape(-1).long()
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
         raise ValueError(f"sampled_ids must lie in [0, {V}); got range [{int(ids.min())}, {int(ids.max())}]")
-    N, dev = flat.shape[0], flat.device
+    out = _teacher_rows(lambda s, e: flat[s:e], flat.shape[0], V, flat.device, flat.dtype, ids, k, chunk_bytes,
+                        "teacher_logits")
+    return {key: t.reshape(*lead, *t.shape[1:]) for key, t in out.items()}
+
+
+def _teacher_rows(chunk, N: int, V: int, dev, dtype, ids: torch.Tensor, k: int, chunk_bytes: int, name: str) -> dict:
+    """teacher_stats over N rows whose logits [e - s, V] (dtype) come from `chunk(s, e)`: flat [N, ...] outputs."""
     topk_ids = torch.empty(N, k, dtype=torch.int64, device=dev)
     topk_lp = torch.empty(N, k, dtype=torch.float32, device=dev)
     entropy = torch.empty(N, dtype=torch.float32, device=dev)
     token_lp = torch.empty(N, dtype=torch.float32, device=dev)
     rows = _rows_per_chunk(V, chunk_bytes)
-    buf = _ChunkBuffers(min(rows, N), V, dev, flat.dtype, need_probs=True) if N else None
+    buf = _ChunkBuffers(min(rows, N), V, dev, dtype, need_probs=True) if N else None
     with torch.autocast(dev.type, enabled=False):
         for s in range(0, N, rows):
             e = min(s + rows, N)
-            logp, entropy[s:e] = _chunk_logp(flat[s:e], buf, with_entropy=True)
+            logp, entropy[s:e] = _chunk_logp(chunk(s, e), buf, with_entropy=True)
             vals, idx = logp.topk(k, dim=-1)
             topk_ids[s:e], topk_lp[s:e] = idx, vals
             token_lp[s:e] = logp.gather(-1, ids[s:e, None]).squeeze(-1)
-    _check_rows("teacher_logits", token_lp)
-    return {
-        "topk_ids": topk_ids.reshape(*lead, k),
-        "topk_logprobs": topk_lp.reshape(*lead, k),
-        "entropy": entropy.reshape(lead),
-        "token_logprobs": token_lp.reshape(lead),
-    }
+    _check_rows(name, token_lp)
+    return {"topk_ids": topk_ids, "topk_logprobs": topk_lp, "entropy": entropy, "token_logprobs": token_lp}
+
+
+def _check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> tuple[int, int]:
+    """(H, V) of hidden [..., H] and an lm head weight [V, H] (no bias), or a ValueError naming the tensor."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight (the lm head) must be [V, H], got {tuple(weight.shape)}")
+    V, H = weight.shape
+    if hidden.dim() < 2 or hidden.shape[-1] != H:
+        raise ValueError(f"hidden must be [..., H] with H = weight.shape[1] = {H}, got {tuple(hidden.shape)}")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype (the lm head's)")
+    if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature != float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    return H, V
+
+
+def _logits_chunk(hidden: torch.Tensor, weight: torch.Tensor, temperature: float, s: int, e: int) -> torch.Tensor:
+    """Logits of rows s:e, as `(hidden @ weight.T) / temperature` computes them (matmul and division in the
+    lm head's dtype)."""
+    z = hidden[s:e] @ weight.T
+    return z if temperature == 1.0 else z.div_(temperature)
+
+
+@torch.no_grad()
+def teacher_stats_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    sampled_ids: torch.Tensor,
+    k: int,
+    *,
+    temperature: float = 1.0,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> dict[str, torch.Tensor]:
+    """`teacher_stats(hidden @ weight.T / temperature, sampled_ids, k)` without the [..., V] logits: the lm head
+    runs one chunk of rows at a time (`chunk_bytes` of fp32 logits).
+
+    Args: hidden [..., H] (the teacher's last hidden states, row t predicts y_t), weight [V, H] (its lm head, no
+    bias; same dtype), sampled_ids [...] in [0, V). Returns the dict of `teacher_stats`.
+    """
+    H, V = _check_lm_head(hidden, weight, temperature)
+    lead = hidden.shape[:-1]
+    if not (isinstance(k, int) and 1 <= k <= V):
+        raise ValueError(f"k (teacher top-k) must be an int in [1, V={V}], got {k!r}")
+    if tuple(sampled_ids.shape) != tuple(lead):
+        raise ValueError(f"sampled_ids shape {tuple(sampled_ids.shape)} must equal hidden.shape[:-1] {tuple(lead)}")
+    flat = hidden.reshape(-1, H)
+    ids = sampled_ids.reshape(-1).long()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        raise ValueError(f"sampled_ids must lie in [0, {V}); got range [{int(ids.min())}, {int(ids.max())}]")
+    out = _teacher_rows(partial(_logits_chunk, flat, weight, float(temperature)), flat.shape[0], V, flat.device,
+                        flat.dtype, ids, k, chunk_bytes, "teacher logits (hidden @ weight.T)")
+    return {key: t.reshape(*lead, *t.shape[1:]) for key, t in out.items()}
 
 
 class _GatherLogSoftmax(torch.autograd.Function):
@@ -208,3 +266,85 @@ def student_logprobs_at(
     out, ent = _GatherLogSoftmax.apply(flat, idx, _rows_per_chunk(V, chunk_bytes), with_entropy)
     return out.reshape(*lead, idx.shape[-1]), (ent.reshape(lead) if with_entropy else None)
 
+
+
+class _HiddenGatherLogSoftmax(torch.autograd.Function):
+    """log_softmax(h_n W^T / T)[index[n, j]] for every row n, without the [N, V] logits.
+
+    forward:  z_n = h_n W^T / T (one chunk of rows at a time), out[n, j] = log softmax(z_n)[i_nj]
+    backward: dz as in _GatherLogSoftmax (divided by T), in the lm head's dtype, then
+              dh[chunk] = dz W,   dW += dz^T h[chunk]     (dW accumulated chunk by chunk in W's dtype)
+    Saved: hidden, weight, index. The chunk's logits are recomputed from h in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, rows: int, with_entropy: bool,
+                temperature: float):
+        N, V = hidden.shape[0], weight.shape[0]
+        dev = hidden.device
+        out = torch.empty(N, index.shape[1], dtype=torch.float32, device=dev)
+        ent = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=dev)
+        buf = _ChunkBuffers(min(rows, N), V, dev, hidden.dtype, need_probs=with_entropy) if N else None
+        with torch.autocast(dev.type, enabled=False):
+            for s in range(0, N, rows):
+                e = min(s + rows, N)
+                logp, h = _chunk_logp(_logits_chunk(hidden, weight, temperature, s, e), buf, with_entropy)
+                out[s:e] = logp.gather(-1, index[s:e])
+                if with_entropy:
+                    ent[s:e] = h
+        _check_rows("student logits (hidden @ weight.T)", out[:, 0] if out.shape[1] else out.new_zeros(0))
+        ctx.save_for_backward(hidden, weight, index)
+        ctx.rows, ctx.temperature = rows, temperature
+        ctx.mark_non_differentiable(ent)
+        return out, ent
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor, _grad_ent: Optional[torch.Tensor]):
+        hidden, weight, index = ctx.saved_tensors
+        N, V = hidden.shape[0], weight.shape[0]
+        rows, temperature = ctx.rows, ctx.temperature
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        fp32 = hidden.dtype == torch.float32
+        buf = _ChunkBuffers(min(rows, N), V, hidden.device, hidden.dtype, need_probs=True) if N else None
+        dz_buf = None if fp32 or not N else torch.empty(min(rows, N), V, dtype=hidden.dtype, device=hidden.device)
+        grad_out = grad_out.float()
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, N, rows):
+                e = min(s + rows, N)
+                g = grad_out[s:e]
+                d = _aten._softmax.out(buf.fp32(_logits_chunk(hidden, weight, temperature, s, e)), -1, False,
+                                       out=buf.probs[: e - s])
+                d.mul_(-g.sum(-1, keepdim=True))
+                d.scatter_add_(-1, index[s:e], g)
+                if temperature != 1.0:
+                    d.div_(temperature)
+                dz = d if fp32 else dz_buf[: e - s].copy_(d)  # the logits' gradient in their dtype
+                if need_h:
+                    torch.mm(dz, weight, out=grad_h[s:e])
+                if need_w:
+                    grad_w.addmm_(dz.T, hidden[s:e])
+        return grad_h, grad_w, None, None, None, None
+
+
+def student_logprobs_at_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    index: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """`student_logprobs_at(hidden @ weight.T / temperature, index)` without the [..., V] logits; the gradient
+    reaches hidden [..., H] and weight [V, H] (a tied input embedding accumulates it as any other use does)."""
+    H, V = _check_lm_head(hidden, weight, temperature)
+    lead = hidden.shape[:-1]
+    if tuple(index.shape[:-1]) != tuple(lead):
+        raise ValueError(f"index shape {tuple(index.shape)} does not match hidden {tuple(hidden.shape)}")
+    flat = hidden.reshape(-1, H)
+    idx = index.reshape(flat.shape[0], -1).long()
+    out, ent = _HiddenGatherLogSoftmax.apply(flat, weight, idx, _rows_per_chunk(V, chunk_bytes), with_entropy,
+                                             float(temperature))
+    return out.reshape(*lead, idx.shape[-1]), (ent.reshape(lead) if with_entropy else None)

@@ -30,7 +30,7 @@ from .kernels import student_logprobs_at
 from .settings import EOPDSettings, resolve_settings
 from .topk import estimated_entropy, fkl_topk, token_logprob_from_topk, valid_topk
 
-__all__ = ["entropy_gate", "ppo_clipped_rkl", "eopd_token_losses", "eopd_stats", "eopd_loss"]
+__all__ = ["entropy_gate", "ppo_clipped_rkl", "eopd_token_losses", "eopd_stats", "eopd_loss", "eopd_loss_from_hidden"]
 
 _LOG_RATIO_CLAMP = 20.0  # same guard as verl's vanilla PPO loss: exp(+-20) stays finite in fp32
 
@@ -199,6 +199,62 @@ def eopd_stats(
     return s
 
 
+def _check_inputs(B: int, T: int, V: int, sampled_ids, old_log_probs, teacher_topk_ids, teacher_topk_logprobs,
+                  response_mask) -> None:
+    for name, t in (("sampled_ids", sampled_ids), ("old_log_probs", old_log_probs), ("response_mask", response_mask)):
+        if tuple(t.shape) != (B, T):
+            raise ValueError(f"{name} must be [B, T] = {(B, T)}, got {tuple(t.shape)}")
+    if teacher_topk_ids.shape != teacher_topk_logprobs.shape or tuple(teacher_topk_ids.shape[:2]) != (B, T):
+        raise ValueError(
+            f"teacher_topk_ids {tuple(teacher_topk_ids.shape)} and teacher_topk_logprobs "
+            f"{tuple(teacher_topk_logprobs.shape)} must both be [B, T, K] with [B, T] = {(B, T)}"
+        )
+    ids = sampled_ids.long()
+    if bool(((ids < 0) | (ids >= V))[response_mask.bool()].any()):
+        raise ValueError(f"sampled_ids must lie in [0, V={V}) at response_mask positions")
+
+
+def _student_index(sampled_ids, teacher_topk_ids, teacher_topk_logprobs, V: int):
+    """(index [B, T, K + 1]: the valid teacher top-k ids then y_t, valid [B, T, K]) for the student pass."""
+    t_ids = teacher_topk_ids.long()
+    valid = valid_topk(teacher_topk_logprobs, t_ids, V)
+    ids = sampled_ids.long().clamp(0, V - 1).unsqueeze(-1)
+    return torch.cat([torch.where(valid, t_ids, torch.zeros_like(t_ids)), ids], dim=-1), valid
+
+
+def _objective(lq, student_entropy, valid, V, sampled_ids, old_log_probs, teacher_topk_ids, teacher_topk_logprobs,
+               response_mask, s: EOPDSettings, teacher_entropy, teacher_token_logprobs, rollout_is_weights):
+    """Everything after the student pass: lq [B, T, K + 1] full-vocabulary student log-probs at the teacher's
+    top-k ids and at y_t (differentiable), student_entropy [B, T] or None. Returns (loss, stats)."""
+    mask = response_mask.bool()
+    ids, t_ids = sampled_ids.long(), teacher_topk_ids.long()
+    t_vocab = V if s.teacher_vocab_size is None else int(s.teacher_vocab_size)
+    fkl, topk_mass = fkl_topk(lq[..., :-1], teacher_topk_logprobs, valid)
+    student_lp = lq[..., -1]
+
+    bounds = None
+    if teacher_entropy is None:
+        teacher_entropy, lo, hi = estimated_entropy(teacher_topk_logprobs, t_vocab, s.entropy_estimator,
+                                                    valid_topk(teacher_topk_logprobs, t_ids))
+        bounds = (lo, hi)
+    in_topk = None
+    if teacher_token_logprobs is None:
+        teacher_token_logprobs, in_topk = token_logprob_from_topk(t_ids, teacher_topk_logprobs, ids, t_vocab, valid)
+
+    per_token, parts = eopd_token_losses(student_lp, old_log_probs, teacher_token_logprobs, fkl, teacher_entropy,
+                                         mask, s, rollout_is_weights=rollout_is_weights)
+    n = mask.sum().clamp_min(1)
+    loss = per_token.sum() / n
+    stats = eopd_stats(parts, fkl=fkl, teacher_entropy=teacher_entropy, old_log_probs=old_log_probs,
+                       teacher_token_logprobs=teacher_token_logprobs, teacher_topk_mass=topk_mass,
+                       in_topk=in_topk, student_entropy=student_entropy, teacher_entropy_bounds=bounds,
+                       entropy_threshold=s.entropy_threshold)
+    stats["loss"] = float(loss.detach())
+    stats["rkl_loss"] = float(parts["rkl"].detach().where(mask, 0.0).sum() / n)
+    stats["fkl_loss"] = float((s.fkl_coef * parts["gate"] * fkl.detach().where(mask, 0.0)).sum() / n)
+    return loss, stats
+
+
 def eopd_loss(
     student_logits: torch.Tensor,
     sampled_ids: torch.Tensor,
@@ -241,47 +297,57 @@ def eopd_loss(
     if student_logits.dim() != 3:
         raise ValueError(f"student_logits must be [B, T, V], got {tuple(student_logits.shape)}")
     B, T, V = student_logits.shape
-    for name, t in (("sampled_ids", sampled_ids), ("old_log_probs", old_log_probs), ("response_mask", response_mask)):
-        if tuple(t.shape) != (B, T):
-            raise ValueError(f"{name} must be [B, T] = {(B, T)}, got {tuple(t.shape)}")
-    if teacher_topk_ids.shape != teacher_topk_logprobs.shape or tuple(teacher_topk_ids.shape[:2]) != (B, T):
-        raise ValueError(
-            f"teacher_topk_ids {tuple(teacher_topk_ids.shape)} and teacher_topk_logprobs "
-            f"{tuple(teacher_topk_logprobs.shape)} must both be [B, T, K] with [B, T] = {(B, T)}"
-        )
-    mask = response_mask.bool()
-    ids = sampled_ids.long()
-    if bool(((ids < 0) | (ids >= V))[mask].any()):
-        raise ValueError(f"sampled_ids must lie in [0, V={V}) at response_mask positions")
-    t_vocab = V if s.teacher_vocab_size is None else int(s.teacher_vocab_size)
-    t_ids = teacher_topk_ids.long()
-    valid = valid_topk(teacher_topk_logprobs, t_ids, V)
-
+    _check_inputs(B, T, V, sampled_ids, old_log_probs, teacher_topk_ids, teacher_topk_logprobs, response_mask)
+    index, valid = _student_index(sampled_ids, teacher_topk_ids, teacher_topk_logprobs, V)
     # Student: full-vocabulary log q at the teacher's top-k ids and at y_t, in one chunked pass.
-    index = torch.cat([torch.where(valid, t_ids, torch.zeros_like(t_ids)), ids.clamp(0, V - 1).unsqueeze(-1)], dim=-1)
     lq, student_entropy = student_logprobs_at(student_logits, index, with_entropy=with_student_entropy,
                                               chunk_bytes=chunk_bytes or s.chunk_bytes)
-    fkl, topk_mass = fkl_topk(lq[..., :-1], teacher_topk_logprobs, valid)
-    student_lp = lq[..., -1]
+    return _objective(lq, student_entropy, valid, V, sampled_ids, old_log_probs, teacher_topk_ids,
+                      teacher_topk_logprobs, response_mask, s, teacher_entropy, teacher_token_logprobs,
+                      rollout_is_weights)
 
-    bounds = None
-    if teacher_entropy is None:
-        teacher_entropy, lo, hi = estimated_entropy(teacher_topk_logprobs, t_vocab, s.entropy_estimator,
-                                                    valid_topk(teacher_topk_logprobs, t_ids))
-        bounds = (lo, hi)
-    in_topk = None
-    if teacher_token_logprobs is None:
-        teacher_token_logprobs, in_topk = token_logprob_from_topk(t_ids, teacher_topk_logprobs, ids, t_vocab, valid)
 
-    per_token, parts = eopd_token_losses(student_lp, old_log_probs, teacher_token_logprobs, fkl, teacher_entropy,
-                                         mask, s, rollout_is_weights=rollout_is_weights)
-    n = mask.sum().clamp_min(1)
-    loss = per_token.sum() / n
-    stats = eopd_stats(parts, fkl=fkl, teacher_entropy=teacher_entropy, old_log_probs=old_log_probs,
-                       teacher_token_logprobs=teacher_token_logprobs, teacher_topk_mass=topk_mass,
-                       in_topk=in_topk, student_entropy=student_entropy, teacher_entropy_bounds=bounds,
-                       entropy_threshold=s.entropy_threshold)
-    stats["loss"] = float(loss.detach())
-    stats["rkl_loss"] = float(parts["rkl"].detach().where(mask, 0.0).sum() / n)
-    stats["fkl_loss"] = float((s.fkl_coef * parts["gate"] * fkl.detach().where(mask, 0.0)).sum() / n)
-    return loss, stats
+def eopd_loss_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    sampled_ids: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    settings: Optional[EOPDSettings] = None,
+    *,
+    temperature: float = 1.0,
+    teacher_entropy: Optional[torch.Tensor] = None,
+    teacher_token_logprobs: Optional[torch.Tensor] = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+    with_student_entropy: bool = True,
+    chunk_bytes: Optional[int] = None,
+    **overrides,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """`eopd_loss(hidden @ weight.T / temperature, ...)` without the [B, T, V] logits, forward or backward: the
+    student's lm head runs one chunk of rows at a time and again in backward (kernels._HiddenGatherLogSoftmax).
+
+    Args:
+        hidden: [B, T, H] (or [1, N, H] packed) the student's last hidden states at the response positions
+            (row t predicts y_t); the gradient flows back into it.
+        weight: [V, H] the lm head (no bias), the dtype of `hidden`; receives its gradient (with tied
+            embeddings the input embedding's other uses add theirs, as autograd does for any shared tensor).
+        temperature: the logits are divided by it, as verl does before its losses (1 in the paper).
+        The rest: as `eopd_loss`. Same value, gradients and stats as `eopd_loss` on the materialised logits.
+    """
+    from .kernels import _check_lm_head, student_logprobs_at_from_hidden
+
+    s = resolve_settings(settings, overrides)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be [B, T, H], got {tuple(hidden.shape)}")
+    _, V = _check_lm_head(hidden, weight, temperature)
+    B, T, _ = hidden.shape
+    _check_inputs(B, T, V, sampled_ids, old_log_probs, teacher_topk_ids, teacher_topk_logprobs, response_mask)
+    index, valid = _student_index(sampled_ids, teacher_topk_ids, teacher_topk_logprobs, V)
+    lq, student_entropy = student_logprobs_at_from_hidden(hidden, weight, index, temperature=temperature,
+                                                          with_entropy=with_student_entropy,
+                                                          chunk_bytes=chunk_bytes or s.chunk_bytes)
+    return _objective(lq, student_entropy, valid, V, sampled_ids, old_log_probs, teacher_topk_ids,
+                      teacher_topk_logprobs, response_mask, s, teacher_entropy, teacher_token_logprobs,
+                      rollout_is_weights)
