@@ -180,6 +180,15 @@ def test_bad_configs_fail_before_any_model_loads_naming_the_key(tiny_models, no_
         _run(tiny_models, override, fix)
 
 
+def test_from_hidden_with_an_entropy_bonus_is_refused_and_the_fix_works(tiny_models, no_model_loads):
+    with pytest.raises(ValueError) as e:
+        _run(tiny_models, "distillation.distillation_loss.from_hidden=true", "actor_rollout_ref.actor.entropy_coeff=0.01")
+    assert "from_hidden" in str(e.value) and "actor_rollout_ref.actor.entropy_coeff" in str(e.value)
+    fix = _pasteable_fix(str(e.value))
+    assert fix == "actor_rollout_ref.actor.entropy_coeff=0"
+    _run(tiny_models, "distillation.distillation_loss.from_hidden=true", "actor_rollout_ref.actor.entropy_coeff=0.01", fix)
+
+
 def _pasteable_fix(message: str):
     """The first `key=value` override after "Fix:" (None when the fix names a placeholder such as <path>)."""
     import re
@@ -203,6 +212,40 @@ def test_the_embedded_default_follows_the_rank_count(tiny_models, no_model_loads
     micro = cfg.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu
     assert micro == min(256, 512 // ranks) and (512 // ranks) % micro == 0
     assert cfg.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu == micro
+
+
+@pytest.mark.parametrize("batch,mini,n", [(16, 16, 1), (24, 8, 1), (12, 6, 4)])
+def test_the_embedded_default_fits_its_micro_batches_to_the_users_batch_sizes(tiny_models, no_model_loads,
+                                                                             monkeypatch, batch, mini, n):
+    """`data.train_batch_size=16` alone (the 512-response default cut by 256-row micro-batches would stop verl's
+    first log-prob pass): the actor's micro-batches cut the mini-batch, the log-prob passes' cut the rollout
+    batch, and every check passes."""
+    from verl_eopd.cpu import embedded
+    from verl_eopd.main import prepare
+
+    info = {**{k: tiny_models[k] for k in ("student", "teacher", "train", "val")}, "root": "/x", "task": embedded.ADD}
+    monkeypatch.setattr(embedded, "ensure_embedded_default", lambda task=embedded.ADD: info)
+    keys = [f"data.train_batch_size={batch}", f"actor_rollout_ref.actor.ppo_mini_batch_size={mini}",
+            f"actor_rollout_ref.rollout.n={n}"]
+    cfg = _compose("algorithm=eopd", *keys)
+    prepare(cfg, user_keys=[k.split("=")[0] for k in keys])
+    aref = cfg.actor_rollout_ref
+    assert (mini * n) % aref.actor.ppo_micro_batch_size_per_gpu == 0
+    for micro in (aref.rollout.log_prob_micro_batch_size_per_gpu, aref.ref.log_prob_micro_batch_size_per_gpu):
+        assert (batch * n) % micro == 0 and micro == min(256, batch * n)
+
+
+def test_a_log_prob_micro_batch_that_cannot_cut_the_rollout_batch_fails_before_ray_and_the_fix_works(
+        tiny_models, no_model_loads):
+    with pytest.raises(ValueError) as e:
+        _run(tiny_models, "data.train_batch_size=6", "actor_rollout_ref.actor.ppo_mini_batch_size=6",
+             "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4")
+    msg = str(e.value)
+    assert "data.train_batch_size" in msg and "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu" in msg
+    fix = _pasteable_fix(msg)
+    assert fix == "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=3"
+    _run(tiny_models, "data.train_batch_size=6", "actor_rollout_ref.actor.ppo_mini_batch_size=6",
+         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4", fix)
 
 
 @pytest.mark.parametrize("overrides,fix", [

@@ -85,7 +85,7 @@ FP32 = {"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
 
 
 def _teacher_worker(tiny_models, use_remove_padding=True, eos=(None, None), mixed_precision=FP32, model_dtype="fp32",
-                    param_dtype=None):
+                    param_dtype=None, from_hidden=False):
     from verl.trainer.config import CheckpointConfig
     from verl.workers.config import FSDPEngineConfig, HFModelConfig, TrainingWorkerConfig
 
@@ -100,7 +100,7 @@ def _teacher_worker(tiny_models, use_remove_padding=True, eos=(None, None), mixe
     cfg = TrainingWorkerConfig(model_type="language_model", model_config=model_cfg, engine_config=engine_cfg,
                                optimizer_config=None, checkpoint_config=CheckpointConfig())
     settings = TeacherSettings(model_path=tiny_models["teacher"], topk=K, student_eos_token_id=eos[0],
-                               teacher_eos_token_id=eos[1], param_dtype=param_dtype)
+                               teacher_eos_token_id=eos[1], param_dtype=param_dtype, from_hidden=from_hidden)
     worker = teacher_worker_class()(cfg, teacher=settings)
     worker.reset()
     return worker

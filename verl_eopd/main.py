@@ -93,6 +93,10 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
                            for key in ("n_gpus_per_node", "nnodes"))
         apply_settings(config, embedded_settings(info, algorithm, ranks=per_node * nodes, per_node=per_node),
                        user_keys)
+        # micro-batches that cut the user's batch sizes (the defaults' cut 512 responses)
+        from .integration.config import fitted_micro_batches
+
+        apply_settings(config, fitted_micro_batches(config), user_keys)
         print(f"[verl_eopd] no model given: embedded tiny default ({info['root']}), algorithm={algorithm}", flush=True)
     on_cpu = cpu.run_on_cpu(config)
     if on_cpu:

@@ -61,6 +61,10 @@ class EOPDLossConfig(DistillationLossConfig):
       teacher_param_dtype: ref route. "bf16" (default): the teacher's parameters, and so the copy verl keeps
             offloaded in host memory, in bf16 (an 8B teacher: 16 GB instead of 33 GB per node); what FSDP computes
             with bf16 param_dtype is unchanged, and buffers (RoPE frequencies) stay fp32. "fp32": as verl loads it.
+      from_hidden: never materialise the [tokens, V] logits: the student's EOPD terms and log-probs, and (ref
+            route) the teacher's statistics, come from the last hidden states and the lm head a chunk of rows at a
+            time (integration/hidden.py; core eopd_loss_from_hidden). Same values; for long responses and large
+            vocabularies. Needs entropy_coeff 0 and a Hugging Face causal LM without an lm-head bias.
       student_eos_token_id / teacher_eos_token_id: the end tokens; null = the eos_token_id of each model's
             tokenizer (Qwen3-Base <|endoftext|>, Qwen3 chat <|im_end|>).
     """
@@ -93,6 +97,7 @@ class EOPDLossConfig(DistillationLossConfig):
     server_token_logprob: ServerTokenLogprob = "exact"
     eos_remap: bool = True
     teacher_param_dtype: TeacherParamDtype = "bf16"
+    from_hidden: bool = False
     student_eos_token_id: Optional[int] = None
     teacher_eos_token_id: Optional[int] = None
 
@@ -143,6 +148,8 @@ class EOPDLossConfig(DistillationLossConfig):
         if self.teacher_param_dtype not in TEACHER_PARAM_DTYPES:
             _fail("teacher_param_dtype", self.teacher_param_dtype, f"choose one of {list(TEACHER_PARAM_DTYPES)}",
                   "use bf16")
+        if not isinstance(self.from_hidden, bool):
+            _fail("from_hidden", self.from_hidden, "must be true or false", "use false")
         if not isinstance(self.eos_remap, bool):
             _fail("eos_remap", self.eos_remap, "must be true or false", "use true")
         for key in ("student_eos_token_id", "teacher_eos_token_id"):
@@ -245,37 +252,67 @@ def check_paths(config) -> None:
                              f"Fix: {key}=<model folder or hub id such as Qwen/Qwen3-1.7B-Base>")
 
 
-def check_batch_shapes(config) -> None:
-    """With fixed micro-batches (no dynamic batch size) every data-parallel rank's share of a PPO mini-batch
-    must cut into whole micro-batches; verl asserts it only inside the actor update, after Ray and the engines
-    have started. Shares: ppo_mini_batch_size x rollout.n responses over (ranks / ulysses sp size)."""
+_MICRO_KEYS = {  # fixed micro-batch size -> (the batch it cuts, its dynamic-batch switch)
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": ("mini", "actor_rollout_ref.actor.use_dynamic_bsz"),
+    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": (
+        "rollout", "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz"),
+    "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu": ("rollout", "actor_rollout_ref.ref.log_prob_use_dynamic_bsz"),
+}
+
+
+def _rank_shares(config) -> tuple[int, dict]:
+    """(data-parallel ranks, {"mini": responses per PPO mini-batch, "rollout": responses per rollout batch})."""
     from omegaconf import OmegaConf
 
     sel = lambda key, default=None: OmegaConf.select(config, key, default=default)  # noqa: E731
-    if sel("actor_rollout_ref.actor.use_dynamic_bsz", False):
-        return
-    micro = sel("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu")
-    if micro is None:
-        return
     ranks = int(config.trainer.n_gpus_per_node) * int(config.trainer.nnodes)
     dp = max(1, ranks // int(sel("actor_rollout_ref.actor.ulysses_sequence_parallel_size", 1) or 1))
     n = int(sel("actor_rollout_ref.rollout.n", 1))
-    responses = int(config.actor_rollout_ref.actor.ppo_mini_batch_size) * n
-    if responses % dp == 0 and (responses // dp) % int(micro) == 0:
-        return
-    share = responses / dp
-    if responses % dp == 0:
-        fit = max(d for d in range(1, int(micro) + 1) if (responses // dp) % d == 0)
-        fix = f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={fit}"
-    else:
-        fit = next(d for d in range(dp, 0, -1) if responses % d == 0)
-        fix = f"trainer.n_gpus_per_node={fit} (with trainer.nnodes=1), or a multiple of {dp} responses per mini-batch"
-    raise ValueError(
-        f"actor_rollout_ref.actor.ppo_mini_batch_size x rollout.n = {responses} responses per optimizer step over "
-        f"{dp} data-parallel ranks (trainer.n_gpus_per_node x trainer.nnodes / ulysses sp) is {share:g} per rank, "
-        f"not a whole number of actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro} micro-batches: verl "
-        f"would stop inside the first update. Fix: {fix}"
-    )
+    return dp, {"mini": int(config.actor_rollout_ref.actor.ppo_mini_batch_size) * n,
+                "rollout": int(config.data.train_batch_size) * n}
+
+
+def fitted_micro_batches(config, cap: int = 256) -> dict:
+    """The embedded default's micro-batch sizes for this config's batches: per data-parallel rank, the largest
+    size <= cap that cuts the rank's share of a mini-batch (the actor) or of a rollout batch (the log-prob
+    passes) into whole micro-batches."""
+    dp, shares = _rank_shares(config)
+    out = {}
+    for key, (which, _) in _MICRO_KEYS.items():
+        share = shares[which] // dp if shares[which] % dp == 0 else 1
+        out[key] = max(d for d in range(1, min(cap, max(1, share)) + 1) if share % d == 0)
+    return out
+
+
+def check_batch_shapes(config) -> None:
+    """With fixed micro-batches (no dynamic batch size) every data-parallel rank's share of a PPO mini-batch,
+    and of the rollout batch the old/ref log-prob passes see, must cut into whole micro-batches; verl asserts it
+    only inside those passes, after Ray and the engines have started. Shares: ppo_mini_batch_size (resp.
+    data.train_batch_size) x rollout.n responses over (ranks / ulysses sp size)."""
+    from omegaconf import OmegaConf
+
+    sel = lambda key, default=None: OmegaConf.select(config, key, default=default)  # noqa: E731
+    dp, shares = _rank_shares(config)
+    for key, (which, dynamic) in _MICRO_KEYS.items():
+        micro = sel(key)
+        if micro is None or sel(dynamic, False):
+            continue
+        responses = shares[which]
+        if responses % dp == 0 and (responses // dp) % int(micro) == 0:
+            continue
+        batch = ("actor_rollout_ref.actor.ppo_mini_batch_size" if which == "mini" else "data.train_batch_size")
+        share = responses / dp
+        if responses % dp == 0:
+            fit = max(d for d in range(1, int(micro) + 1) if (responses // dp) % d == 0)
+            fix = f"{key}={fit}"
+        else:
+            fit = next(d for d in range(dp, 0, -1) if responses % d == 0)
+            fix = f"trainer.n_gpus_per_node={fit} (with trainer.nnodes=1), or a multiple of {dp} responses per batch"
+        raise ValueError(
+            f"{batch} x rollout.n = {responses} responses over {dp} data-parallel ranks (trainer.n_gpus_per_node x "
+            f"trainer.nnodes / ulysses sp) is {share:g} per rank, not a whole number of {key}={micro} micro-batches: "
+            f"verl would stop inside the first {'update' if which == 'mini' else 'log-prob pass'}. Fix: {fix}"
+        )
 
 
 def end_token_ids(loss, model_config, teacher_path: str) -> tuple[Optional[int], Optional[int]]:
@@ -298,7 +335,7 @@ def end_token_ids(loss, model_config, teacher_path: str) -> tuple[Optional[int],
 
 
 SETTINGS_FILE = "eopd_settings.json"  # written beside each verl checkpoint (integration/trainer.py)
-_SPEED_ONLY = ("logits_chunk_mb",)  # settings that change speed and memory, not the objective
+_SPEED_ONLY = ("logits_chunk_mb", "from_hidden")  # settings that change speed and memory, not the objective
 
 
 def settings_record(config) -> dict:
@@ -368,8 +405,15 @@ def check_run_config(config) -> "EOPDLossConfig":
         )
     if aref.model.get("use_fused_kernels", False):
         raise ValueError(
-            "actor_rollout_ref.model.use_fused_kernels=true: fused kernels never materialise the student logits the "
-            "EOPD forward KL needs. Fix: actor_rollout_ref.model.use_fused_kernels=false"
+            "actor_rollout_ref.model.use_fused_kernels=true: verl's fused kernels return only the sampled token's "
+            "log-prob and entropy, not the EOPD forward KL over the teacher's top-k. Fix: "
+            f"actor_rollout_ref.model.use_fused_kernels=false and, to skip the logits, {_KEY}.from_hidden=true"
+        )
+    if loss.from_hidden and float(aref.actor.get("entropy_coeff", 0.0) or 0.0) != 0.0:
+        raise ValueError(
+            f"{_KEY}.from_hidden=true with actor_rollout_ref.actor.entropy_coeff={aref.actor.entropy_coeff}: the "
+            "student entropy from hidden states is a detached metric, so an entropy bonus would not train. Fix: "
+            f"actor_rollout_ref.actor.entropy_coeff=0 or {_KEY}.from_hidden=false"
         )
     from .console import console_mode
 

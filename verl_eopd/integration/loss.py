@@ -104,6 +104,23 @@ def eopd_logits_processor(config, distillation_config, data, student_logits: tor
         eopd_topk_mass and, unless the batch carries the exact teacher fields, the top-k estimates
         eopd_teacher_entropy(_lower/_upper), eopd_teacher_token_logprob, eopd_in_topk.
     """
+    logits = student_logits.squeeze(0)  # [n, V]
+    if inplace_cross_entropy_follows(data):
+        # the student log-prob kernel recomputes the softmax from its saved logits in backward; verl's in-place
+        # cross-entropy backward may overwrite that storage first, so the kernel gets its own copy ([n, V],
+        # only on this path; the gradient still reaches the logits through the copy)
+        logits = logits.clone()
+
+    def student_pass(index, chunk_bytes):
+        return student_logprobs_at(logits, index, with_entropy=True, chunk_bytes=chunk_bytes)
+
+    return eopd_student_outputs(config, distillation_config, data, logits.shape[0], logits.shape[1], student_pass)
+
+
+def eopd_student_outputs(config, distillation_config, data, n: int, V: int, student_pass):
+    """The processor's outputs for n packed rows of a V-word student vocabulary, whatever holds the student:
+    `student_pass(index [n, M], chunk_bytes) -> (log q [n, M] differentiable, entropy [n])` gives the student's
+    full-vocabulary log-probs at `index` (from the logits here; from hidden states in integration/hidden.py)."""
     if config.strategy not in ("fsdp", "fsdp2"):
         raise NotImplementedError(
             f"loss_mode=eopd supports actor strategy fsdp/fsdp2, got actor.strategy={config.strategy!r}"
@@ -112,8 +129,6 @@ def eopd_logits_processor(config, distillation_config, data, student_logits: tor
 
     cfg = _eopd_config(distillation_config)
     settings = cfg.settings
-    logits = student_logits.squeeze(0)  # [n, V]
-    n, V = logits.shape
     t_lp, t_ids, input_ids = data["teacher_logprobs"], data["teacher_ids"], data["input_ids"]
     if not (t_lp.is_nested and t_ids.is_nested and input_ids.is_nested):
         raise ValueError("eopd expects verl's no-padding micro-batches: teacher_logprobs, teacher_ids and input_ids nested")
@@ -132,14 +147,9 @@ def eopd_logits_processor(config, distillation_config, data, student_logits: tor
     t_ids = _rows(t_ids, n, 0)
     labels = _rows(labels, n, 0).clamp(0, V - 1)  # dummy rows only; response labels are < V
 
-    if inplace_cross_entropy_follows(data):
-        # the student log-prob kernel recomputes the softmax from its saved logits in backward; verl's in-place
-        # cross-entropy backward may overwrite that storage first, so the kernel gets its own copy ([n, V],
-        # only on this path; the gradient still reaches the logits through the copy)
-        logits = logits.clone()
     valid = valid_topk(t_lp, t_ids, V)
     index = torch.cat([torch.where(valid, t_ids, torch.zeros_like(t_ids)), labels.unsqueeze(-1)], dim=-1)
-    lq, student_entropy = student_logprobs_at(logits, index, with_entropy=True, chunk_bytes=settings.chunk_bytes)
+    lq, student_entropy = student_pass(index, settings.chunk_bytes)
     fkl, mass = fkl_topk(lq[:, :-1], t_lp, valid)
     out = {"eopd_fkl": fkl, "eopd_logp": lq[:, -1], "eopd_student_entropy": student_entropy, "eopd_topk_mass": mass}
     t_vocab = settings.teacher_vocab_size or V

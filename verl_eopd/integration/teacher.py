@@ -46,6 +46,7 @@ class TeacherSettings:
     teacher_eos_token_id: Optional[int] = None
     logits_chunk_mb: int = DEFAULT_LOGITS_CHUNK_MB
     param_dtype: Optional[str] = None  # "bf16" | "fp32": the teacher's parameters (its offloaded copy); None: as loaded
+    from_hidden: bool = False  # statistics from the last hidden states and the lm head, no [tokens, V] logits
 
     @property
     def remap_eos(self) -> bool:
@@ -89,6 +90,7 @@ def _teacher_engine_class():
             super().__init__(model_config, *args, **kwargs)
 
         eopd_param_dtype: Optional[str] = None  # set by TeacherTrainingWorker before initialize()
+        eopd_from_hidden: bool = False  # likewise (integration/hidden.py)
 
         def _build_module(self):
             """verl's module, then the parameters (only) cast to `eopd_param_dtype`. The teacher is loaded as
@@ -103,7 +105,35 @@ def _teacher_engine_class():
                 dtype = PrecisionType.to_dtype(self.eopd_param_dtype)
                 for p in module.parameters():  # tied embeddings: one Parameter, cast once
                     p.data = p.data.to(dtype)
+            if self.eopd_from_hidden:
+                from .hidden import HiddenCapture
+
+                self._capture = HiddenCapture()
+                self._capture.attach(module, "teacher")
             return module
+
+        def prepare_model_inputs(self, micro_batch):
+            model_inputs, output_args = super().prepare_model_inputs(micro_batch)
+            if self.eopd_from_hidden:  # the statistics are computed as the lm head's forward (hidden.HiddenCapture)
+                from functools import partial
+
+                self._capture.pending = partial(self._stats_from_hidden, micro_batch, output_args)
+            return model_inputs, output_args
+
+        def _stats_from_hidden(self, micro_batch, output_args, hidden, weight) -> dict:
+            """teacher_stats from h and W at temperature 1 (no logits), per packed row."""
+            from ..core.kernels import teacher_stats_from_hidden
+            from .hidden import packed_rows
+
+            k = tu.get_non_tensor_data(data=micro_batch, key="eopd_topk", default=None)
+            if k is None:
+                raise RuntimeError("the EOPD teacher engine with from_hidden only serves EOPD teacher passes")
+            chunk_mb = int(tu.get_non_tensor_data(data=micro_batch, key="eopd_logits_chunk_mb",
+                                                  default=DEFAULT_LOGITS_CHUNK_MB))
+            use_rmpad = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True)
+            h = packed_rows(hidden, micro_batch, use_rmpad)
+            labels = output_args["input_ids_rmpad_rolled"].reshape(-1).clamp(0, weight.shape[0] - 1)
+            return teacher_stats_from_hidden(h, weight, labels, int(k), chunk_bytes=chunk_mb * 2**20)
 
         def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
             k = tu.get_non_tensor_data(data=micro_batch, key="eopd_topk", default=None)
@@ -113,17 +143,22 @@ def _teacher_engine_class():
             use_rmpad = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True)
             input_ids = micro_batch["input_ids"]
             cu_seqlens = input_ids.offsets()
-            logits = output.logits
-            if hasattr(logits, "full_tensor"):  # DTensor (tensor parallel): gather the vocabulary
-                logits = logits.full_tensor()
-            labels = output_args["input_ids_rmpad_rolled"]
-            if use_rmpad:
-                logits = logits.squeeze(0)  # [(nnz / sp) + pad, V], raw logits: temperature 1
-            else:  # [B, S, V] padded -> packed [nnz, V]
-                lens = cu_seqlens.diff()
-                logits = torch.cat([logits[b, : lens[b]] for b in range(lens.numel())])
-            labels = labels.clamp(0, logits.shape[-1] - 1)  # padding rows only
-            stats = teacher_stats(logits, labels, int(k), chunk_bytes=chunk_mb * 2**20)
+            labels = output_args["input_ids_rmpad_rolled"].reshape(-1)
+            if self.eopd_from_hidden:  # computed inside the forward from h and W (_stats_from_hidden)
+                from .hidden import HiddenCapture
+
+                stats = HiddenCapture.result(output, "teacher")
+            else:
+                logits = output.logits
+                if hasattr(logits, "full_tensor"):  # DTensor (tensor parallel): gather the vocabulary
+                    logits = logits.full_tensor()
+                if use_rmpad:
+                    logits = logits.squeeze(0)  # [(nnz / sp) + pad, V], raw logits: temperature 1
+                else:  # [B, S, V] padded -> packed [nnz, V]
+                    lens = cu_seqlens.diff()
+                    logits = torch.cat([logits[b, : lens[b]] for b in range(lens.numel())])
+                labels = labels.clamp(0, logits.shape[-1] - 1)  # padding rows only
+                stats = teacher_stats(logits, labels, int(k), chunk_bytes=chunk_mb * 2**20)
             out = {
                 "teacher_ids": stats["topk_ids"].to(torch.int32),
                 "teacher_logprobs": stats["topk_logprobs"],
@@ -177,6 +212,7 @@ def teacher_worker_class():
             super().__init__(config)
             self.teacher = teacher
             self.engine.eopd_param_dtype = teacher.param_dtype  # read by the engine's initialize() (reset)
+            self.engine.eopd_from_hidden = teacher.from_hidden
 
         def infer_batch(self, data):
             t = self.teacher

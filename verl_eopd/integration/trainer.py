@@ -50,7 +50,7 @@ def teacher_settings(loss: EOPDLossConfig, distillation_config: DictConfig, mode
     student_eos, teacher_eos = end_token_ids(loss, model_config, path) if loss.eos_remap else (None, None)
     return TeacherSettings(model_path=path, topk=int(loss.topk), student_eos_token_id=student_eos,
                            teacher_eos_token_id=teacher_eos, logits_chunk_mb=int(loss.logits_chunk_mb),
-                           param_dtype=loss.teacher_param_dtype)
+                           param_dtype=loss.teacher_param_dtype, from_hidden=bool(loss.from_hidden))
 
 
 class EOPDActorRolloutRefWorker(ActorRolloutRefWorker):
@@ -64,6 +64,10 @@ class EOPDActorRolloutRefWorker(ActorRolloutRefWorker):
             initialize_global_process_group_ray(timeout_second=None, backend="gloo")
         super().__init__(config, role, distillation_config=distillation_config, **kwargs)
         self._eopd_loss = build_loss_config(distillation_config)
+        if self._is_actor and self._eopd_loss.from_hidden:  # the student's pass from hidden states
+            from .hidden import actor_worker_class
+
+            self.actor_worker_cls = actor_worker_class()
         if self._is_ref and self._eopd_loss.teacher_route == "ref":
             # an instance attribute shadows the class attribute read by init_model
             self.ref_worker_cls = partial(teacher_worker_class(),
