@@ -132,3 +132,40 @@ def test_mini_repro_quick_end_to_end(tmp_path):
     assert [r["p_holm"] for r in rows] == pytest.approx(holm([r["p"] for r in rows]))
     text = (out / "results.md").read_text()
     assert "Holm-corrected over all 8 tests" in text and "| EOPD (tau = 0.8) |" in text and f"### {MULTIPLE}" in text
+
+
+@pytest.mark.unit
+def test_coef_sweep_verdicts_are_paired_holm_corrected_tests_against_the_default():
+    from verl_eopd.math import coef_sweep
+    from verl_eopd.math.stats import holm, paired_t
+
+    finals = {"grpo_only": [20.0, 25.0, 22.0], "coef_0.2": [47.0, 46.0, 49.0], "coef_1": [46.0, 45.5, 47.0]}
+    results = {arm: [{"seed": s, "final": v} for s, v in zip([2, 0, 1], vals)] for arm, vals in finals.items()}
+    rows = coef_sweep.verdicts(results, "coef_1")
+    assert [r["arm"] for r in rows] == ["grpo_only", "coef_0.2"]
+    order = lambda arm: [v for _, v in sorted(zip([2, 0, 1], finals[arm]))]  # noqa: E731 - paired by seed
+    want = [paired_t(order(a), order("coef_1")) for a in ("grpo_only", "coef_0.2")]
+    assert [r["mean_diff"] for r in rows] == pytest.approx([w.mean_diff for w in want])
+    assert [r["p_holm"] for r in rows] == pytest.approx(holm([w.p for w in want]))
+    assert rows[0]["verdict"] == "worse" and rows[1]["verdict"] == "no difference shown"
+    assert list(coef_sweep.arms((0.05, 1.0))) == ["grpo_only", "coef_0.05", "coef_1", "eopd_only"]
+
+
+@pytest.mark.e2e
+def test_grpo_coef_sweep_quick_end_to_end(tmp_path):
+    """The smoke version of the eopd_grpo coefficient sweep: every arm trains with its loss and is evaluated;
+    the GRPO arms record both terms' gradient norms."""
+    out = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "grpo_coef_sweep.py"), "--quick", "--out",
+                           str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "results.json").read_text())
+    assert list(summary["results"]) == ["grpo_only", "coef_0.05", "coef_0.2", "coef_1", "eopd_only"]
+    for arm, runs in summary["results"].items():
+        assert [r["seed"] for r in runs] == [0, 1]
+        for r in runs:
+            assert 0.0 <= r["final"] <= 100.0
+            if arm != "eopd_only":
+                assert r["scales"] and all(s["pg_grad_norm"] >= 0 and s["distill_grad_norm"] > 0 for s in r["scales"])
+                assert len(r["train_score"]) == 2
+    assert len(summary["verdicts"]) == 4 and "Holm-corrected over 4 tests" in (out / "results.md").read_text()
