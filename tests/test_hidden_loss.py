@@ -20,6 +20,15 @@ from verl_eopd import (
 
 pytestmark = pytest.mark.unit
 
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """The kernels visit at least 256 rows per lm-head chunk; these tiny batches need a smaller floor so that
+    every test below runs over several chunks (their chunk_bytes set the rows)."""
+    from verl_eopd.core import kernels
+
+    monkeypatch.setattr(kernels, "HIDDEN_MIN_ROWS", 1)
+
 B, T, H, V, K = 3, 7, 24, 101, 6
 
 
@@ -193,3 +202,16 @@ def test_packed_rows_and_bad_input():
         eopd_loss_from_hidden(bad, weight, *args)
     with pytest.raises(ValueError, match="sampled_ids shape"):
         teacher_stats_from_hidden(hidden, weight, ids[:, :-1], K)
+
+
+def test_in_place_softmax_is_exact_and_its_fallback_agrees(monkeypatch):
+    from verl_eopd.core import kernels
+
+    z = torch.randn(5, 1000) * 6
+    z[0, :10] = float("-inf")
+    want = torch.softmax(z, -1)
+    kernels._IN_PLACE_SOFTMAX_OK.clear()
+    assert torch.equal(kernels._softmax_in_place(z.clone()), want)
+    assert kernels._IN_PLACE_SOFTMAX_OK["cpu"] is True
+    monkeypatch.setitem(kernels._IN_PLACE_SOFTMAX_OK, "cpu", False)  # a backend where aliasing is not exact
+    torch.testing.assert_close(kernels._softmax_in_place(z.clone()), want, atol=1e-7, rtol=1e-5)

@@ -114,18 +114,18 @@ def teacher_stats(
     ids = sampled_ids.reshape(-1).long()
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
         raise ValueError(f"sampled_ids must lie in [0, {V}); got range [{int(ids.min())}, {int(ids.max())}]")
-    out = _teacher_rows(lambda s, e: flat[s:e], flat.shape[0], V, flat.device, flat.dtype, ids, k, chunk_bytes,
-                        "teacher_logits")
+    out = _teacher_rows(lambda s, e: flat[s:e], flat.shape[0], V, flat.device, flat.dtype, ids, k,
+                        _rows_per_chunk(V, chunk_bytes), "teacher_logits")
     return {key: t.reshape(*lead, *t.shape[1:]) for key, t in out.items()}
 
 
-def _teacher_rows(chunk, N: int, V: int, dev, dtype, ids: torch.Tensor, k: int, chunk_bytes: int, name: str) -> dict:
-    """teacher_stats over N rows whose logits [e - s, V] (dtype) come from `chunk(s, e)`: flat [N, ...] outputs."""
+def _teacher_rows(chunk, N: int, V: int, dev, dtype, ids: torch.Tensor, k: int, rows: int, name: str) -> dict:
+    """teacher_stats over N rows whose logits [e - s, V] (dtype) come from `chunk(s, e)`, `rows` at a time: flat
+    [N, ...] outputs."""
     topk_ids = torch.empty(N, k, dtype=torch.int64, device=dev)
     topk_lp = torch.empty(N, k, dtype=torch.float32, device=dev)
     entropy = torch.empty(N, dtype=torch.float32, device=dev)
     token_lp = torch.empty(N, dtype=torch.float32, device=dev)
-    rows = _rows_per_chunk(V, chunk_bytes)
     buf = _ChunkBuffers(min(rows, N), V, dev, dtype, need_probs=True) if N else None
     with torch.autocast(dev.type, enabled=False):
         for s in range(0, N, rows):
@@ -186,7 +186,7 @@ def teacher_stats_from_hidden(
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
         raise ValueError(f"sampled_ids must lie in [0, {V}); got range [{int(ids.min())}, {int(ids.max())}]")
     out = _teacher_rows(partial(_logits_chunk, flat, weight, float(temperature)), flat.shape[0], V, flat.device,
-                        flat.dtype, ids, k, chunk_bytes, "teacher logits (hidden @ weight.T)")
+                        flat.dtype, ids, k, _hidden_rows(V, chunk_bytes), "teacher logits (hidden @ weight.T)")
     return {key: t.reshape(*lead, *t.shape[1:]) for key, t in out.items()}
 
 
@@ -268,13 +268,48 @@ def student_logprobs_at(
 
 
 
+HIDDEN_MIN_ROWS = 256  # rows per lm-head chunk at least: a matmul over fewer rows re-reads W for little work
+
+
+def _hidden_rows(V: int, chunk_bytes: int) -> int:
+    """Rows per chunk of the hidden-state kernels: `chunk_bytes` of fp32 logits, but at least HIDDEN_MIN_ROWS."""
+    return max(_rows_per_chunk(V, chunk_bytes), HIDDEN_MIN_ROWS)
+
+
+def _logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """out [n, V] fp32 <- (hidden @ weight.T) / temperature, matmul and division in the lm head's dtype."""
+    if hidden.dtype == torch.float32:
+        torch.mm(hidden, weight.T, out=out)
+        return out if temperature == 1.0 else out.div_(temperature)
+    return out.copy_(_logits_chunk(hidden, weight, temperature, 0, hidden.shape[0]))
+
+
+_IN_PLACE_SOFTMAX_OK: dict = {}  # device type -> whether aten's softmax may write over its input
+
+
+def _softmax_in_place(z: torch.Tensor) -> torch.Tensor:
+    """softmax(z) over the last dim, written over z (fp32). aten's fused softmax writes each element after reading
+    the row's max and sum, so out=z is exact; that is not a documented contract, so it is checked once per device
+    type against the out-of-place result, falling back to exp(z - logsumexp z) in place (3 passes instead of 1)."""
+    ok = _IN_PLACE_SOFTMAX_OK.get(z.device.type)
+    if ok is None:
+        probe = torch.randn(2, max(z.shape[-1], 2), device=z.device) * 4
+        want = torch.softmax(probe, -1)
+        ok = bool(torch.equal(_aten._softmax.out(probe, -1, False, out=probe), want))
+        _IN_PLACE_SOFTMAX_OK[z.device.type] = ok
+    if ok:
+        return _aten._softmax.out(z, -1, False, out=z)
+    return z.sub_(torch.logsumexp(z, -1, keepdim=True)).exp_()
+
+
 class _HiddenGatherLogSoftmax(torch.autograd.Function):
     """log_softmax(h_n W^T / T)[index[n, j]] for every row n, without the [N, V] logits.
 
     forward:  z_n = h_n W^T / T (one chunk of rows at a time), out[n, j] = log softmax(z_n)[i_nj]
-    backward: dz as in _GatherLogSoftmax (divided by T), in the lm head's dtype, then
-              dh[chunk] = dz W,   dW += dz^T h[chunk]     (dW accumulated chunk by chunk in W's dtype)
-    Saved: hidden, weight, index. The chunk's logits are recomputed from h in backward.
+    backward: z recomputed, p = softmax(z) in place, dz = (scatter(g) - p sum_j g) / T in the lm head's
+              dtype, then dh[chunk] = dz W and dW += dz^T h[chunk] (dW accumulated chunk by chunk in W's dtype)
+    Saved: hidden, weight, index. Work memory: two fp32 [rows, V] buffers in forward, one in backward (plus one
+    [rows, V] in the lm head's dtype when it is not fp32).
     """
 
     @staticmethod
@@ -284,14 +319,17 @@ class _HiddenGatherLogSoftmax(torch.autograd.Function):
         dev = hidden.device
         out = torch.empty(N, index.shape[1], dtype=torch.float32, device=dev)
         ent = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=dev)
-        buf = _ChunkBuffers(min(rows, N), V, dev, hidden.dtype, need_probs=with_entropy) if N else None
+        if N:
+            zbuf = torch.empty(min(rows, N), V, dtype=torch.float32, device=dev)
+            lbuf = torch.empty_like(zbuf)
         with torch.autocast(dev.type, enabled=False):
             for s in range(0, N, rows):
                 e = min(s + rows, N)
-                logp, h = _chunk_logp(_logits_chunk(hidden, weight, temperature, s, e), buf, with_entropy)
+                z = _logits_into(zbuf[: e - s], hidden[s:e], weight, temperature)
+                logp = _aten._log_softmax.out(z, -1, False, out=lbuf[: e - s])
                 out[s:e] = logp.gather(-1, index[s:e])
-                if with_entropy:
-                    ent[s:e] = h
+                if with_entropy:  # p log p in z's storage (z is not needed any more); nansum: 0 log 0 = 0
+                    ent[s:e] = -torch.nansum(torch.exp(logp, out=z).mul_(logp), -1)
         _check_rows("student logits (hidden @ weight.T)", out[:, 0] if out.shape[1] else out.new_zeros(0))
         ctx.save_for_backward(hidden, weight, index)
         ctx.rows, ctx.temperature = rows, temperature
@@ -307,15 +345,15 @@ class _HiddenGatherLogSoftmax(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
         fp32 = hidden.dtype == torch.float32
-        buf = _ChunkBuffers(min(rows, N), V, hidden.device, hidden.dtype, need_probs=True) if N else None
-        dz_buf = None if fp32 or not N else torch.empty(min(rows, N), V, dtype=hidden.dtype, device=hidden.device)
+        if N:
+            zbuf = torch.empty(min(rows, N), V, dtype=torch.float32, device=hidden.device)
+            dz_buf = None if fp32 else torch.empty(min(rows, N), V, dtype=hidden.dtype, device=hidden.device)
         grad_out = grad_out.float()
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, N, rows):
                 e = min(s + rows, N)
                 g = grad_out[s:e]
-                d = _aten._softmax.out(buf.fp32(_logits_chunk(hidden, weight, temperature, s, e)), -1, False,
-                                       out=buf.probs[: e - s])
+                d = _softmax_in_place(_logits_into(zbuf[: e - s], hidden[s:e], weight, temperature))
                 d.mul_(-g.sum(-1, keepdim=True))
                 d.scatter_add_(-1, index[s:e], g)
                 if temperature != 1.0:
@@ -345,6 +383,6 @@ def student_logprobs_at_from_hidden(
         raise ValueError(f"index shape {tuple(index.shape)} does not match hidden {tuple(hidden.shape)}")
     flat = hidden.reshape(-1, H)
     idx = index.reshape(flat.shape[0], -1).long()
-    out, ent = _HiddenGatherLogSoftmax.apply(flat, weight, idx, _rows_per_chunk(V, chunk_bytes), with_entropy,
+    out, ent = _HiddenGatherLogSoftmax.apply(flat, weight, idx, _hidden_rows(V, chunk_bytes), with_entropy,
                                              float(temperature))
     return out.reshape(*lead, idx.shape[-1]), (ent.reshape(lead) if with_entropy else None)
