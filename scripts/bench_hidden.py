@@ -121,7 +121,8 @@ def worker(impl, T, H, V, K, dtype, device, reps, chunk_bytes) -> dict:
             with torch.no_grad():
                 out = step()
             del out
-        else:
+        else:  # gradients set to None each pass, as zero_grad(set_to_none=True) and FSDP's freed unsharded grads
+            x["h"].grad = x["w"].grad = None
             loss = step()
             loss.backward()
             del loss
@@ -210,12 +211,13 @@ def engine_worker(path: str, model_dir: str, seqs: int, length: int, reps: int, 
                             use_torch_compile=False, loss_agg_mode="token-mean")
     loss_fn = partial(eopd_ppo_loss, config=actor, distillation_config=DistillationConfig(
         distillation_loss=EOPDLossConfig(topk=K, logits_chunk_mb=chunk_bytes // MiB, from_hidden=path == "engine_hidden")))
-    gc.collect()
-    meter = _PeakRSS()
-    base = meter.rss()
-    meter.start()
-    times, losses = [], []
+    times, losses, meter = [], [], None
     for i in range(1 + reps):
+        if i == 1:  # the baseline after the warm-up update: AdamW's states and the gradients exist from here on
+            gc.collect()
+            meter = _PeakRSS()
+            base = meter.rss()
+            meter.start()
         t0 = time.perf_counter()
         with engine.train_mode():
             out = engine.train_batch(td, loss_function=loss_fn)

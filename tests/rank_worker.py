@@ -87,24 +87,11 @@ def to_td(local: dict, *, task: bool, micro: int, dynamic: bool):
 
 
 def make_engine(model_path: str, micro: int, dynamic: bool):
-    from verl.trainer.config import CheckpointConfig
-    from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig
-    from verl.workers.engine import EngineRegistry
+    from test_verl_engine import make_engine as engine
 
-    engine = EngineRegistry.new(
-        model_type="language_model", backend="fsdp2",
-        model_config=HFModelConfig(path=model_path, enable_gradient_checkpointing=False,
-                                   override_config={"attn_implementation": "sdpa"}),
-        engine_config=FSDPEngineConfig(strategy="fsdp2", use_torch_compile=False, use_dynamic_bsz=dynamic,
-                                       micro_batch_size_per_gpu=micro, max_token_len_per_gpu=24,
-                                       mixed_precision={"param_dtype": "fp32", "reduce_dtype": "fp32",
-                                                        "buffer_dtype": "fp32"}),
-        # clip_grad 0.5 < the gradient norm: the clip uses the global norm over ranks
-        optimizer_config=FSDPOptimizerConfig(lr=1e-2, clip_grad=0.5, total_training_steps=4, weight_decay=0.01),
-        checkpoint_config=CheckpointConfig(),
-    )
-    engine.initialize()
-    return engine
+    # clip_grad 0.5 < the gradient norm: the clip uses the global norm over ranks
+    return engine(model_path, lr=1e-2, micro=micro, dynamic=dynamic, max_token_len=24, clip_grad=0.5,
+                  weight_decay=0.01)
 
 
 def loss_fn(cfg: dict):

@@ -18,6 +18,7 @@ from test_verl_engine import (
     _total_loss,
     eopd_loss_fn,
     make_batch,
+    make_engine,
     run_step,
     to_tensordict,
 )
@@ -44,27 +45,11 @@ def models(verl_cpu, tiny_models, tmp_path_factory):
 
 
 def _engine(model_path: str, hidden: bool, use_remove_padding: bool = True):
-    from verl.trainer.config import CheckpointConfig
-    from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig
-    from verl.workers.engine import EngineRegistry
-
     from verl_eopd.integration.hidden import ACTOR_MODEL_TYPE, actor_engine_class
 
-    actor_engine_class()
-    engine = EngineRegistry.new(
-        model_type=ACTOR_MODEL_TYPE if hidden else "language_model", backend="fsdp2",
-        model_config=HFModelConfig(path=model_path, enable_gradient_checkpointing=False,
-                                   use_remove_padding=use_remove_padding,
-                                   override_config={"attn_implementation": "sdpa"}),
-        engine_config=FSDPEngineConfig(strategy="fsdp2", use_torch_compile=False, use_dynamic_bsz=False,
-                                       micro_batch_size_per_gpu=2, use_remove_padding=use_remove_padding,
-                                       mixed_precision={"param_dtype": "fp32", "reduce_dtype": "fp32",
-                                                        "buffer_dtype": "fp32"}),
-        optimizer_config=FSDPOptimizerConfig(lr=1e-3, clip_grad=1e9, total_training_steps=4, weight_decay=0.0),
-        checkpoint_config=CheckpointConfig(),
-    )
-    engine.initialize()
-    return engine
+    actor_engine_class()  # registers the from_hidden engine
+    return make_engine(model_path, model_type=ACTOR_MODEL_TYPE if hidden else "language_model",
+                       use_remove_padding=use_remove_padding)
 
 
 @pytest.mark.parametrize("model", ["untied", "tied"])

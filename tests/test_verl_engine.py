@@ -28,20 +28,25 @@ def env(verl_cpu, tiny_models):
     return {"model_path": tiny_models["student"]}
 
 
-def make_engine(model_path: str, lr: float = 1e-3):
+def make_engine(model_path: str, lr: float = 1e-3, *, model_type: str = "language_model",
+                use_remove_padding: bool = True, micro: int = 2, dynamic: bool = False, max_token_len: int = 4096,
+                clip_grad: float = 1e9, weight_decay: float = 0.0):
+    """verl's FSDP2 engine on CPU in fp32 (tests/rank_worker.py and tests/test_hidden_engine.py use it too)."""
     from verl.trainer.config import CheckpointConfig
     from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig
     from verl.workers.engine import EngineRegistry
 
-    model_cfg = HFModelConfig(path=model_path, enable_gradient_checkpointing=False,
+    model_cfg = HFModelConfig(path=model_path, enable_gradient_checkpointing=False, use_remove_padding=use_remove_padding,
                               override_config={"attn_implementation": "sdpa"})
     engine = EngineRegistry.new(
-        model_type="language_model", backend="fsdp2", model_config=model_cfg,
-        engine_config=FSDPEngineConfig(strategy="fsdp2", use_torch_compile=False, use_dynamic_bsz=False,
-                                       micro_batch_size_per_gpu=2,
+        model_type=model_type, backend="fsdp2", model_config=model_cfg,
+        engine_config=FSDPEngineConfig(strategy="fsdp2", use_torch_compile=False, use_dynamic_bsz=dynamic,
+                                       micro_batch_size_per_gpu=micro, max_token_len_per_gpu=max_token_len,
+                                       use_remove_padding=use_remove_padding,
                                        mixed_precision={"param_dtype": "fp32", "reduce_dtype": "fp32",
                                                         "buffer_dtype": "fp32"}),
-        optimizer_config=FSDPOptimizerConfig(lr=lr, clip_grad=1e9, total_training_steps=4, weight_decay=0.0),
+        optimizer_config=FSDPOptimizerConfig(lr=lr, clip_grad=clip_grad, total_training_steps=4,
+                                             weight_decay=weight_decay),
         checkpoint_config=CheckpointConfig(),
     )
     engine.initialize()

@@ -61,7 +61,7 @@ class _ChunkBuffers:
 _aten = torch.ops.aten
 
 
-def _chunk_logp(z: torch.Tensor, buf: _ChunkBuffers, with_entropy: bool):
+def _chunk_logp(z: torch.Tensor, buf: _ChunkBuffers, with_entropy: bool, scratch: bool = False):
     """log_softmax of one chunk of logits z [n, V] in fp32, and optionally its entropy.
 
         log p = z - logsumexp(z),   H = -sum_v p_v log p_v
@@ -73,7 +73,8 @@ def _chunk_logp(z: torch.Tensor, buf: _ChunkBuffers, with_entropy: bool):
     logp = _aten._log_softmax.out(zf, -1, False, out=buf.logp[:n])
     h = None
     if with_entropy:
-        p = _aten._softmax.out(zf, -1, False, out=buf.probs[:n])
+        # scratch: zf (a fresh chunk or the fp32 copy) is free after log_softmax, so p = exp(log p) goes there
+        p = torch.exp(logp, out=zf) if scratch else _aten._softmax.out(zf, -1, False, out=buf.probs[:n])
         # in place (the probabilities are not needed afterwards); nansum: 0 log 0 = 0 where a logit is -inf
         # (0 * -inf is NaN). NaN rows from NaN/+inf logits are caught by the callers' _check_rows, once.
         h = -torch.nansum(p.mul_(logp), -1)
@@ -119,18 +120,19 @@ def teacher_stats(
     return {key: t.reshape(*lead, *t.shape[1:]) for key, t in out.items()}
 
 
-def _teacher_rows(chunk, N: int, V: int, dev, dtype, ids: torch.Tensor, k: int, rows: int, name: str) -> dict:
+def _teacher_rows(chunk, N: int, V: int, dev, dtype, ids: torch.Tensor, k: int, rows: int, name: str,
+                  scratch: bool = False) -> dict:
     """teacher_stats over N rows whose logits [e - s, V] (dtype) come from `chunk(s, e)`, `rows` at a time: flat
-    [N, ...] outputs."""
+    [N, ...] outputs. `scratch`: each chunk is a fresh tensor the kernel may overwrite (one buffer fewer)."""
     topk_ids = torch.empty(N, k, dtype=torch.int64, device=dev)
     topk_lp = torch.empty(N, k, dtype=torch.float32, device=dev)
     entropy = torch.empty(N, dtype=torch.float32, device=dev)
     token_lp = torch.empty(N, dtype=torch.float32, device=dev)
-    buf = _ChunkBuffers(min(rows, N), V, dev, dtype, need_probs=True) if N else None
+    buf = _ChunkBuffers(min(rows, N), V, dev, dtype, need_probs=not scratch) if N else None
     with torch.autocast(dev.type, enabled=False):
         for s in range(0, N, rows):
             e = min(s + rows, N)
-            logp, entropy[s:e] = _chunk_logp(chunk(s, e), buf, with_entropy=True)
+            logp, entropy[s:e] = _chunk_logp(chunk(s, e), buf, with_entropy=True, scratch=scratch)
             vals, idx = logp.topk(k, dim=-1)
             topk_ids[s:e], topk_lp[s:e] = idx, vals
             token_lp[s:e] = logp.gather(-1, ids[s:e, None]).squeeze(-1)
@@ -186,7 +188,8 @@ def teacher_stats_from_hidden(
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
         raise ValueError(f"sampled_ids must lie in [0, {V}); got range [{int(ids.min())}, {int(ids.max())}]")
     out = _teacher_rows(partial(_logits_chunk, flat, weight, float(temperature)), flat.shape[0], V, flat.device,
-                        flat.dtype, ids, k, _hidden_rows(V, chunk_bytes), "teacher logits (hidden @ weight.T)")
+                        flat.dtype, ids, k, _hidden_rows(V, chunk_bytes), "teacher logits (hidden @ weight.T)",
+                        scratch=True)
     return {key: t.reshape(*lead, *t.shape[1:]) for key, t in out.items()}
 
 
