@@ -54,7 +54,9 @@ class HiddenCapture:
             w = head_self.weight
             if hasattr(w, "full_tensor"):  # a DTensor lm head (tensor parallel): the whole vocabulary
                 w = w.full_tensor()
-            return pending(hidden, w)
+            # views (e.g. one column of the student's log-probs) are cloned: FSDP's backward hook on a view is lost
+            # to any later in-place op on it; these are [tokens]-sized, not [tokens, V]
+            return {k: v.clone() if v._is_view() else v for k, v in pending(hidden, w).items()}
 
         head.forward = types.MethodType(forward, head)
 

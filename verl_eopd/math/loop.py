@@ -223,6 +223,6 @@ def distill(student, teacher, train_prompts: list[list[int]], cfg: LoopConfig, *
         if "acc" in rec or step == 1:
             log(f"[loop] step {step}: loss {stats['loss']:.3f} rkl {stats['rkl_mean']:.3f} gate {stats['gate_frac']:.3f}"
                 + (f" acc {rec['acc']:.3f}" if "acc" in rec else ""))
-        if not math.isfinite(float(loss)):
-            raise FloatingPointError(f"loss is {float(loss)} at step {step}")
+        if not math.isfinite(float(loss.detach())):
+            raise FloatingPointError(f"loss is {float(loss.detach())} at step {step}")
     return history
