@@ -107,17 +107,23 @@ def teacher_stats(
         raise ValueError(f"teacher_logits must be [..., V], got shape {tuple(teacher_logits.shape)}")
     V = teacher_logits.shape[-1]
     lead = teacher_logits.shape[:-1]
-    if not (isinstance(k, int) and 1 <= k <= V):
-        raise ValueError(f"k (teacher top-k) must be an int in [1, V={V}], got {k!r}")
-    if tuple(sampled_ids.shape) != tuple(lead):
-        raise ValueError(f"sampled_ids shape {tuple(sampled_ids.shape)} must equal teacher_logits.shape[:-1] {tuple(lead)}")
+    ids = _teacher_ids(sampled_ids, lead, V, k, "teacher_logits.shape[:-1]")
     flat = teacher_logits.reshape(-1, V)
-    ids = sampled_ids.reshape(-1).long()
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
-        raise ValueError(f"sampled_ids must lie in [0, {V}); got range [{int(ids.min())}, {int(ids.max())}]")
     out = _teacher_rows(lambda s, e: flat[s:e], flat.shape[0], V, flat.device, flat.dtype, ids, k,
                         _rows_per_chunk(V, chunk_bytes), "teacher_logits")
     return {key: t.reshape(*lead, *t.shape[1:]) for key, t in out.items()}
+
+
+def _teacher_ids(sampled_ids: torch.Tensor, lead, V: int, k: int, lead_name: str) -> torch.Tensor:
+    """The teacher functions' checks of k and sampled_ids (shape `lead`, ids in [0, V)); returns the ids flat [N]."""
+    if not (isinstance(k, int) and 1 <= k <= V):
+        raise ValueError(f"k (teacher top-k) must be an int in [1, V={V}], got {k!r}")
+    if tuple(sampled_ids.shape) != tuple(lead):
+        raise ValueError(f"sampled_ids shape {tuple(sampled_ids.shape)} must equal {lead_name} {tuple(lead)}")
+    ids = sampled_ids.reshape(-1).long()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        raise ValueError(f"sampled_ids must lie in [0, {V}); got range [{int(ids.min())}, {int(ids.max())}]")
+    return ids
 
 
 def _teacher_rows(chunk, N: int, V: int, dev, dtype, ids: torch.Tensor, k: int, rows: int, name: str,
@@ -179,14 +185,8 @@ def teacher_stats_from_hidden(
     """
     H, V = _check_lm_head(hidden, weight, temperature)
     lead = hidden.shape[:-1]
-    if not (isinstance(k, int) and 1 <= k <= V):
-        raise ValueError(f"k (teacher top-k) must be an int in [1, V={V}], got {k!r}")
-    if tuple(sampled_ids.shape) != tuple(lead):
-        raise ValueError(f"sampled_ids shape {tuple(sampled_ids.shape)} must equal hidden.shape[:-1] {tuple(lead)}")
+    ids = _teacher_ids(sampled_ids, lead, V, k, "hidden.shape[:-1]")
     flat = hidden.reshape(-1, H)
-    ids = sampled_ids.reshape(-1).long()
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
-        raise ValueError(f"sampled_ids must lie in [0, {V}); got range [{int(ids.min())}, {int(ids.max())}]")
     out = _teacher_rows(partial(_logits_chunk, flat, weight, float(temperature)), flat.shape[0], V, flat.device,
                         flat.dtype, ids, k, _hidden_rows(V, chunk_bytes), "teacher logits (hidden @ weight.T)",
                         scratch=True)
