@@ -82,8 +82,9 @@ def scalar_temperature(micro_batch) -> float:
 
 
 def packed_rows(hidden: torch.Tensor, micro_batch, use_rmpad: bool) -> torch.Tensor:
-    """Hidden states as packed rows [n, H] in the layout verl gives the logits processor: [(nnz / sp) + pad, H]
-    with remove-padding, else each sequence's first len rows of the padded [B, S, H], concatenated."""
+    """Per-token rows (hidden states [.., H] or logits [.., V]) packed [n, ...] in the layout verl gives the logits
+    processor: [(nnz / sp) + pad, ...] with remove-padding, else each sequence's first len rows of the padded
+    [B, S, ...], concatenated."""
     if use_rmpad:
         return hidden.squeeze(0)
     lens = micro_batch["input_ids"].offsets().diff()
@@ -91,11 +92,11 @@ def packed_rows(hidden: torch.Tensor, micro_batch, use_rmpad: bool) -> torch.Ten
 
 
 def pack_outputs(engine, out: dict, micro_batch, output_args, use_rmpad: bool) -> dict:
-    """Per-row outputs [n] -> nested per sequence, as verl's prepare_model_outputs returns them."""
+    """Per-row outputs [n, ...] -> nested per sequence (gathered over Ulysses SP and unpadded with remove-padding),
+    as verl's prepare_model_outputs returns them."""
     cu_seqlens = micro_batch["input_ids"].offsets()
     packed = {}
     for key, v in out.items():
-        v = v.squeeze(0) if v.dim() == 2 and v.shape[0] == 1 else v
         if use_rmpad:
             v = engine._gather_and_unpad_packed(v, output_args["pad_size"])
         packed[key] = torch.nested.nested_tensor_from_jagged(v, cu_seqlens)

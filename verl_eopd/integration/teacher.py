@@ -141,22 +141,17 @@ def _teacher_engine_class():
                 return super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
             chunk_mb = int(tu.get_non_tensor_data(data=micro_batch, key="eopd_logits_chunk_mb", default=DEFAULT_LOGITS_CHUNK_MB))
             use_rmpad = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True)
-            input_ids = micro_batch["input_ids"]
-            cu_seqlens = input_ids.offsets()
-            labels = output_args["input_ids_rmpad_rolled"].reshape(-1)
-            if self.eopd_from_hidden:  # computed inside the forward from h and W (_stats_from_hidden)
-                from .hidden import HiddenCapture
+            from .hidden import HiddenCapture, pack_outputs, packed_rows
 
+            if self.eopd_from_hidden:  # computed inside the forward from h and W (_stats_from_hidden)
                 stats = HiddenCapture.result(output, "teacher")
             else:
+                labels = output_args["input_ids_rmpad_rolled"].reshape(-1)
                 logits = output.logits
                 if hasattr(logits, "full_tensor"):  # DTensor (tensor parallel): gather the vocabulary
                     logits = logits.full_tensor()
-                if use_rmpad:
-                    logits = logits.squeeze(0)  # [(nnz / sp) + pad, V], raw logits: temperature 1
-                else:  # [B, S, V] padded -> packed [nnz, V]
-                    lens = cu_seqlens.diff()
-                    logits = torch.cat([logits[b, : lens[b]] for b in range(lens.numel())])
+                # packed [(nnz / sp) + pad, V] (or [nnz, V] from padded [B, S, V]), raw logits: temperature 1
+                logits = packed_rows(logits, micro_batch, use_rmpad)
                 labels = labels.clamp(0, logits.shape[-1] - 1)  # padding rows only
                 stats = teacher_stats(logits, labels, int(k), chunk_bytes=chunk_mb * 2**20)
             out = {
@@ -165,12 +160,7 @@ def _teacher_engine_class():
                 "teacher_entropy": stats["entropy"],
                 "teacher_token_logprob": stats["token_logprobs"],
             }
-            model_output = {}
-            for key, v in out.items():
-                if use_rmpad:
-                    v = self._gather_and_unpad_packed(v, output_args["pad_size"])
-                model_output[key] = torch.nested.nested_tensor_from_jagged(v, cu_seqlens)
-            return model_output
+            return pack_outputs(self, out, micro_batch, output_args, use_rmpad)
 
     _TEACHER_ENGINE.append(EOPDTeacherEngine)
     return EOPDTeacherEngine
