@@ -93,7 +93,7 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
                            for key in ("n_gpus_per_node", "nnodes"))
         apply_settings(config, embedded_settings(info, algorithm, ranks=per_node * nodes, per_node=per_node),
                        user_keys)
-        # micro-batches that cut the user's batch sizes (the defaults' cut 512 responses)
+        # micro-batches that cut the composed batch sizes over the ranks (the user's, or the defaults' 512 responses)
         from .integration.config import fitted_micro_batches
 
         apply_settings(config, fitted_micro_batches(config), user_keys)

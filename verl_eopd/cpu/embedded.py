@@ -338,11 +338,11 @@ def embedded_settings(info: dict, algorithm: str, ranks: int = 1, per_node: Opti
     response) makes reusing each batch for several epochs cheaper than sampling more. verl validates greedily
     on the whole held-out split (360 problems never trained on) before training and every VAL_EVERY steps.
 
-    `ranks` (trainer.n_gpus_per_node x trainer.nnodes when the user set them, else 1): each rank holds
-    512 / ranks responses of a mini-batch, cut into micro-batches of at most 256.
+    `ranks` (trainer.n_gpus_per_node x trainer.nnodes when the user set them, else 1). The micro-batch sizes are
+    not set here: `integration.config.fitted_micro_batches` derives them from the composed batch sizes and ranks
+    (512 / ranks responses per rank with these defaults, cut into micro-batches of at most 256).
     """
     grpo = algorithm == "eopd_grpo"
-    micro = max(1, min(256, 512 // max(1, ranks)))
     return {
         "actor_rollout_ref.model.path": info["student"],
         "distillation.teacher_models.teacher_model.model_path": info["teacher"],
@@ -360,9 +360,6 @@ def embedded_settings(info: dict, algorithm: str, ranks: int = 1, per_node: Opti
         "actor_rollout_ref.rollout.n": 4 if grpo else 1,
         "actor_rollout_ref.actor.ppo_mini_batch_size": 128 if grpo else 512,  # prompts per optimizer step
         "actor_rollout_ref.actor.ppo_epochs": 4,
-        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": micro,
-        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": micro,
-        "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu": micro,
         "actor_rollout_ref.actor.optim.lr": 1e-3,
         "actor_rollout_ref.actor.optim.lr_scheduler_type": "constant",  # the presets' cosine is for real runs
         "actor_rollout_ref.model.enable_gradient_checkpointing": False,
