@@ -23,11 +23,14 @@ pytestmark = pytest.mark.unit
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    """The kernels visit at least 256 rows per lm-head chunk; these tiny batches need a smaller floor so that
-    every test below runs over several chunks (their chunk_bytes set the rows)."""
+    """The kernels visit at least 256 or 512 rows per lm-head chunk (16-bit: fp32 work on 32 rows at a time);
+    these tiny batches need smaller floors so that every test below runs over several chunks (their chunk_bytes
+    set the rows) and a 16-bit chunk over several fp32 pieces."""
     from verl_eopd.core import kernels
 
     monkeypatch.setattr(kernels, "HIDDEN_MIN_ROWS", 1)
+    monkeypatch.setattr(kernels, "TEACHER_HIDDEN_MIN_ROWS", 1)
+    monkeypatch.setattr(kernels, "SUB_ROWS_16BIT", 2)  # several fp32 pieces per 16-bit chunk
 
 B, T, H, V, K = 3, 7, 24, 101, 6
 
@@ -210,8 +213,25 @@ def test_in_place_softmax_is_exact_and_its_fallback_agrees(monkeypatch):
     z = torch.randn(5, 1000) * 6
     z[0, :10] = float("-inf")
     want = torch.softmax(z, -1)
-    kernels._IN_PLACE_SOFTMAX_OK.clear()
+    kernels._IN_PLACE_OK.clear()
     assert torch.equal(kernels._softmax_in_place(z.clone()), want)
-    assert kernels._IN_PLACE_SOFTMAX_OK["cpu"] is True
-    monkeypatch.setitem(kernels._IN_PLACE_SOFTMAX_OK, "cpu", False)  # a backend where aliasing is not exact
+    assert kernels._IN_PLACE_OK[("_softmax", "cpu")] is True
+    monkeypatch.setitem(kernels._IN_PLACE_OK, ("_softmax", "cpu"), False)  # a backend where aliasing is not exact
     torch.testing.assert_close(kernels._softmax_in_place(z.clone()), want, atol=1e-7, rtol=1e-5)
+
+
+def test_in_place_log_softmax_and_chunked_entropy(monkeypatch):
+    from verl_eopd.core import kernels
+
+    z = torch.randn(37, 1000) * 6  # 37 rows: the entropy's sub-chunks of ENTROPY_ROWS end on a partial one
+    z[0, :10] = float("-inf")
+    want = torch.log_softmax(z, -1)
+    kernels._IN_PLACE_OK.clear()
+    got = kernels._log_softmax_in_place(z.clone())
+    assert torch.equal(got, want)
+    assert kernels._IN_PLACE_OK[("_log_softmax", "cpu")] is True
+    monkeypatch.setitem(kernels._IN_PLACE_OK, ("_log_softmax", "cpu"), False)
+    torch.testing.assert_close(kernels._log_softmax_in_place(z.clone()), want, atol=1e-5, rtol=1e-6)
+    zd = z.double()
+    dense = -(torch.softmax(zd, -1) * torch.log_softmax(zd, -1)).nan_to_num(0.0).sum(-1)
+    torch.testing.assert_close(kernels._entropy_of_logp(got).double(), dense, atol=1e-5, rtol=1e-5)

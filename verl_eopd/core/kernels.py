@@ -13,7 +13,6 @@ matmul), so no [N, V] tensor of any dtype exists, in the forward or the backward
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Optional
 
 import torch
@@ -46,11 +45,12 @@ def _check_rows(name: str, first_col: torch.Tensor) -> None:
 
 class _ChunkBuffers:
     """fp32 work buffers of `rows` rows, reused for every chunk: fresh allocations of this size cost page
-    faults on CPU and allocator churn on GPU. `zf` holds an fp32 copy of bf16/fp16 chunks."""
+    faults on CPU and allocator churn on GPU. `zf` holds an fp32 copy of bf16/fp16 chunks (then worked on in
+    place); `logp` receives log p of fp32 chunks that must stay intact (allocated when `need_logp` and fp32)."""
 
-    def __init__(self, rows: int, V: int, device, dtype: torch.dtype, need_probs: bool):
-        self.logp = torch.empty(rows, V, dtype=torch.float32, device=device)
-        self.probs = torch.empty(rows, V, dtype=torch.float32, device=device) if need_probs else None
+    def __init__(self, rows: int, V: int, device, dtype: torch.dtype, need_logp: bool):
+        fp32 = dtype == torch.float32
+        self.logp = torch.empty(rows, V, dtype=torch.float32, device=device) if need_logp and fp32 else None
         self.zf = None if dtype == torch.float32 else torch.empty(rows, V, dtype=torch.float32, device=device)
 
     def fp32(self, z: torch.Tensor) -> torch.Tensor:
@@ -61,26 +61,19 @@ class _ChunkBuffers:
 _aten = torch.ops.aten
 
 
-def _chunk_logp(z: torch.Tensor, buf: _ChunkBuffers, with_entropy: bool, scratch: bool = False):
+def _chunk_logp(z: torch.Tensor, buf: _ChunkBuffers, with_entropy: bool):
     """log_softmax of one chunk of logits z [n, V] in fp32, and optionally its entropy.
 
         log p = z - logsumexp(z),   H = -sum_v p_v log p_v
-    Uses the fused (log_)softmax kernels writing into the reused buffers. Returns (log p [n, V] (a view of
-    buf.logp, valid until the next chunk), H [n] fp32 or None).
+    Uses the fused log_softmax kernel, writing into buf.logp (z stays intact), or over the fp32 copy of a 16-bit
+    chunk. Returns (log p [n, V], valid until the next chunk; H [n] fp32 or None).
     """
-    n = z.shape[0]
     zf = buf.fp32(z)
-    logp = _aten._log_softmax.out(zf, -1, False, out=buf.logp[:n])
-    h = None
-    if with_entropy:
-        # scratch: zf (a fresh chunk or the fp32 copy) is free after log_softmax, so p = exp(log p) goes there
-        p = torch.exp(logp, out=zf) if scratch else _aten._softmax.out(zf, -1, False, out=buf.probs[:n])
-        # in place (the probabilities are not needed afterwards); nansum: 0 log 0 = 0 where a logit is -inf
-        # (0 * -inf is NaN). NaN rows from NaN/+inf logits are caught by the callers' _check_rows, once.
-        h = -torch.nansum(p.mul_(logp), -1)
-    return logp, h
-
-
+    if zf is not z:
+        logp = _log_softmax_in_place(zf)
+    else:
+        logp = _aten._log_softmax.out(zf, -1, False, out=buf.logp[: z.shape[0]])
+    return logp, (_entropy_of_logp(logp) if with_entropy else None)
 
 
 @torch.no_grad()
@@ -109,8 +102,11 @@ def teacher_stats(
     lead = teacher_logits.shape[:-1]
     ids = _teacher_ids(sampled_ids, lead, V, k, "teacher_logits.shape[:-1]")
     flat = teacher_logits.reshape(-1, V)
-    out = _teacher_rows(lambda s, e: flat[s:e], flat.shape[0], V, flat.device, flat.dtype, ids, k,
-                        _rows_per_chunk(V, chunk_bytes), "teacher_logits")
+    N, rows = flat.shape[0], _rows_per_chunk(V, chunk_bytes)
+    buf = _ChunkBuffers(min(rows, N), V, flat.device, flat.dtype, need_logp=True) if N else None
+    pieces = ((s, min(s + rows, N), _chunk_logp(flat[s:s + rows], buf, with_entropy=False)[0])
+              for s in range(0, N, rows))
+    out = _teacher_rows(pieces, N, flat.device, ids, k, "teacher_logits")
     return {key: t.reshape(*lead, *t.shape[1:]) for key, t in out.items()}
 
 
@@ -126,22 +122,19 @@ def _teacher_ids(sampled_ids: torch.Tensor, lead, V: int, k: int, lead_name: str
     return ids
 
 
-def _teacher_rows(chunk, N: int, V: int, dev, dtype, ids: torch.Tensor, k: int, rows: int, name: str,
-                  scratch: bool = False) -> dict:
-    """teacher_stats over N rows whose logits [e - s, V] (dtype) come from `chunk(s, e)`, `rows` at a time: flat
-    [N, ...] outputs. `scratch`: each chunk is a fresh tensor the kernel may overwrite (one buffer fewer)."""
+def _teacher_rows(pieces, N: int, dev, ids: torch.Tensor, k: int, name: str) -> dict:
+    """teacher_stats over N rows from `pieces`, which yields (s, e, log p [e - s, V] fp32 of rows s:e, free to
+    overwrite): flat [N, ...] outputs."""
     topk_ids = torch.empty(N, k, dtype=torch.int64, device=dev)
     topk_lp = torch.empty(N, k, dtype=torch.float32, device=dev)
     entropy = torch.empty(N, dtype=torch.float32, device=dev)
     token_lp = torch.empty(N, dtype=torch.float32, device=dev)
-    buf = _ChunkBuffers(min(rows, N), V, dev, dtype, need_probs=not scratch) if N else None
     with torch.autocast(dev.type, enabled=False):
-        for s in range(0, N, rows):
-            e = min(s + rows, N)
-            logp, entropy[s:e] = _chunk_logp(chunk(s, e), buf, with_entropy=True, scratch=scratch)
+        for s, e, logp in pieces:
             vals, idx = logp.topk(k, dim=-1)
             topk_ids[s:e], topk_lp[s:e] = idx, vals
             token_lp[s:e] = logp.gather(-1, ids[s:e, None]).squeeze(-1)
+            entropy[s:e] = _entropy_of_logp(logp)
     _check_rows(name, token_lp)
     return {"topk_ids": topk_ids, "topk_logprobs": topk_lp, "entropy": entropy, "token_logprobs": token_lp}
 
@@ -158,13 +151,6 @@ def _check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, temperature: floa
     if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature != float("inf")):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     return H, V
-
-
-def _logits_chunk(hidden: torch.Tensor, weight: torch.Tensor, temperature: float, s: int, e: int) -> torch.Tensor:
-    """Logits of rows s:e, as `(hidden @ weight.T) / temperature` computes them (matmul and division in the
-    lm head's dtype)."""
-    z = hidden[s:e] @ weight.T
-    return z if temperature == 1.0 else z.div_(temperature)
 
 
 @torch.no_grad()
@@ -187,9 +173,16 @@ def teacher_stats_from_hidden(
     lead = hidden.shape[:-1]
     ids = _teacher_ids(sampled_ids, lead, V, k, "hidden.shape[:-1]")
     flat = hidden.reshape(-1, H)
-    out = _teacher_rows(partial(_logits_chunk, flat, weight, float(temperature)), flat.shape[0], V, flat.device,
-                        flat.dtype, ids, k, _hidden_rows(V, chunk_bytes), "teacher logits (hidden @ weight.T)",
-                        scratch=True)
+    N, rows = flat.shape[0], _hidden_rows(V, chunk_bytes, TEACHER_HIDDEN_MIN_ROWS)
+    buf = _LmHeadChunk(min(rows, N), V, flat) if N else None
+
+    def pieces():  # each piece's fp32 logits are overwritten with their log p
+        for s in range(0, N, rows):
+            z = buf.logits(flat[s:s + rows], weight, float(temperature))
+            for a, b, zf in buf.fp32_pieces(z):
+                yield s + a, s + b, _log_softmax_in_place(zf)
+
+    out = _teacher_rows(pieces(), N, flat.device, ids, k, "teacher logits (hidden @ weight.T)")
     return {key: t.reshape(*lead, *t.shape[1:]) for key, t in out.items()}
 
 
@@ -209,7 +202,7 @@ class _GatherLogSoftmax(torch.autograd.Function):
         dev = logits.device
         out = torch.empty(N, index.shape[1], dtype=torch.float32, device=dev)
         ent = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=dev)
-        buf = _ChunkBuffers(min(rows, N), V, dev, logits.dtype, need_probs=with_entropy) if N else None
+        buf = _ChunkBuffers(min(rows, N), V, dev, logits.dtype, need_logp=True) if N else None
         with torch.autocast(dev.type, enabled=False):
             for s in range(0, N, rows):
                 e = min(s + rows, N)
@@ -230,14 +223,16 @@ class _GatherLogSoftmax(torch.autograd.Function):
         N, V = logits.shape
         rows = ctx.rows
         fp32 = logits.dtype == torch.float32
-        buf = _ChunkBuffers(min(rows, N), V, logits.device, logits.dtype, need_probs=not fp32) if N else None
+        buf = _ChunkBuffers(min(rows, N), V, logits.device, logits.dtype, need_logp=False) if N else None
         grad_out = grad_out.float()
         with torch.autocast(logits.device.type, enabled=False):
             for s in range(0, N, rows):
                 e = min(s + rows, N)
                 g = grad_out[s:e]
-                target = grad[s:e] if fp32 else buf.probs[: e - s]  # fp32: softmax straight into the gradient
-                d = _aten._softmax.out(buf.fp32(logits[s:e]), -1, False, out=target)
+                if fp32:  # softmax straight into the gradient
+                    d = _aten._softmax.out(logits[s:e], -1, False, out=grad[s:e])
+                else:  # over the fp32 copy, then cast into the gradient
+                    d = _softmax_in_place(buf.fp32(logits[s:e]))
                 d.mul_(-g.sum(-1, keepdim=True))
                 d.scatter_add_(-1, index[s:e], g)
                 if not fp32:
@@ -271,38 +266,92 @@ def student_logprobs_at(
 
 
 
-HIDDEN_MIN_ROWS = 256  # rows per lm-head chunk at least: a matmul over fewer rows re-reads W for little work
+# Rows per lm-head chunk at least: every chunk re-reads W [V, H], so a matmul over few rows does little work per
+# read (on 2 CPU cores at H 1,024: 2.0 ms per row at 256 rows, 1.7 at 512 for h @ W.T in fp32). The student kernel
+# runs three matmuls per chunk in backward and takes 512 (a 16-bit lm head does its fp32 work SUB_ROWS_16BIT rows
+# at a time). The teacher (one matmul, no grad) keeps 256, half the memory; docs/benchmarks.md, "EOPD from hidden
+# states".
+HIDDEN_MIN_ROWS = 512
+SUB_ROWS_16BIT = 32
+TEACHER_HIDDEN_MIN_ROWS = 256
 
 
-def _hidden_rows(V: int, chunk_bytes: int) -> int:
-    """Rows per chunk of the hidden-state kernels: `chunk_bytes` of fp32 logits, but at least HIDDEN_MIN_ROWS."""
-    return max(_rows_per_chunk(V, chunk_bytes), HIDDEN_MIN_ROWS)
+def _hidden_rows(V: int, chunk_bytes: int, floor: int) -> int:
+    """Rows per chunk of the hidden-state kernels: `chunk_bytes` of fp32 logits, but at least `floor`."""
+    return max(_rows_per_chunk(V, chunk_bytes), floor)
 
 
-def _logits_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
-    """out [n, V] fp32 <- (hidden @ weight.T) / temperature, matmul and division in the lm head's dtype."""
-    if hidden.dtype == torch.float32:
-        torch.mm(hidden, weight.T, out=out)
-        return out if temperature == 1.0 else out.div_(temperature)
-    return out.copy_(_logits_chunk(hidden, weight, temperature, 0, hidden.shape[0]))
+_IN_PLACE_OK: dict = {}  # (op name, device type) -> whether aten's fused op may write over its input
 
 
-_IN_PLACE_SOFTMAX_OK: dict = {}  # device type -> whether aten's softmax may write over its input
+def _fused_in_place(op: str, z: torch.Tensor) -> bool:
+    """Whether aten's fused `_softmax` / `_log_softmax` (op) may write over its input z on z's device. The fused
+    kernels read each row's max and sum before writing any element, so out=z is exact; that is not a documented
+    contract, so it is checked once per (op, device type) against the out-of-place result."""
+    key = (op, z.device.type)
+    ok = _IN_PLACE_OK.get(key)
+    if ok is None:
+        fn = getattr(_aten, op)
+        probe = torch.randn(2, max(z.shape[-1], 2), device=z.device) * 4
+        want = fn(probe, -1, False)
+        ok = bool(torch.equal(fn.out(probe, -1, False, out=probe), want))
+        _IN_PLACE_OK[key] = ok
+    return ok
 
 
 def _softmax_in_place(z: torch.Tensor) -> torch.Tensor:
-    """softmax(z) over the last dim, written over z (fp32). aten's fused softmax writes each element after reading
-    the row's max and sum, so out=z is exact; that is not a documented contract, so it is checked once per device
-    type against the out-of-place result, falling back to exp(z - logsumexp z) in place (3 passes instead of 1)."""
-    ok = _IN_PLACE_SOFTMAX_OK.get(z.device.type)
-    if ok is None:
-        probe = torch.randn(2, max(z.shape[-1], 2), device=z.device) * 4
-        want = torch.softmax(probe, -1)
-        ok = bool(torch.equal(_aten._softmax.out(probe, -1, False, out=probe), want))
-        _IN_PLACE_SOFTMAX_OK[z.device.type] = ok
-    if ok:
+    """softmax(z) over the last dim, written over z (fp32): aten's fused kernel (one pass) where it is exact in
+    place, otherwise exp(z - logsumexp z) in place (3 passes)."""
+    if _fused_in_place("_softmax", z):
         return _aten._softmax.out(z, -1, False, out=z)
     return z.sub_(torch.logsumexp(z, -1, keepdim=True)).exp_()
+
+
+def _log_softmax_in_place(z: torch.Tensor) -> torch.Tensor:
+    """log_softmax(z) over the last dim, written over z (fp32); the same check and fallback as _softmax_in_place."""
+    if _fused_in_place("_log_softmax", z):
+        return _aten._log_softmax.out(z, -1, False, out=z)
+    return z.sub_(torch.logsumexp(z, -1, keepdim=True))
+
+
+ENTROPY_ROWS = 8  # rows of p log p formed at once from log p (an [8, V] temporary)
+
+
+def _entropy_of_logp(logp: torch.Tensor) -> torch.Tensor:
+    """H_n = -sum_v p_v log p_v from log p [n, V] fp32, ENTROPY_ROWS rows at a time so that log p needs no
+    [n, V] twin. nansum: 0 log 0 = 0 where a logit is -inf (0 * -inf is NaN); NaN rows from NaN/+inf logits are
+    caught by the callers' _check_rows."""
+    ent = torch.empty(logp.shape[0], dtype=torch.float32, device=logp.device)
+    for s in range(0, logp.shape[0], ENTROPY_ROWS):
+        lp = logp[s:s + ENTROPY_ROWS]
+        ent[s:s + ENTROPY_ROWS] = -torch.nansum(torch.exp(lp).mul_(lp), -1)
+    return ent
+
+
+class _LmHeadChunk:
+    """Reused buffers for one chunk of lm-head logits: `rows` rows per matmul (each chunk re-reads W), fp32 work
+    on them in place. A 16-bit lm head keeps its chunk in its own dtype and does the fp32 work SUB_ROWS_16BIT rows
+    at a time in an fp32 buffer: 2 bytes per logit of the chunk instead of 6, so the matmuls keep their rows."""
+
+    def __init__(self, rows: int, V: int, hidden: torch.Tensor):
+        self.z = torch.empty(rows, V, dtype=hidden.dtype, device=hidden.device)
+        fp32 = hidden.dtype == torch.float32
+        self.f = None if fp32 else torch.empty(min(SUB_ROWS_16BIT, rows), V, dtype=torch.float32, device=hidden.device)
+
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+        """z [n, V] = (hidden @ weight.T) / temperature in the lm head's dtype, in the reused buffer."""
+        z = torch.mm(hidden, weight.T, out=self.z[: hidden.shape[0]])
+        return z if temperature == 1.0 else z.div_(temperature)
+
+    def fp32_pieces(self, z: torch.Tensor):
+        """(a, b, z[a:b] in fp32) over the chunk: z itself when fp32 (in place), else copies into the fp32 buffer."""
+        if self.f is None:
+            yield 0, z.shape[0], z
+            return
+        step = self.f.shape[0]
+        for a in range(0, z.shape[0], step):
+            b = min(a + step, z.shape[0])
+            yield a, b, self.f[: b - a].copy_(z[a:b])
 
 
 class _HiddenGatherLogSoftmax(torch.autograd.Function):
@@ -311,8 +360,8 @@ class _HiddenGatherLogSoftmax(torch.autograd.Function):
     forward:  z_n = h_n W^T / T (one chunk of rows at a time), out[n, j] = log softmax(z_n)[i_nj]
     backward: z recomputed, p = softmax(z) in place, dz = (scatter(g) - p sum_j g) / T in the lm head's
               dtype, then dh[chunk] = dz W and dW += dz^T h[chunk] (dW accumulated chunk by chunk in W's dtype)
-    Saved: hidden, weight, index. Work memory: two fp32 [rows, V] buffers in forward, one in backward (plus one
-    [rows, V] in the lm head's dtype when it is not fp32).
+    Saved: hidden, weight, index. Work memory (_LmHeadChunk): one [rows, V] buffer in the lm head's dtype (the
+    logits, then log p or dz, in place), plus a [SUB_ROWS_16BIT, V] fp32 buffer for a 16-bit lm head.
     """
 
     @staticmethod
@@ -322,17 +371,15 @@ class _HiddenGatherLogSoftmax(torch.autograd.Function):
         dev = hidden.device
         out = torch.empty(N, index.shape[1], dtype=torch.float32, device=dev)
         ent = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=dev)
-        if N:
-            zbuf = torch.empty(min(rows, N), V, dtype=torch.float32, device=dev)
-            lbuf = torch.empty_like(zbuf)
+        buf = _LmHeadChunk(min(rows, N), V, hidden) if N else None
         with torch.autocast(dev.type, enabled=False):
             for s in range(0, N, rows):
                 e = min(s + rows, N)
-                z = _logits_into(zbuf[: e - s], hidden[s:e], weight, temperature)
-                logp = _aten._log_softmax.out(z, -1, False, out=lbuf[: e - s])
-                out[s:e] = logp.gather(-1, index[s:e])
-                if with_entropy:  # p log p in z's storage (z is not needed any more); nansum: 0 log 0 = 0
-                    ent[s:e] = -torch.nansum(torch.exp(logp, out=z).mul_(logp), -1)
+                for a, b, zf in buf.fp32_pieces(buf.logits(hidden[s:e], weight, temperature)):
+                    logp = _log_softmax_in_place(zf)
+                    out[s + a:s + b] = logp.gather(-1, index[s + a:s + b])
+                    if with_entropy:
+                        ent[s + a:s + b] = _entropy_of_logp(logp)
         _check_rows("student logits (hidden @ weight.T)", out[:, 0] if out.shape[1] else out.new_zeros(0))
         ctx.save_for_backward(hidden, weight, index)
         ctx.rows, ctx.temperature = rows, temperature
@@ -347,25 +394,25 @@ class _HiddenGatherLogSoftmax(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
-        fp32 = hidden.dtype == torch.float32
-        if N:
-            zbuf = torch.empty(min(rows, N), V, dtype=torch.float32, device=hidden.device)
-            dz_buf = None if fp32 else torch.empty(min(rows, N), V, dtype=hidden.dtype, device=hidden.device)
+        buf = _LmHeadChunk(min(rows, N), V, hidden) if N else None
         grad_out = grad_out.float()
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, N, rows):
                 e = min(s + rows, N)
-                g = grad_out[s:e]
-                d = _softmax_in_place(_logits_into(zbuf[: e - s], hidden[s:e], weight, temperature))
-                d.mul_(-g.sum(-1, keepdim=True))
-                d.scatter_add_(-1, index[s:e], g)
-                if temperature != 1.0:
-                    d.div_(temperature)
-                dz = d if fp32 else dz_buf[: e - s].copy_(d)  # the logits' gradient in their dtype
-                if need_h:
-                    torch.mm(dz, weight, out=grad_h[s:e])
+                z = buf.logits(hidden[s:e], weight, temperature)
+                for a, b, zf in buf.fp32_pieces(z):
+                    g = grad_out[s + a:s + b]
+                    d = _softmax_in_place(zf)
+                    d.mul_(-g.sum(-1, keepdim=True))
+                    d.scatter_add_(-1, index[s + a:s + b], g)
+                    if temperature != 1.0:
+                        d.div_(temperature)
+                    if d is not z:  # 16-bit: the logits' gradient back in their dtype, over their rows
+                        z[a:b].copy_(d)
+                if need_h:  # z now holds dz
+                    torch.mm(z, weight, out=grad_h[s:e])
                 if need_w:
-                    grad_w.addmm_(dz.T, hidden[s:e])
+                    grad_w.addmm_(z.T, hidden[s:e])
         return grad_h, grad_w, None, None, None, None
 
 
@@ -386,6 +433,6 @@ def student_logprobs_at_from_hidden(
         raise ValueError(f"index shape {tuple(index.shape)} does not match hidden {tuple(hidden.shape)}")
     flat = hidden.reshape(-1, H)
     idx = index.reshape(flat.shape[0], -1).long()
-    out, ent = _HiddenGatherLogSoftmax.apply(flat, weight, idx, _hidden_rows(V, chunk_bytes), with_entropy,
-                                             float(temperature))
+    rows = _hidden_rows(V, chunk_bytes, HIDDEN_MIN_ROWS)
+    out, ent = _HiddenGatherLogSoftmax.apply(flat, weight, idx, rows, with_entropy, float(temperature))
     return out.reshape(*lead, idx.shape[-1]), (ent.reshape(lead) if with_entropy else None)
