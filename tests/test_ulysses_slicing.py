@@ -87,3 +87,91 @@ def test_sp_slices_reassemble_to_the_single_process_output(token_column, tmp_pat
         torch.testing.assert_close(got, full[key], atol=1e-6, rtol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
     if token_column:
         assert "eopd_token_fallback" in full and float(full["eopd_token_fallback"].sum()) == 0.0
+
+
+# ------------------------------------------------------------------ from_hidden (distillation_loss.from_hidden)
+H = 6
+
+
+def make_hidden():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(1, sum(LENS), H, generator=g)
+    weight = torch.randn(V, H, generator=g) * 0.7
+    return hidden, weight
+
+
+def _hidden_outputs(data, hidden, weight, cfg, dcfg, rank=None):
+    """What the from_hidden actor engine computes for one rank's rows (integration/hidden.py: the EOPD student
+    terms, then log pi(y) of verl's log-prob pass from the engine's rolled labels) and the teacher engine's
+    stats, plus the gradients of a loss over every differentiable output on h and W. `rank`: the SP rank whose
+    slice `hidden` is (None: the whole sequence in one process)."""
+    from verl.utils.ulysses import slice_input_tensor
+
+    from verl_eopd.core import kernels
+    from verl_eopd.integration.loss import eopd_student_outputs
+
+    kernels.HIDDEN_MIN_ROWS = kernels.TEACHER_HIDDEN_MIN_ROWS = 2  # several chunks per rank
+    h = hidden.squeeze(0).clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+
+    def student_pass(index, _chunk_bytes):
+        return kernels.student_logprobs_at_from_hidden(h, w, index, with_entropy=True, chunk_bytes=64)
+
+    out = eopd_student_outputs(cfg, dcfg, data, h.shape[0], V, student_pass)
+    rolled = torch.roll(data["input_ids"].values(), -1)[None]  # verl's input_ids_rmpad_rolled, sliced as verl does
+    if rank is not None:
+        rolled = slice_input_tensor(rolled, dim=1)
+    lq, _ = kernels.student_logprobs_at_from_hidden(h, w, rolled[0, :, None].long(), chunk_bytes=64)
+    out["log_probs"] = lq[None, :, 0]
+    n = sum(LENS)
+    rows = torch.arange(h.shape[0]) + (rank or 0) * h.shape[0]  # global row index
+    weights = torch.where(rows < n, 0.5 + rows / n, 0.0)[None]  # a loss that tells the rows apart; SP padding: 0
+    ((out["eopd_fkl"] + out["eopd_logp"] + out["log_probs"]) * weights).sum().backward()
+    teacher = kernels.teacher_stats_from_hidden(h.detach(), w.detach(), rolled[0].long(), K, chunk_bytes=64)
+    res = {k: v.detach() for k, v in out.items()}
+    res.update({f"teacher_{k}": v[None] for k, v in teacher.items()})
+    return res, h.grad, w.grad
+
+
+def _hidden_worker(rank, world, init_file, out_file):
+    from verl.utils.ulysses import set_ulysses_sequence_parallel_group, slice_input_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    set_ulysses_sequence_parallel_group(dist.group.WORLD)
+    data, _ = make_data(token_column=False)
+    hidden, weight = make_hidden()
+    local = slice_input_tensor(hidden, dim=1)  # this rank's hidden states, as its logits would be sliced
+    cfg, dcfg = _configs()
+    out, gh, gw = _hidden_outputs(data, local, weight, cfg, dcfg, rank)
+    torch.save({"out": out, "gh": gh, "gw": gw}, f"{out_file}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_sp_from_hidden_matches_one_process_and_the_logits_path(tmp_path):
+    """Under Ulysses SP each rank's from_hidden pass sees its slice of the hidden states: the per-rank outputs,
+    concatenated, equal the one-process from_hidden outputs and the logits processor's; the per-rank gradients
+    on h concatenate to the one-process gradient, and on W they sum to it (FSDP's reduction over the SP group)."""
+    from verl_eopd.integration.loss import eopd_logits_processor
+
+    data, _ = make_data(token_column=False)
+    hidden, weight = make_hidden()
+    cfg, dcfg = _configs()
+    full, gh, gw = _hidden_outputs(data, hidden, weight, cfg, dcfg)
+    via_logits = eopd_logits_processor(cfg, dcfg, data, hidden @ weight.T)
+    for key, v in via_logits.items():
+        torch.testing.assert_close(full[key], v.detach(), atol=1e-5, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+    world = 3
+    fd, init_file = tempfile.mkstemp(dir=tmp_path)
+    os.close(fd)
+    os.unlink(init_file)
+    mp.start_processes(_hidden_worker, args=(world, init_file, str(tmp_path / "h")), nprocs=world, join=True,
+                       start_method="spawn")
+    parts = [torch.load(f"{tmp_path / 'h'}.{r}") for r in range(world)]
+    n = sum(LENS)
+    assert n % world and set(parts[0]["out"]) == set(full)  # 20 tokens on 3 ranks: the last rank holds padding
+    for key in full:
+        got = torch.cat([p["out"][key] for p in parts], dim=1)[:, :n]
+        torch.testing.assert_close(got, full[key], atol=1e-6, rtol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+    torch.testing.assert_close(torch.cat([p["gh"] for p in parts])[:n], gh, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(sum(p["gw"] for p in parts), gw, atol=1e-5, rtol=1e-5)
