@@ -364,10 +364,10 @@ def main(argv=None) -> int:
                       f"{r['time_ms']:.0f} ms, extra peak {r['extra_peak_mib']:.0f} MiB (net of dW "
                       f"{r['net_extra_peak_mib']:.0f}), others "
                       f"{r['others_cores'] or 0:.2f} cores"), flush=True)
+                if args.json:  # after every case: an interrupted run keeps what it measured
+                    with open(args.json, "w") as f:
+                        json.dump({"machine": info, "results": results}, f, indent=1)
     print(table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "results": results}, f, indent=1)
     return 0
 
 
