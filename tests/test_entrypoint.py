@@ -360,9 +360,13 @@ def test_embedded_default_picks_a_rollout_backend_and_one_rank_on_any_machine(mo
     settings = embedded.embedded_settings(info, "eopd")
     assert settings["actor_rollout_ref.rollout.name"] == "hf"
     assert settings["trainer.n_gpus_per_node"] == 1 and settings["trainer.nnodes"] == 1
+    # hf: the rollout's own log-probs serve as old log-probs (they equal a dense forward: test_hf_rollout.py)
+    assert settings["algorithm.rollout_correction.bypass_mode"] is True
     stand_in = types.SimpleNamespace(name="vllm")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: stand_in if name == "vllm" else real(name, *a))
-    assert embedded.embedded_settings(info, "eopd")["actor_rollout_ref.rollout.name"] == "vllm"
+    on_gpu = embedded.embedded_settings(info, "eopd")
+    assert on_gpu["actor_rollout_ref.rollout.name"] == "vllm"
+    assert on_gpu["algorithm.rollout_correction.bypass_mode"] is False  # bf16 vLLM: verl recomputes them
     assert CPU_SETTINGS["actor_rollout_ref.rollout.name"] == "hf"  # applied after the embedded settings on CPU
 
 

@@ -342,14 +342,14 @@ def embedded_settings(info: dict, algorithm: str, ranks: int = 1, per_node: Opti
     not set here: `integration.config.fitted_micro_batches` derives them from the composed batch sizes and ranks
     (512 / ranks responses per rank with these defaults, cut into micro-batches of at most 256).
     """
-    grpo = algorithm == "eopd_grpo"
+    grpo, backend = algorithm == "eopd_grpo", default_rollout_backend()
     return {
         "actor_rollout_ref.model.path": info["student"],
         "distillation.teacher_models.teacher_model.model_path": info["teacher"],
         # a tiny model: one rank on one node unless asked (verl's default is 8 GPUs)
         "trainer.n_gpus_per_node": per_node or ranks,
         "trainer.nnodes": 1,
-        "actor_rollout_ref.rollout.name": default_rollout_backend(),
+        "actor_rollout_ref.rollout.name": backend,
         "data.train_files": info["train"],
         "data.val_files": info["val"],
         "data.prompt_key": "prompt",
@@ -360,6 +360,9 @@ def embedded_settings(info: dict, algorithm: str, ranks: int = 1, per_node: Opti
         "actor_rollout_ref.rollout.n": 4 if grpo else 1,
         "actor_rollout_ref.actor.ppo_mini_batch_size": 128 if grpo else 512,  # prompts per optimizer step
         "actor_rollout_ref.actor.ppo_epochs": 4,
+        # hf backend (CPU): old log-probs = the rollout's own log-probs of the sampled tokens (verl's bypass mode;
+        # the same fp32 student at temperature 1), which saves verl's separate old-log-prob pass (~10% of a step)
+        "algorithm.rollout_correction.bypass_mode": backend == "hf",
         "actor_rollout_ref.actor.optim.lr": 1e-3,
         "actor_rollout_ref.actor.optim.lr_scheduler_type": "constant",  # the presets' cosine is for real runs
         "actor_rollout_ref.model.enable_gradient_checkpointing": False,
