@@ -100,6 +100,12 @@ def make_hidden():
     return hidden, weight
 
 
+def _small_chunks(kernels, setattr_=setattr):
+    """Two rows per lm-head chunk, so that every rank's slice spans several chunks."""
+    setattr_(kernels, "HIDDEN_MIN_ROWS", 2)
+    setattr_(kernels, "TEACHER_HIDDEN_MIN_ROWS", 2)
+
+
 def _hidden_outputs(data, hidden, weight, cfg, dcfg, rank=None):
     """What the from_hidden actor engine computes for one rank's rows (integration/hidden.py: the EOPD student
     terms, then log pi(y) of verl's log-prob pass from the engine's rolled labels) and the teacher engine's
@@ -110,7 +116,6 @@ def _hidden_outputs(data, hidden, weight, cfg, dcfg, rank=None):
     from verl_eopd.core import kernels
     from verl_eopd.integration.loss import eopd_student_outputs
 
-    kernels.HIDDEN_MIN_ROWS = kernels.TEACHER_HIDDEN_MIN_ROWS = 2  # several chunks per rank
     h = hidden.squeeze(0).clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
 
@@ -136,6 +141,9 @@ def _hidden_outputs(data, hidden, weight, cfg, dcfg, rank=None):
 def _hidden_worker(rank, world, init_file, out_file):
     from verl.utils.ulysses import set_ulysses_sequence_parallel_group, slice_input_tensor
 
+    from verl_eopd.core import kernels
+
+    _small_chunks(kernels)  # a fresh process: nothing to restore
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     set_ulysses_sequence_parallel_group(dist.group.WORLD)
     data, _ = make_data(token_column=False)
@@ -148,12 +156,14 @@ def _hidden_worker(rank, world, init_file, out_file):
     dist.destroy_process_group()
 
 
-def test_sp_from_hidden_matches_one_process_and_the_logits_path(tmp_path):
+def test_sp_from_hidden_matches_one_process_and_the_logits_path(tmp_path, monkeypatch):
     """Under Ulysses SP each rank's from_hidden pass sees its slice of the hidden states: the per-rank outputs,
     concatenated, equal the one-process from_hidden outputs and the logits processor's; the per-rank gradients
     on h concatenate to the one-process gradient, and on W they sum to it (FSDP's reduction over the SP group)."""
+    from verl_eopd.core import kernels
     from verl_eopd.integration.loss import eopd_logits_processor
 
+    _small_chunks(kernels, monkeypatch.setattr)  # restored after the test
     data, _ = make_data(token_column=False)
     hidden, weight = make_hidden()
     cfg, dcfg = _configs()

@@ -51,7 +51,7 @@ class _ChunkBuffers:
     def __init__(self, rows: int, V: int, device, dtype: torch.dtype, need_logp: bool):
         fp32 = dtype == torch.float32
         self.logp = torch.empty(rows, V, dtype=torch.float32, device=device) if need_logp and fp32 else None
-        self.zf = None if dtype == torch.float32 else torch.empty(rows, V, dtype=torch.float32, device=device)
+        self.zf = None if fp32 else torch.empty(rows, V, dtype=torch.float32, device=device)
 
     def fp32(self, z: torch.Tensor) -> torch.Tensor:
         """The chunk in fp32 (a view when it already is; one cheap cast copy otherwise)."""
