@@ -366,3 +366,152 @@ def test_teacher_prompt_logprobs_carry_the_exact_token_column_when_switched_on(s
     assert ids[:-1, k].tolist() == seq[1:]
     torch.testing.assert_close(vals[:-1, k], lp.gather(-1, ids[:-1, k:]).squeeze(-1), atol=TOL, rtol=0)
     assert ids[-1].tolist() == [0] * (k + 1) and vals[-1].tolist() == [0.0] * (k + 1)
+
+
+# ------------------------------------------------------------------------------------------------ batching client
+
+
+class _Remote:
+    """`handle.method.remote(...)` of a Ray actor handle, for a plain object in this process (awaitable)."""
+
+    def __init__(self, fn, calls):
+        self.fn, self.calls = fn, calls
+
+    def remote(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return self.fn(*args, **kwargs)
+
+
+class _FakeClient:
+    """verl's LLMServerClient surface that cpu/agent_loop.py's batching client uses, over one plain server."""
+
+    def __init__(self, server, fail: bool = False):
+        self.acquired, self.released, self.batches, self.single = [], [], [], []
+        self.handle = type("Handle", (), {})()
+        batch = server.generate_batch
+        if fail:
+            async def batch(requests):
+                raise RuntimeError("server down")
+        self.handle.generate_batch = _Remote(batch, self.batches)
+
+    def _vllm_request_id(self, request_id):
+        return f"vllm-{request_id}"
+
+    async def _acquire_server(self, request_id, **extra):
+        self.acquired.append(request_id)
+        return "server-0", self.handle
+
+    def _release_server(self, server_id, request_id=None):
+        self.released.append((server_id, request_id))
+
+    async def generate(self, request_id, **kwargs):
+        self.single.append(request_id)
+        return "delegated"
+
+
+def test_generate_batch_returns_what_one_call_per_request_returns(server, run):
+    requests = [{"prompt_ids": p, "request_id": f"b{i}", "sampling_params": {**GREEDY_PARAMS, "ignore_eos": True,
+                                                                              "max_tokens": 3 + i}}
+                for i, p in enumerate(PROMPTS)]
+    batched = run(server.generate_batch(requests))
+    one_by_one = [run(server.generate(**r)) for r in requests]
+    assert [o.token_ids for o in batched] == [o.token_ids for o in one_by_one]
+    assert [len(o.token_ids) for o in batched] == [3, 4, 5]  # each request keeps its own sampling parameters
+    for a, b in zip(batched, one_by_one):
+        torch.testing.assert_close(torch.tensor(a.log_probs), torch.tensor(b.log_probs), atol=TOL, rtol=0)
+
+
+def test_batching_client_sends_concurrent_requests_as_one_batch(server, run):
+    from verl_eopd.cpu.agent_loop import _BatchingClient
+
+    fake = _FakeClient(server)
+    client = _BatchingClient(fake)
+    params = {**GREEDY_PARAMS, "ignore_eos": True, "max_tokens": 4}
+
+    async def many():
+        return await asyncio.gather(*[client.generate(f"r{i}", prompt_ids=p, sampling_params=dict(params),
+                                                      priority=i, mm_processor_output=None)
+                                      for i, p in enumerate(PROMPTS)])
+
+    outs = run(many())
+    assert len(fake.batches) == 1 and len(fake.acquired) == 1 and fake.released == [("server-0", "vllm-r0")]
+    (requests,), _ = fake.batches[0]
+    assert [r["prompt_ids"] for r in requests] == PROMPTS and [r["request_id"] for r in requests] == \
+        ["vllm-r0", "vllm-r1", "vllm-r2"]
+    direct = [run(server.generate(p, dict(params), request_id="d")) for p in PROMPTS]
+    assert [o.token_ids for o in outs] == [o.token_ids for o in direct]  # each caller gets its own output
+    for out in outs:  # as verl's LLMServerClient.generate: the weight version range of the response
+        assert out.extra_fields["min_global_steps"] == out.extra_fields["max_global_steps"] == \
+            out.extra_fields["global_steps"]
+    # a later call starts a new batch; a multimodal request goes to verl's client as it is
+    run(client.generate("later", prompt_ids=PROMPTS[0], sampling_params=dict(params)))
+    assert len(fake.batches) == 2
+    assert run(client.generate("img", prompt_ids=PROMPTS[0], sampling_params=dict(params), image_data=[1])) == \
+        "delegated" and fake.single == ["img"]
+
+
+def test_batching_client_gives_every_waiter_the_servers_error(server, run):
+    from verl_eopd.cpu.agent_loop import _BatchingClient
+
+    fake = _FakeClient(server, fail=True)
+    client = _BatchingClient(fake)
+
+    async def many():
+        return await asyncio.gather(*[client.generate(f"r{i}", prompt_ids=p, sampling_params=dict(GREEDY_PARAMS))
+                                      for i, p in enumerate(PROMPTS)], return_exceptions=True)
+
+    errors = run(many())
+    assert all(isinstance(e, RuntimeError) and "server down" in str(e) for e in errors)
+    assert fake.released == [("server-0", "vllm-r0")]  # the load balancer's slot is given back
+
+
+def test_batching_client_sends_calls_that_arrive_while_a_batch_is_out(server, run):
+    """A call made while the previous batch waits for the server starts the next batch (none is left behind)."""
+    from verl_eopd.cpu.agent_loop import _BatchingClient
+
+    fake = _FakeClient(server)
+    inner = fake.handle.generate_batch.fn
+
+    async def slow(requests):
+        await asyncio.sleep(0.05)
+        return await inner(requests)
+
+    fake.handle.generate_batch.fn = slow
+    client = _BatchingClient(fake)
+    params = {**GREEDY_PARAMS, "ignore_eos": True, "max_tokens": 2}
+
+    async def staggered():
+        first = asyncio.ensure_future(client.generate("a", prompt_ids=PROMPTS[0], sampling_params=dict(params)))
+        await asyncio.sleep(0.02)  # the first batch is at the server now
+        second = [client.generate(f"b{i}", prompt_ids=p, sampling_params=dict(params)) for i, p in enumerate(PROMPTS)]
+        return await asyncio.wait_for(asyncio.gather(first, *second), timeout=30)
+
+    outs = run(staggered())
+    assert len(outs) == 4 and [len(batch[0][0]) for batch in fake.batches] == [1, 3]
+
+
+def test_cpu_runs_use_the_cpu_agent_loop_manager_and_its_worker_builds_verls_loops(monkeypatch):
+    """CPU_SETTINGS name the manager through verl's own key; the manager's workers are CPUAgentLoopWorker; an agent
+    loop whose registry entry is only a `_target_` is built directly, any other goes through verl's instantiate."""
+    from verl.experimental.agent_loop import agent_loop as verl_agent_loop
+    from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
+    from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopManagerTQ
+    from verl.utils.import_utils import load_class_from_fqn
+
+    from verl_eopd.cpu import agent_loop, platform
+
+    key = "actor_rollout_ref.rollout.agent.agent_loop_manager_class"
+    assert platform.CPU_SETTINGS[key] == agent_loop.MANAGER
+    manager = load_class_from_fqn(agent_loop.MANAGER, "AgentLoopManager")
+    assert issubclass(manager, AgentLoopManagerTQ)
+    instance = manager.__new__(manager)
+    monkeypatch.setattr(AgentLoopManagerTQ, "__init__", lambda self, *a, **k: None)
+    manager.__init__(instance)
+    assert instance.agent_loop_workers_class.__ray_actor_class__ is agent_loop.CPUAgentLoopWorker
+
+    worker = agent_loop.CPUAgentLoopWorker.__new__(agent_loop.CPUAgentLoopWorker)
+    worker._loop_classes = {}
+    monkeypatch.setitem(verl_agent_loop._agent_loop_registry, "custom",
+                        {"_target_": SingleTurnAgentLoop.__module__ + ".SingleTurnAgentLoop", "name": "custom"})
+    assert worker._direct_class("single_turn_agent") is SingleTurnAgentLoop
+    assert worker._direct_class("custom") is None  # extra keys: verl's instantiate passes them on

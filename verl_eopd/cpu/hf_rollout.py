@@ -238,6 +238,12 @@ class HFRolloutServer:
         return TokenOutput(token_ids=token_ids, log_probs=log_probs, stop_reason="completed", num_preempted=0,
                            extra_fields=extra)
 
+    async def generate_batch(self, requests: list[dict[str, Any]]) -> list[TokenOutput]:
+        """`generate` for several requests in one call (cpu/agent_loop.py's batching client: one Ray call per
+        batch instead of one per response). Each request is `generate`'s keyword arguments; outputs in order.
+        They join the same queue, so equal sampling parameters run as one batch as usual."""
+        return list(await asyncio.gather(*(self.generate(**request) for request in requests)))
+
     async def _batch_loop(self):
         """Collect requests for `batch_window_s`, then run each group of equal sampling params (<= max_num_seqs)."""
         while True:

@@ -288,6 +288,8 @@ CPU_SETTINGS = {
     # two agent-loop workers: their per-response Python work overlaps the generation server's (2 cores,
     # 512 responses: 8.8 -> 6.0 s of `gen` per step, 15.7 -> 12.5 s per step)
     "actor_rollout_ref.rollout.agent.num_workers": 2,
+    # verl's agent-loop manager with less per-response cross-process work (cpu/agent_loop.py)
+    "actor_rollout_ref.rollout.agent.agent_loop_manager_class": "verl_eopd.cpu.agent_loop.CPUAgentLoopManager",
     "actor_rollout_ref.model.override_config.attn_implementation": "sdpa",  # flash-attn is CUDA-only
     # padded micro-batches: sdpa on a packed (padding-removed) micro-batch builds an [nnz, nnz] mask over all
     # its tokens (quadratic in the micro-batch); padded, attention is [B, L, L]
