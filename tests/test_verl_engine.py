@@ -247,6 +247,33 @@ def test_eopd_through_fsdp_engine_matches_dense_reference(env, use_remove_paddin
     assert ("eopd/teacher_entropy_lower_mean" in metrics) != exact_teacher
 
 
+def test_update_without_rollout_fields_is_the_same_update(env):
+    """The EOPD worker drops the per-sample rollout bookkeeping before verl's update
+    (`integration.trainer.without_rollout_fields`): only NonTensorStack fields other than multi_modal_inputs go,
+    and verl's engine gives the same loss and gradients with and without them."""
+    from tensordict import NonTensorData, NonTensorStack
+    from verl.utils import tensordict_utils as tu
+
+    from verl_eopd.integration.trainer import without_rollout_fields
+
+    batch = make_batch(env["model_path"], seed=2)
+    td = to_tensordict(batch, topk=True, distillation_only=True, exact_teacher=True)
+    rollout = {"raw_prompt": [[{"role": "user", "content": f"q{b}"}] for b in range(B)],
+               "reward_model": [{"ground_truth": str(b)} for b in range(B)], "data_source": ["tiny"] * B,
+               "uid": [f"u{b}" for b in range(B)], "multi_modal_inputs": [{} for _ in range(B)]}
+    for key, values in rollout.items():
+        tu.assign_non_tensor_stack(td, key, values)
+    lean = without_rollout_fields(td)
+    assert set(td.keys()) - set(lean.keys()) == {"raw_prompt", "reward_model", "data_source", "uid"}
+    assert isinstance(lean.get("multi_modal_inputs"), NonTensorStack)
+    assert isinstance(lean.get("temperature"), NonTensorData) and lean["teacher_ids"] is td["teacher_ids"]
+    engine = make_engine(env["model_path"])
+    out_full, g_full = run_step(engine, td, eopd_loss_fn())
+    out_lean, g_lean = run_step(engine, lean, eopd_loss_fn())
+    assert _total_loss(out_lean) == _total_loss(out_full)
+    _compare_grads(g_lean, g_full, atol=0, rtol=0)
+
+
 def test_fkl_coef_zero_equals_verls_native_pg_opd(env):
     """fkl_coef = 0: the same loss and gradients as verl's k1 + use_policy_gradient OPD on the same batch.
 

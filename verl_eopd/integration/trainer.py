@@ -88,7 +88,23 @@ class EOPDActorRolloutRefWorker(ActorRolloutRefWorker):
         if not self.distillation_enabled:  # verl derives these flags from distillation.enabled (false on the ref route)
             tu.assign_non_tensor(data, distillation_use_topk=True,
                                  distillation_only=not self._eopd_loss.use_task_rewards)
-        return ActorRolloutRefWorker.update_actor(self, data)
+        return ActorRolloutRefWorker.update_actor(self, without_rollout_fields(data))
+
+
+# the per-sample (NonTensorStack) fields that verl 0.9.1's update reads: its FSDP engine's model inputs
+UPDATE_READS = frozenset({"multi_modal_inputs"})
+
+
+def without_rollout_fields(data):
+    """`data` without the per-sample rollout bookkeeping the update never reads (prompt text, reward-model and
+    tool kwargs, agent-loop metrics, ...: NonTensorStack fields other than UPDATE_READS); tensors and the
+    NonTensorData settings stay. verl's engine rebuilds every NonTensorStack element when it slices the batch
+    into micro-batches and moves each to the device (`TensorDict.to`): on the embedded CPU run 18 such fields
+    of 512 responses cost about a fifth of the update."""
+    from tensordict import NonTensorStack
+
+    drop = [key for key in data.keys() if key not in UPDATE_READS and isinstance(data.get(key), NonTensorStack)]
+    return data.exclude(*drop) if drop else data
 
 
 class EOPDTrainer(PPOTrainerSync):
