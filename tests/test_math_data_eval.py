@@ -378,8 +378,9 @@ def test_paper_recipe_rejects_unknown_names_and_missing_data(tmp_path):
 
 @pytest.mark.e2e
 def test_math_reward_scores_inside_verls_reward_loop(tmp_path):
-    """eopd_grpo on data written by prepare_data, scored by verl_eopd.math.reward inside verl's reward-loop
-    worker (a Ray actor calling the reward from a thread pool: the scorer-subprocess path). The problems are
+    """eopd_grpo on data written by prepare_data, scored by verl_eopd.math.reward inside verl's RewardLoopWorker
+    (on CPU an instance in each agent-loop worker, cpu/agent_loop.py; either way a Ray actor calling the reward
+    from a thread pool: the scorer-subprocess path). The problems are
     the embedded task's, so the tiny student gets some right; its answers are unboxed, hence the evaluation
     fallback via reward_kwargs."""
     from conftest import run_main
