@@ -43,9 +43,10 @@ def e2e(tmp_path_factory):
 
 
 def _run(e2e: dict, algorithm: str, name: str, *overrides: str) -> list[dict]:
+    """One mechanics run: no validation (the default run's test checks it), metrics from verl's file log."""
     root = e2e["root"]
-    cmd = [f"algorithm={algorithm}", f"trainer.experiment_name={name}",
-           "trainer.logger=[console,file]", f"actor_rollout_ref.actor.optim.lr={LR}",
+    cmd = [f"algorithm={algorithm}", f"trainer.experiment_name={name}", "trainer.val_before_train=false",
+           "trainer.test_freq=-1", "trainer.logger=[console,file]", f"actor_rollout_ref.actor.optim.lr={LR}",
            f"trainer.default_local_dir={root / 'ckpt' / name}", *overrides]
     run_main(cmd, cwd=root, VERL_FILE_LOGGER_ROOT=str(root / "metrics"), EOPD_CACHE=str(e2e["cache"]))
     path = root / "metrics" / "verl-eopd" / f"{name}.jsonl"
