@@ -247,14 +247,16 @@ def test_eopd_through_fsdp_engine_matches_dense_reference(env, use_remove_paddin
     assert ("eopd/teacher_entropy_lower_mean" in metrics) != exact_teacher
 
 
-def test_update_without_rollout_fields_is_the_same_update(env):
-    """The EOPD worker drops the per-sample rollout bookkeeping before verl's update
-    (`integration.trainer.without_rollout_fields`): only NonTensorStack fields other than multi_modal_inputs go,
-    and verl's engine gives the same loss and gradients with and without them."""
+def test_update_on_model_pass_fields_is_the_same_update(env):
+    """The EOPD trainer has verl's worker bridge fetch only the fields a model pass reads
+    (`integration.trainer.model_pass_fields` on TransferQueue's own field schema of the stored batch): the
+    per-sample rollout bookkeeping goes, tensors and multi_modal_inputs stay, and verl's engine gives the same
+    loss and gradients on the narrowed batch as on the full one."""
     from tensordict import NonTensorData, NonTensorStack
+    from transfer_queue.metadata import extract_field_schema
     from verl.utils import tensordict_utils as tu
 
-    from verl_eopd.integration.trainer import without_rollout_fields
+    from verl_eopd.integration.trainer import model_pass_fields
 
     batch = make_batch(env["model_path"], seed=2)
     td = to_tensordict(batch, topk=True, distillation_only=True, exact_teacher=True)
@@ -263,8 +265,12 @@ def test_update_without_rollout_fields_is_the_same_update(env):
                "uid": [f"u{b}" for b in range(B)], "multi_modal_inputs": [{} for _ in range(B)]}
     for key, values in rollout.items():
         tu.assign_non_tensor_stack(td, key, values)
-    lean = without_rollout_fields(td)
-    assert set(td.keys()) - set(lean.keys()) == {"raw_prompt", "reward_model", "data_source", "uid"}
+    # verl keeps the batch-level settings (NonTensorData) in the meta's extra_info, not in the stored fields
+    settings = [key for key in td.keys() if isinstance(td.get(key), NonTensorData)]
+    stored = td.exclude(*settings)
+    fields = model_pass_fields(extract_field_schema(stored))
+    assert set(stored.keys()) - set(fields) == {"raw_prompt", "reward_model", "data_source", "uid"}
+    lean = td.select(*fields, *settings)
     assert isinstance(lean.get("multi_modal_inputs"), NonTensorStack)
     assert isinstance(lean.get("temperature"), NonTensorData) and lean["teacher_ids"] is td["teacher_ids"]
     engine = make_engine(env["model_path"])

@@ -88,23 +88,33 @@ class EOPDActorRolloutRefWorker(ActorRolloutRefWorker):
         if not self.distillation_enabled:  # verl derives these flags from distillation.enabled (false on the ref route)
             tu.assign_non_tensor(data, distillation_use_topk=True,
                                  distillation_only=not self._eopd_loss.use_task_rewards)
-        return ActorRolloutRefWorker.update_actor(self, without_rollout_fields(data))
+        return ActorRolloutRefWorker.update_actor(self, data)
 
 
-# the per-sample (NonTensorStack) fields that verl 0.9.1's update reads: its FSDP engine's model inputs
-UPDATE_READS = frozenset({"multi_modal_inputs"})
+# the per-sample non-tensor fields that verl 0.9.1's model passes (actor update, ref/teacher pass) read: its FSDP
+# engine's model inputs (found by grep over verl's engine, losses and workers)
+MODEL_PASS_READS = frozenset({"multi_modal_inputs"})
 
 
-def without_rollout_fields(data):
-    """`data` without the per-sample rollout bookkeeping the update never reads (prompt text, reward-model and
-    tool kwargs, agent-loop metrics, ...: NonTensorStack fields other than UPDATE_READS); tensors and the
-    NonTensorData settings stay. verl's engine rebuilds every NonTensorStack element when it slices the batch
-    into micro-batches and moves each to the device (`TensorDict.to`): on the embedded CPU run 18 such fields
-    of 512 responses cost about a fifth of the update."""
-    from tensordict import NonTensorStack
+def model_pass_fields(field_schema: dict[str, dict]) -> list[str]:
+    """The fields of a TransferQueue batch that a model pass reads: every tensor field and MODEL_PASS_READS.
+    `field_schema` is TransferQueue's {name: {"is_non_tensor": bool, ...}} (`BatchMeta.field_schema`)."""
+    return [name for name, meta in field_schema.items() if not meta.get("is_non_tensor") or name in MODEL_PASS_READS]
 
-    drop = [key for key in data.keys() if key not in UPDATE_READS and isinstance(data.get(key), NonTensorStack)]
-    return data.exclude(*drop) if drop else data
+
+def for_model_pass(batch):
+    """A copy of the KVBatchMeta `batch` that names only `model_pass_fields`, so that verl's worker bridge fetches
+    and builds only those: the per-sample rollout bookkeeping (prompt text, reward-model and tool kwargs,
+    agent-loop metrics, ...) stays in TransferQueue. verl's bridge would otherwise fetch every field, and its
+    engine rebuilds every per-sample non-tensor element of each micro-batch when it moves it to the device
+    (`TensorDict.to`): on the embedded CPU run, 18 such fields of 512 responses cost about a fifth of the update
+    and half of the teacher pass. The copy's extra_info is the caller's (verl's settings for the call)."""
+    import dataclasses
+
+    from verl.utils.transferqueue_utils import kv_batch_meta2batch_meta
+
+    fields = model_pass_fields(kv_batch_meta2batch_meta(batch).field_schema)
+    return dataclasses.replace(batch, fields=fields)
 
 
 class EOPDTrainer(PPOTrainerSync):
@@ -207,8 +217,16 @@ class EOPDTrainer(PPOTrainerSync):
         # The teacher's fields are computed from its full logits at temperature 1 whatever the rollout
         # temperature; they are written back to TransferQueue by verl's worker bridge.
         batch.extra_info.update({"calculate_entropy": False, "compute_loss": False, "temperature": 1.0})
-        output = self.ref_policy_wg.compute_ref_log_prob(batch)
+        output = self.ref_policy_wg.compute_ref_log_prob(for_model_pass(batch))
         assert len(output) == len(batch)
+        return batch
+
+    def _update_actor(self, batch, metrics: dict):
+        """verl's update, given only the fields the update reads (`for_model_pass`); verl's settings for it
+        are kept on `batch` as verl would leave them."""
+        narrowed = for_model_pass(batch)
+        super()._update_actor(narrowed, metrics)
+        batch.extra_info.update(narrowed.extra_info)
         return batch
 
 
