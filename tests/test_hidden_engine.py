@@ -71,7 +71,7 @@ def test_hidden_engine_equals_the_logits_engine(models, model, use_remove_paddin
     (out_l, g_l), (out_h, g_h) = res[False], res[True]
     assert _total_loss(out_h) == pytest.approx(_total_loss(out_l), abs=1e-6, rel=1e-5)
     assert any(g.abs().max() > 0 for g in g_l.values())
-    _compare_grads(g_h, g_l, atol=1e-6, rtol=1e-4)
+    _compare_grads(g_h, g_l, atol=4e-6, rtol=1e-4)  # fp32: the kept chunk uses exp(log p), the rest softmax(z)
     for key in ("eopd/gate_frac", "eopd/fkl_mean", "eopd/rkl_mean", "eopd/student_entropy_mean"):
         assert out_h["metrics"][key] == pytest.approx(out_l["metrics"][key], abs=1e-6, rel=1e-5), key
 

@@ -110,6 +110,43 @@ def test_from_hidden_equals_the_logits_path_values_stats_and_gradients(dtype):
         torch.testing.assert_close(gw2.float(), gw1.float(), atol=2e-3, rtol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_backward_reuses_the_forwards_last_chunk_once(monkeypatch, dtype, temperature):
+    """The backward takes the last chunk from the buffer the forward leaves (log p in fp32, the logits in
+    bf16) and recomputes only the others; a second backward through the same graph (retain_graph) recomputes
+    every chunk and gives the same gradients as the first."""
+    from verl_eopd.core import kernels
+
+    calls = []
+    logits = kernels._LmHeadChunk.logits
+    monkeypatch.setattr(kernels._LmHeadChunk, "logits", lambda self, h, *a: calls.append(h.shape[0]) or logits(self, h, *a))
+    hidden, weight, ids, old, ts, mask, _ = _batch(seed=4, dtype=dtype)
+    s = _settings(ts, mask)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss, _ = eopd_loss_from_hidden(h, w, ids, old, ts["topk_ids"], ts["topk_logprobs"], mask, s,
+                                    temperature=temperature, chunk_bytes=4 * V * 4)  # 21 rows: 4+4+4+4+4+1
+    assert calls == [4, 4, 4, 4, 4, 1]
+    calls.clear()
+    loss.backward(retain_graph=True)
+    assert calls == [4, 4, 4, 4, 4]  # the 1-row last chunk came from the forward
+    g1 = (h.grad.clone(), w.grad.clone())
+    h.grad = w.grad = None
+    calls.clear()
+    loss.backward()
+    assert calls == [4, 4, 4, 4, 4, 1]  # nothing kept for a second backward: every chunk recomputed
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-2)
+    torch.testing.assert_close(h.grad.float(), g1[0].float(), **tol)  # dW summed in another chunk order
+    torch.testing.assert_close(w.grad.float(), g1[1].float(), **tol)
+    # the logits path, on the same inputs
+    hh, ww = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    lref, _ = eopd_loss(hh @ ww.T / temperature, ids, old, ts["topk_ids"], ts["topk_logprobs"], mask, s,
+                        chunk_bytes=4 * V * 4)
+    lref.backward()
+    torch.testing.assert_close(h.grad.float(), hh.grad.float(), **tol)
+    torch.testing.assert_close(w.grad.float(), ww.grad.float(), **tol)
+
+
 def test_bf16_from_hidden_is_as_close_to_float64_as_the_logits_path():
     """bf16 error of both paths against the float64 reference on the same bf16 inputs: the chunked bf16
     accumulation of the lm head's gradient costs at most a small factor over the logits path's."""

@@ -360,8 +360,12 @@ class _HiddenGatherLogSoftmax(torch.autograd.Function):
     forward:  z_n = h_n W^T / T (one chunk of rows at a time), out[n, j] = log softmax(z_n)[i_nj]
     backward: z recomputed, p = softmax(z) in place, dz = (scatter(g) - p sum_j g) / T in the lm head's
               dtype, then dh[chunk] = dz W and dW += dz^T h[chunk] (dW accumulated chunk by chunk in W's dtype)
-    Saved: hidden, weight, index. Work memory (_LmHeadChunk): one [rows, V] buffer in the lm head's dtype (the
-    logits, then log p or dz, in place), plus a [SUB_ROWS_16BIT, V] fp32 buffer for a 16-bit lm head.
+    Saved: hidden, weight, index, and the chunk buffer as the forward leaves it: it holds the last chunk (log p
+    in fp32, the logits in a 16-bit lm head's dtype), so the backward starts with that chunk without recomputing
+    it (one chunk's matmul fewer; the buffer is kept, not allocated again, so the peak is unchanged). A second
+    backward through the same graph (retain_graph) recomputes every chunk.
+    Work memory (_LmHeadChunk): one [rows, V] buffer in the lm head's dtype (the logits, then log p or dz, in
+    place), plus a [SUB_ROWS_16BIT, V] fp32 buffer for a 16-bit lm head.
     """
 
     @staticmethod
@@ -383,6 +387,8 @@ class _HiddenGatherLogSoftmax(torch.autograd.Function):
         _check_rows("student logits (hidden @ weight.T)", out[:, 0] if out.shape[1] else out.new_zeros(0))
         ctx.save_for_backward(hidden, weight, index)
         ctx.rows, ctx.temperature = rows, temperature
+        # the last chunk's start, and the buffer holding it (log p when fp32, else the logits)
+        ctx.kept = ((N - 1) // rows * rows, buf) if N and any(ctx.needs_input_grad[:2]) else None
         ctx.mark_non_differentiable(ent)
         return out, ent
 
@@ -394,15 +400,23 @@ class _HiddenGatherLogSoftmax(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight) if need_w else None
-        buf = _LmHeadChunk(min(rows, N), V, hidden) if N else None
+        kept, ctx.kept = ctx.kept, None  # the forward's last chunk serves one backward only
+        if kept is None:
+            first, buf = None, (_LmHeadChunk(min(rows, N), V, hidden) if N else None)
+        else:
+            first, buf = kept
         grad_out = grad_out.float()
+        order = ([first] if first is not None else []) + [s for s in range(0, N, rows) if s != first]
         with torch.autocast(hidden.device.type, enabled=False):
-            for s in range(0, N, rows):
+            for s in order:
                 e = min(s + rows, N)
-                z = buf.logits(hidden[s:e], weight, temperature)
+                if s == first:  # still in the buffer from the forward
+                    z, logp = buf.z[: e - s], buf.f is None
+                else:
+                    z, logp = buf.logits(hidden[s:e], weight, temperature), False
                 for a, b, zf in buf.fp32_pieces(z):
                     g = grad_out[s + a:s + b]
-                    d = _softmax_in_place(zf)
+                    d = zf.exp_() if logp else _softmax_in_place(zf)
                     d.mul_(-g.sum(-1, keepdim=True))
                     d.scatter_add_(-1, index[s + a:s + b], g)
                     if temperature != 1.0:
