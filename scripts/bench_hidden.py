@@ -18,6 +18,13 @@ Targets (issue 14): hidden's net extra peak <= 0.25 x logits' at T >= 2048; hidd
     python scripts/bench_hidden.py                           # CPU grid: H 1024 (T 1k 2k 4k), H 4096 (T 1k), fp32
     python scripts/bench_hidden.py --H 1024 --T 1024 2048 --dtype fp32 bf16 --device cuda
     python scripts/bench_hidden.py --quick                   # V 32768, H 256, T 256 512 (smoke)
+    python scripts/bench_hidden.py --paired 8 --grid 1024:1024,2048   # time ratio only, interleaved (below)
+
+--paired N: the time ratio alone, with the machine's drift taken out: one process per cell builds the inputs
+once and times the hidden and logits passes alternately (hidden first in even rounds, logits first in odd
+ones) for N rounds after a warm-up pass of each; each round's ratio hidden / logits is one observation. Printed:
+the mean ratio, its 95% t interval (df = N - 1), and the one-sided p-value of H0 "mean ratio >= 1.35".
+Separate processes per case (the default) are kept for memory, where one process would mix the two peaks.
 """
 
 from __future__ import annotations
@@ -140,6 +147,44 @@ def worker(impl, T, H, V, K, dtype, device, reps, chunk_bytes) -> dict:
             "time_ms": 1e3 * statistics.median(times), "extra_peak_mib": (peak - base) / MiB,
             "net_extra_peak_mib": (peak - base - grad_w) / MiB,
             "others_cores": others, "chunk_bytes": chunk_bytes}
+
+
+def paired_worker(T, H, V, K, dtype, device, rounds, chunk_bytes) -> dict:
+    """--paired: hidden and logits passes alternated in one process; per-round time ratios hidden / logits."""
+    import torch
+
+    from verl_eopd.math.stats import t_quantile, t_two_sided_p
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    x = build(T, H, V, K, dtype, device, teacher=False)
+    steps = {impl: step_fn(impl, x, K, chunk_bytes) for impl in ("hidden", "logits")}
+
+    def timed(impl: str) -> float:
+        x["h"].grad = x["w"].grad = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        steps[impl]().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    timed("hidden"), timed("logits")  # warm-up
+    rounds_ms = []
+    for i in range(rounds):
+        order = ("hidden", "logits") if i % 2 == 0 else ("logits", "hidden")
+        t = {impl: timed(impl) for impl in order}
+        rounds_ms.append((1e3 * t["hidden"], 1e3 * t["logits"]))
+    ratios = [a / b for a, b in rounds_ms]
+    n, mean = len(ratios), statistics.mean(ratios)
+    sd = statistics.stdev(ratios) if n > 1 else float("nan")
+    half = t_quantile(0.975, n - 1) * sd / n ** 0.5 if n > 1 else float("nan")
+    t_stat = (mean - TARGET_TIME) / (sd / n ** 0.5) if n > 1 and sd > 0 else float("nan")
+    # one-sided p of H0 mean >= TARGET_TIME (small when the mean is clearly below)
+    p_below = t_two_sided_p(t_stat, n - 1) / 2 if t_stat < 0 else 1 - t_two_sided_p(t_stat, n - 1) / 2
+    return {"T": T, "H": H, "V": V, "K": K, "dtype": dtype, "device": device, "rounds_ms": rounds_ms,
+            "ratios": ratios, "mean_ratio": mean, "ci95": [mean - half, mean + half], "df": n - 1,
+            "t_vs_target": t_stat, "p_mean_ge_target": p_below, "chunk_bytes": chunk_bytes}
 
 
 def engine_worker(path: str, model_dir: str, seqs: int, length: int, reps: int, chunk_bytes: int) -> dict:
@@ -313,7 +358,15 @@ def main(argv=None) -> int:
     ap.add_argument("--engine-seqs", type=int, default=4)
     ap.add_argument("--engine-len", type=int, default=512)
     ap.add_argument("--engine-worker", nargs=2, metavar=("PATH", "MODEL_DIR"), help=argparse.SUPPRESS)
+    ap.add_argument("--paired", type=int, default=0, metavar="N",
+                    help="instead: hidden / logits time ratio from N interleaved rounds in one process per cell")
+    ap.add_argument("--paired-worker", nargs=3, metavar=("T", "H", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.paired_worker:
+        T, H, dtype = args.paired_worker
+        print(json.dumps(paired_worker(int(T), int(H), args.V, args.K, dtype, args.device, args.paired,
+                                       args.chunk_bytes)))
+        return 0
     if args.engine_worker:
         print(json.dumps(engine_worker(args.engine_worker[0], args.engine_worker[1], args.engine_seqs, args.engine_len,
                                        args.reps, args.chunk_bytes)))
@@ -352,6 +405,29 @@ def main(argv=None) -> int:
     grid = ([(H, T) for H in args.H for T in args.T] if args.H and args.T else
             [(int(h), int(t)) for spec in args.grid for h, ts in [spec.split(":")] for t in ts.split(",")])
     info = machine_info([args.device])
+    if args.paired:
+        results = []
+        for dtype in args.dtype:
+            for H, T in grid:
+                wait_idle(args.wait_idle)
+                cmd = [sys.executable, os.path.abspath(__file__), "--paired-worker", str(T), str(H), dtype,
+                       "--paired", str(args.paired), "--device", args.device, "--V", str(args.V), "--K", str(args.K),
+                       "--chunk-bytes", str(args.chunk_bytes)]
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                if p.returncode != 0:
+                    print(p.stderr[-3000:], file=sys.stderr)
+                    return 1
+                r = json.loads(p.stdout.strip().splitlines()[-1])
+                results.append(r)
+                lo, hi = r["ci95"]
+                print(f"  {dtype} H={H} T={T}: hidden / logits time {r['mean_ratio']:.3f} (95% CI {lo:.3f}-{hi:.3f}, "
+                      f"t({r['df']}) = {r['t_vs_target']:.2f} vs {TARGET_TIME}, one-sided p = "
+                      f"{r['p_mean_ge_target']:.2g}); rounds " + ", ".join(f"{a:.0f}/{b:.0f}" for a, b in r["rounds_ms"]),
+                      flush=True)
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump({"machine": info, "paired": results}, f, indent=1)
+        return 0
     print(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, git {info.get('git', '?')}; "
           f"V = {args.V}, K = {args.K}, chunk {args.chunk_bytes / MiB:g} MiB, {args.reps} reps (median)", flush=True)
     results = []
