@@ -7,8 +7,9 @@ function that saves nothing but its inputs and recomputes the softmax chunk by c
     teacher_stats:        top-k ids and log-probs, exact entropy H = -sum_v p_v log p_v, log p(y)   (no grad)
     student_logprobs_at:  log softmax(z)[index] (differentiable) and, optionally, the entropy (detached)
 The `*_from_hidden` twins take the last hidden states h [N, H] and the lm head W [V, H] instead of z = h W^T:
-each chunk's logits are computed from h, used and dropped, and recomputed in backward (one extra lm-head
-matmul), so no [N, V] tensor of any dtype exists, in the forward or the backward pass.
+each chunk's logits are computed from h, used and dropped, and recomputed in backward (all but the last chunk,
+which the forward leaves in the reused buffer: (k - 1)/k of one extra lm-head matmul for k chunks), so no
+[N, V] tensor of any dtype exists, in the forward or the backward pass.
 """
 
 from __future__ import annotations
