@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dense_reference import dense_eopd_loss, dense_gate, dense_teacher
+from dense_reference import dense_eopd_loss, dense_gate, dense_teacher, dense_topk_entropy, dense_topk_token_logprob
 from verl_eopd import core as L
 from verl_eopd import (
     EOPDSettings,
@@ -25,6 +25,18 @@ from verl_eopd import (
 pytestmark = pytest.mark.unit
 
 HYP = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits): |fl(x) - x| <= U_BF16 |x|
+U_FP32 = 2.0**-24  # unit roundoff of float32
+
+
+def _assert_within(got: torch.Tensor, ref: torch.Tensor, tol: torch.Tensor, what: str) -> None:
+    """|got - ref| <= tol entry by entry (tol: a derived bound of the same shape), with the worst entry named."""
+    err = (got.double() - ref).abs()
+    ratio = torch.where(tol > 0, err / tol.clamp_min(1e-300), torch.where(err > 0, torch.inf, 0.0))
+    worst = int(ratio.reshape(-1).argmax())
+    assert ratio.max() <= 1.0, (f"{what}: entry {worst} off by {err.reshape(-1)[worst].item():.3e}, bound "
+                                f"{tol.reshape(-1)[worst].item():.3e} (|ref| = {ref.reshape(-1)[worst].abs().item():.3e})")
 
 
 def _batch(B=3, T=7, V=97, K=6, seed=0, scale=2.0, dtype=torch.float32):
@@ -126,6 +138,37 @@ def test_entropy_bounds_hand_computed_case():
     assert est.item() == pytest.approx((lo.item() + hi.item()) / 2, abs=1e-6)
 
 
+def test_entropy_bounds_hand_computed_case_with_a_split_tail():
+    """A tail that packs into several capped tokens and a remainder (j = 3, rho = 0.05), and a row with padding.
+
+    Row 1: top-3 {0.4, 0.15, 0.1} of V = 20: tail r = 0.35 over n = 17 tokens, each <= p_min = 0.1.
+      upper = H_K + 0.35 ln(17 / 0.35); lower = H_K - 3 (0.1 ln 0.1) - 0.05 ln 0.05 (three tokens of 0.1, one of
+      0.05); the estimate is their midpoint. The exact entropy of two distributions with this top-3 (the
+      extremes the bounds describe, and one in between) lies inside.
+    Row 2: top-2 {0.45, 0.2} and a -inf pad: r = 0.35 over n = 18, cap 0.2: one token of 0.2 and one of 0.15."""
+    h1 = -(0.4 * math.log(0.4) + 0.15 * math.log(0.15) + 0.1 * math.log(0.1))
+    lo1, hi1 = h1 - 3 * 0.1 * math.log(0.1) - 0.05 * math.log(0.05), h1 + 0.35 * math.log(17 / 0.35)
+    h2 = -(0.45 * math.log(0.45) + 0.2 * math.log(0.2))
+    lo2, hi2 = h2 - 0.2 * math.log(0.2) - 0.15 * math.log(0.15), h2 + 0.35 * math.log(18 / 0.35)
+    topk = torch.log(torch.tensor([[0.4, 0.15, 0.1], [0.45, 0.2, 0.0]], dtype=torch.float64))
+    for estimator, want in (("midpoint", [(lo1 + hi1) / 2, (lo2 + hi2) / 2]), ("lower", [lo1, lo2]),
+                            ("upper", [hi1, hi2])):
+        got, lo, hi = L.estimated_entropy(topk, 20, estimator)
+        assert got.tolist() == pytest.approx(want, abs=1e-6), estimator
+        assert lo.tolist() == pytest.approx([lo1, lo2], abs=1e-6) and hi.tolist() == pytest.approx([hi1, hi2], abs=1e-6)
+
+    def H(p):
+        return -sum(x * math.log(x) for x in p if x > 0)
+
+    packed = [0.4, 0.15, 0.1, 0.1, 0.1, 0.1, 0.05] + [0.0] * 13
+    spread = [0.4, 0.15, 0.1] + [0.35 / 17] * 17
+    between = [0.4, 0.15, 0.1, 0.1, 0.05] + [0.2 / 15] * 15
+    for dist in (packed, spread, between):
+        assert sum(dist) == pytest.approx(1.0) and max(dist[3:]) <= 0.1
+        assert lo1 - 1e-9 <= H(dist) <= hi1 + 1e-9
+    assert H(packed) == pytest.approx(lo1) and H(spread) == pytest.approx(hi1)  # both bounds are attained
+
+
 def test_token_logprob_from_topk_exact_inside_fallback_outside():
     logp = torch.log_softmax(torch.randn(2, 50, dtype=torch.float64) * 3, -1)
     vals, ids = logp.topk(5, -1)
@@ -177,7 +220,17 @@ def test_student_logprobs_at_bf16_gradient_matches_fp32():
     torch.log_softmax(xr, -1).gather(-1, idx).sum().backward()
     assert x16.grad.dtype == torch.bfloat16
     torch.testing.assert_close(lq16.double(), torch.log_softmax(xr.detach(), -1).gather(-1, idx), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(x16.grad.double(), xr.grad, atol=1e-2, rtol=1e-2)  # bf16 rounding of the gradient
+    # The kernel computes d_v = c_v - K p_v in fp32 (c_v: how often v is in idx; K = 5 = sum of the upstream
+    # gradient, exact) and casts it to bf16 once. fp32 error: p_v through max-shift, exp, a V-term sum and a
+    # division is within (V + 3) U_FP32 p_v relatively, the scale by K and the scatter-add one rounding each, so
+    # |d32 - g| <= e32 = K p_v (V + 5) U_FP32; the bf16 cast adds U_BF16 |d32| <= U_BF16 (|g| + e32). Hence
+    #     |g_bf16 - g| <= U_BF16 |g| + (1 + U_BF16) K p_v (V + 5) U_FP32,
+    # relative to each entry (75% of the entries are below 1e-2, so an absolute 1e-2 could not see a wrong
+    # softmax weight; this bound fails for a 1% change of any term).
+    K, V = idx.shape[-1], x16.shape[-1]
+    p = torch.softmax(xr.detach(), -1)
+    tol = U_BF16 * xr.grad.abs() + (1 + U_BF16) * K * p * (V + 5) * U_FP32
+    _assert_within(x16.grad, xr.grad, tol, "bf16 gradient of student_logprobs_at")
 
 
 @HYP
@@ -207,7 +260,7 @@ def test_fkl_renormalises_teacher_and_not_student():
 
 
 def _ref_and_ours(gate="hard", tau=None, fkl_coef=1.0, exact_teacher=True, dtype=torch.float32, **kw):
-    student, _, ids, old, ts, mask = _batch(dtype=dtype, **kw)
+    student, teacher_logits, ids, old, ts, mask = _batch(dtype=dtype, **kw)
     if tau is None:
         tau = float(ts["entropy"][mask].median())  # roughly half the tokens gated
     t_ent = ts["entropy"] if exact_teacher else None
@@ -218,19 +271,26 @@ def _ref_and_ours(gate="hard", tau=None, fkl_coef=1.0, exact_teacher=True, dtype
                             teacher_token_logprobs=t_tok)
     loss.backward()
     xr = student.detach().double().requires_grad_(True)
-    if not exact_teacher:  # the reference uses what eopd_loss must use: top-k estimates
-        est, _, _ = entropy_from_topk(ts["topk_logprobs"].double(), student.shape[-1])
-        t_ent = est
-        t_tok, _ = token_logprob_from_topk(ts["topk_ids"], ts["topk_logprobs"].double(), ids, student.shape[-1])
+    bounds = None
+    if not exact_teacher:  # the reference uses what eopd_loss must use: top-k estimates, derived independently
+        V = student.shape[-1]
+        t_ent, lo, hi = dense_topk_entropy(ts["topk_logprobs"], V)
+        bounds = {"teacher_entropy_mean": t_ent, "teacher_entropy_lower_mean": lo, "teacher_entropy_upper_mean": hi}
+        exact = dense_teacher(teacher_logits, ids, ts["topk_ids"].shape[-1])["entropy"]  # full distribution, float64
+        tol = 1e-9 * (1 + exact.abs())
+        assert ((lo <= exact + tol) & (exact <= hi + tol)).all(), "the bounds must contain the exact entropy"
+        t_tok = dense_topk_token_logprob(ts["topk_ids"], ts["topk_logprobs"], ids, V)
     ref, ref_fkl = dense_eopd_loss(xr, ids, old, ts["topk_ids"], ts["topk_logprobs"], mask, t_ent, t_tok, s)
     ref.backward()
-    return loss, stats, x.grad, ref, xr.grad, ts, mask
+    return loss, stats, x.grad, ref, xr.grad, ts, mask, bounds
 
 
 @pytest.mark.parametrize("gate", ["hard", "soft", "quantile"])
 @pytest.mark.parametrize("exact_teacher", [True, False])
 def test_eopd_loss_equals_dense_reference(gate, exact_teacher):
-    loss, stats, grad, ref, ref_grad, ts, mask = _ref_and_ours(gate=gate, exact_teacher=exact_teacher)
+    loss, stats, grad, ref, ref_grad, ts, mask, bounds = _ref_and_ours(gate=gate, exact_teacher=exact_teacher)
+    for key, value in (bounds or {}).items():  # top-k only: the estimate and both bounds, token-mean over the mask
+        assert stats[key] == pytest.approx(float(value[mask].mean()), abs=1e-5), key
     assert loss.item() == pytest.approx(ref.item(), abs=1e-5, rel=1e-5)
     torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=1e-5)
     assert 0 < stats["gate_frac"] < 1
@@ -312,19 +372,47 @@ def test_teacher_ids_beyond_student_vocab_are_dropped_and_teacher_renormalised()
     torch.testing.assert_close(x.grad, x2.grad)
 
 
-def test_bf16_inputs_agree_with_fp32():
+def test_bf16_inputs_match_the_float64_reference_within_the_bf16_bound():
+    """bf16 student logits and teacher log-probs: loss and gradient against the float64 reference on the same
+    bf16 values, within bounds derived from the roundings (so dropping the FKL term, or scaling a term by 1.1,
+    fails)."""
     student, _, ids, old, ts, mask = _batch(V=301)
-    tau = float(ts["entropy"][mask].median())
-    out = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        x = student.detach().to(dtype).clone().requires_grad_(True)
-        loss, _ = eopd_loss(x, ids, old, ts["topk_ids"], ts["topk_logprobs"].to(dtype), mask,
-                            teacher_entropy=ts["entropy"], teacher_token_logprobs=ts["token_logprobs"],
-                            entropy_threshold=tau)
-        loss.backward()
-        out[dtype] = (loss.item(), x.grad.float())
-    assert out[torch.bfloat16][0] == pytest.approx(out[torch.float32][0], rel=2e-2, abs=2e-2)
-    torch.testing.assert_close(out[torch.bfloat16][1], out[torch.float32][1], atol=2e-3, rtol=5e-2)
+    B, T, V = student.shape
+    K = ts["topk_ids"].shape[-1]
+    s = EOPDSettings(entropy_threshold=float(ts["entropy"][mask].median()))
+    x = student.detach().bfloat16().requires_grad_(True)
+    t_lp = ts["topk_logprobs"].bfloat16()
+    loss, stats = eopd_loss(x, ids, old, ts["topk_ids"], t_lp, mask, s, teacher_entropy=ts["entropy"],
+                            teacher_token_logprobs=ts["token_logprobs"])
+    loss.backward()
+    assert x.grad.dtype == torch.bfloat16 and 0 < stats["gate_frac"] < 1
+    xr = x.detach().double().requires_grad_(True)
+    ref, _ = dense_eopd_loss(xr, ids, old, ts["topk_ids"], t_lp.double(), mask, ts["entropy"], ts["token_logprobs"], s)
+    ref.backward()
+
+    # Per token the loss backpropagates upstream gradients g_j into the K + 1 gathered student log-probs (the
+    # FKL weights -alpha gate p~_j / N, the RKL's -A r / N or 0 where clipped), of total size at most
+    # S_t = (alpha + |A_t| max(r_t, 1 + eps_high)) / N (0 on masked rows, whose gradient is exactly 0). Each
+    # upstream weight is a few fp32 roundings (logsumexp over K, exp, products: <= (4K + 8) U_FP32 relative)
+    # and the kernel's c_v - p_v sum_j g_j adds the softmax's (V + 5) U_FP32, so the fp32 gradient is within
+    # e32 = (V + 4K + 16) U_FP32 S_t of the exact one, and the single bf16 cast adds U_BF16 |d32|:
+    #     |g_bf16 - g| <= U_BF16 |g| + (1 + U_BF16) (V + 4K + 16) U_FP32 S_t.
+    logq = torch.log_softmax(xr.detach(), -1)
+    logp = logq.gather(-1, ids[..., None]).squeeze(-1)
+    A = ts["token_logprobs"].double() - old.double()
+    r = torch.exp(logp - old.double())
+    N = mask.sum()
+    S = torch.where(mask, (s.fkl_coef + A.abs() * r.clamp_min(1 + s.clip_ratio_high)) / N, torch.zeros_like(A))
+    tol = U_BF16 * xr.grad.abs() + (1 + U_BF16) * (V + 4 * K + 16) * U_FP32 * S[..., None]
+    _assert_within(x.grad, xr.grad, tol, "bf16 gradient of eopd_loss")
+    # The loss: every per-token term is a sum of log-probs (each within (V + 3) U_FP32 (1 + L_t) of exact, L_t the
+    # largest |log q| or |log p~| involved) weighted by at most S_t N, then a mean over N tokens (N U_FP32):
+    #     |loss - ref| <= (V + N + 4K + 16) U_FP32 sum_t S_t (1 + L_t).
+    lq_topk = logq.gather(-1, ts["topk_ids"])
+    log_pt = t_lp.double() - torch.logsumexp(t_lp.double(), -1, keepdim=True)
+    L_t = torch.cat([lq_topk, log_pt, logp[..., None]], -1).abs().amax(-1)
+    bound = (V + N + 4 * K + 16) * U_FP32 * float((S * (1 + L_t)).sum())
+    assert abs(loss.item() - ref.item()) <= bound, (loss.item(), ref.item(), bound)
 
 
 def test_chunking_does_not_change_the_result():
