@@ -52,7 +52,7 @@ def test_the_sum_task_is_tiny_v4s():
     rng, ref = random.Random(5), random.Random(5)
     for p in train[:50]:
         assert p.response(rng) == ref.choice(embedded.ADD_PHRASINGS).format(a=p.a, b=p.b, s=p.a + p.b)
-    assert embedded.VERSIONS[ADD] == "tiny-v4" and embedded.cache_dir().name == "tiny-v4"
+    assert embedded.VERSIONS[ADD] == "tiny-v4" and embedded.shipped_dir().name == "tiny-v4"
     assert len(embedded.tokenizer_corpus(ADD)) == 60 * 20 * 3
 
 
@@ -67,7 +67,7 @@ def test_the_task_is_chosen_by_environment_and_a_bad_name_fails_naming_it(monkey
     with pytest.raises(ValueError, match=r"EOPD_EMBEDDED_TASK='sums'.*fix: EOPD_EMBEDDED_TASK=add"):
         embedded.selected_task()
     with pytest.raises(ValueError, match="names no embedded task|unknown embedded task"):
-        embedded.ensure_embedded_default(task="sums")
+        embedded.embedded_pair(task="sums")
     info = {k: f"/x/{k}" for k in ("student", "teacher", "train", "val")}
     assert embedded.embedded_settings({**info, "task": MULTIPLE}, "opd")["trainer.experiment_name"] == "tiny_multiple_opd"
     settings = embedded.embedded_settings(info, "opd")
@@ -75,6 +75,46 @@ def test_the_task_is_chosen_by_environment_and_a_bad_name_fails_naming_it(monkey
     # the CPU-sized run replaces the presets' paper values (cosine lr 3e-6, 128 prompts, 4096 tokens)
     assert (settings["actor_rollout_ref.actor.optim.lr_scheduler_type"], settings["actor_rollout_ref.actor.optim.lr"],
             settings["data.train_batch_size"], settings["data.max_response_length"]) == ("constant", 1e-3, 512, 16)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("task", [ADD, MULTIPLE])
+def test_the_shipped_pair_loads_and_scores_its_documented_held_out_accuracies(task):
+    """The pairs ship with the package (no SFT on the user's machine): the files load, the data splits are the
+    task's, and greedy held-out accuracy is the one recorded in pair.json (the README's and docs' figures):
+    student <= 30%, teacher >= 85%. Greedy decoding of the same weights can flip a near-tie between two
+    tokens on another CPU's float reductions; 2 of 360 (add) or 120 (multiple) problems are allowed."""
+    from verl_eopd.math.loop import held_out_accuracy
+
+    info = embedded.embedded_pair(task)
+    assert info["root"] == str(embedded.shipped_dir(task)) and info["task"] == task
+    import pandas as pd
+
+    train, val = embedded.task_problems(task)
+    assert len(pd.read_parquet(info["train"])) == len(train) and len(pd.read_parquet(info["val"])) == len(val)
+    recorded = info["held_out_greedy"]
+    assert recorded["student"] <= 0.30 and recorded["teacher"] >= 0.85, recorded
+    for who in ("student", "teacher"):
+        measured = held_out_accuracy(info[who], info)
+        assert abs(measured - recorded[who]) <= 2 / len(val) + 1e-9, (who, measured, recorded[who])
+
+
+@pytest.mark.unit
+def test_a_rebuilt_pair_is_chosen_by_environment_and_a_bad_folder_is_named(tmp_path, monkeypatch):
+    shipped = embedded.shipped_dir()
+    pair = tmp_path / "pair"
+    pair.mkdir()
+    record = json.loads((shipped / embedded.PAIR_FILE).read_text())
+    record.update(student=str(shipped / "student"), teacher=str(shipped / "teacher"), train=str(shipped / "train.parquet"),
+                  val=str(shipped / "val.parquet"))
+    (pair / embedded.PAIR_FILE).write_text(json.dumps(record))
+    monkeypatch.setenv(embedded.PAIR_ENV, str(pair))
+    assert embedded.embedded_pair()["root"] == str(pair) and embedded.embedded_pair()["student"] == record["student"]
+    with pytest.raises(ValueError, match="EOPD_PAIR_DIR=.*eopd_tiny_add.*not 'eopd_tiny_multiple'"):
+        embedded.embedded_pair(MULTIPLE)
+    monkeypatch.setenv(embedded.PAIR_ENV, str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match=r"\(pair.json missing\). Fix: unset EOPD_PAIR_DIR"):
+        embedded.embedded_pair()
 
 
 def _teacher_digit_entropy(info: dict, n: int = 120) -> tuple[float, float, float]:
@@ -121,11 +161,11 @@ def test_the_multiple_pair_has_an_uncertain_teacher_on_the_deciding_tokens_and_t
     both ends through verl's trainer, with the gate open on a real share of tokens."""
     from conftest import run_main
 
-    info = embedded.ensure_embedded_default(task=MULTIPLE, verbose=False)
+    info = embedded.embedded_pair(task=MULTIPLE)
     assert info["task"] == MULTIPLE
     acc, opened, distinct = _teacher_digit_entropy(info)
     assert acc >= 0.85 and opened >= 0.5 and distinct >= 2.0, (acc, opened, distinct)
-    add_acc, add_opened, add_distinct = _teacher_digit_entropy(embedded.ensure_embedded_default(verbose=False))
+    add_acc, add_opened, add_distinct = _teacher_digit_entropy(embedded.embedded_pair())
     # sums: a deciding digit above tau on 7.5% of the teacher's answers (multiples: 100%)
     assert add_acc >= 0.85 and add_opened <= 0.15 and add_distinct <= 1.0, (add_acc, add_opened, add_distinct)
 

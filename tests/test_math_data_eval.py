@@ -374,38 +374,3 @@ def test_paper_recipe_rejects_unknown_names_and_missing_data(tmp_path):
     out = subprocess.run(["bash", os.path.join(ROOT, "scripts", "paper_recipe.sh"), "qwen3-1.7b-math", "eopd"],
                          capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 2 and "prepare_data.py" in out.stderr
-
-
-@pytest.mark.e2e
-def test_math_reward_scores_inside_verls_reward_loop(tmp_path):
-    """eopd_grpo on data written by prepare_data, scored by verl_eopd.math.reward inside verl's RewardLoopWorker
-    (on CPU an instance in each agent-loop worker, cpu/agent_loop.py; either way a Ray actor calling the reward
-    from a thread pool: the scorer-subprocess path). The problems are
-    the embedded task's, so the tiny student gets some right; its answers are unboxed, hence the evaluation
-    fallback via reward_kwargs."""
-    from conftest import run_main
-
-    from verl_eopd.cpu import embedded
-
-    info = embedded.ensure_embedded_default()
-    raw = pd.read_parquet(info["train"]).head(64)
-    rows = [{"problem": r["prompt"][0]["content"], "answer": r["reward_model"]["ground_truth"]}
-            for r in raw.to_dict("records")]
-    src = _write(tmp_path / "raw" / "sums.jsonl", rows)
-    prepare(["math500"], str(tmp_path / "data"), sources={"math500": src}, eval_instruction="", log=lambda m: None)
-    data = str(tmp_path / "data" / "math500.parquet")
-    overrides = ["algorithm=eopd_grpo", f"data.train_files={data}", f"data.val_files={data}",
-                 "reward.custom_reward_function.path=pkg://verl_eopd.math.reward",
-                 "+reward.custom_reward_function.reward_kwargs.box_required=false",
-                 "trainer.total_training_steps=2", "trainer.save_freq=-1", "trainer.logger=[console,file]",
-                 "data.max_prompt_length=64", "data.max_response_length=16",
-                 "data.train_batch_size=16", "actor_rollout_ref.actor.ppo_mini_batch_size=8", "data.val_max_samples=32",
-                 "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16",
-                 "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=16",
-                 "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=16",
-                 f"trainer.default_local_dir={tmp_path / 'ckpt'}", "trainer.experiment_name=ci_math_reward"]
-    run_main(overrides, cwd=tmp_path, VERL_FILE_LOGGER_PATH=str(tmp_path / "metrics.jsonl"))
-    records = [json.loads(x)["data"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    scores = [r["critic/score/mean"] for r in records if "critic/score/mean" in r]
-    assert len(scores) == 2 and all(0.0 <= s <= 1.0 for s in scores)
-    assert sum(scores) > 0.0, scores  # 128 samples at ~5-10% accuracy: some are right and scored so

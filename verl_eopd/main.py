@@ -2,7 +2,7 @@
 
 The config is verl's `ppo_trainer` plus the EOPD presets (verl_eopd/conf/). Before Ray starts:
   * no model given (actor_rollout_ref.model.path and the teacher path both unset): the embedded tiny
-    default is built once and used (verl_eopd.cpu.embedded; EOPD_EMBEDDED_TASK=multiple picks the second task);
+    default shipped with the package is used (verl_eopd.cpu.embedded, EOPD_PAIR_DIR for a rebuilt pair; EOPD_EMBEDDED_TASK=multiple picks the second task);
   * no GPU on this machine nor in the Ray cluster it joins (or trainer.device=cpu): CPU settings
     (verl_eopd.cpu.platform.CPU_SETTINGS: the HF rollout backend, gloo, sdpa, logical Ray resources) and the
     CPU platform;
@@ -84,9 +84,9 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
     teacher = OmegaConf.select(config, "distillation.teacher_models.teacher_model.model_path")
     info = None
     if not student and not teacher:
-        from .cpu.embedded import embedded_settings, ensure_embedded_default, selected_task
+        from .cpu.embedded import embedded_pair, embedded_settings, selected_task
 
-        info = ensure_embedded_default(task=selected_task())
+        info = embedded_pair(task=selected_task())
         algorithm = algorithm or _algorithm_name(config)
         # the embedded default runs on one rank unless the user asks for more (batch sizes follow the ranks)
         per_node, nodes = (int(config.trainer[key]) if f"trainer.{key}" in user_keys else 1

@@ -48,21 +48,9 @@ def header(config, algorithm: str, on_cpu: bool) -> str:
 
 def embedded_teacher_accuracy(info: dict) -> float:
     """Greedy accuracy of the embedded teacher on the embedded held-out split (verl's validation set)."""
-    import pandas as pd
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .math.loop import held_out_accuracy
 
-    from .cpu.embedded import compute_score
-    from .math.loop import accuracy
-
-    tok = AutoTokenizer.from_pretrained(info["teacher"])
-    model = AutoModelForCausalLM.from_pretrained(info["teacher"], dtype=torch.float32, attn_implementation="sdpa")
-    rows = pd.read_parquet(info["val"]).to_dict("records")
-    prompts = [tok(tok.apply_chat_template(list(r["prompt"]), tokenize=False, add_generation_prompt=True),
-                   add_special_tokens=False)["input_ids"] for r in rows]
-    return accuracy(model, prompts, [r["reward_model"]["ground_truth"] for r in rows], compute_score,
-                    [r["data_source"] for r in rows], max_new_tokens=16, eos_id=tok.eos_token_id,
-                    pad_id=tok.pad_token_id, decode=lambda y: tok.decode(y, skip_special_tokens=True))
+    return held_out_accuracy(info["teacher"], info)
 
 
 def _first_last(series: dict[int, float]) -> tuple[float, float]:

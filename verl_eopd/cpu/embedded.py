@@ -1,24 +1,27 @@
-"""The embedded tiny pairs: a teacher and a smaller student on a synthetic task, built here.
+"""The embedded tiny pairs: a teacher and a smaller student on a synthetic task, shipped with the package.
 
 `python -m verl_eopd.main algorithm=eopd` with no model given runs EOPD on a pair, so the whole loop runs on
-a laptop CPU or in CI with no hub access. Two tasks, each with its own pair, built once and cached
-(`EOPD_CACHE`, default `~/.cache/verl_eopd/<version>`); `EOPD_EMBEDDED_TASK` picks one (default `add`):
+a laptop CPU or in CI with no hub access. Two tasks, each with its own pair, built once by `build_pair`
+(scripts/build_pair.py) and shipped as package data in `pairs/<version>/` (weights, tokenizers, data splits,
+pair.json with the held-out accuracies): SFT on another machine would give other weights (float reductions
+differ across CPUs and thread counts), so every machine trains the same shipped student from the same shipped
+teacher. `EOPD_PAIR_DIR` names a rebuilt pair instead; `EOPD_EMBEDDED_TASK` picks the task (default `add`):
 
   add (tiny-v4)  "What is a plus b?", one correct answer. The teacher (Qwen3 hidden 64, 2 layers) adds well
-                 (about 97% greedy on held-out sums); its entropy is near zero on the digits and about ln 3
+                 (98.1% greedy on held-out sums, shipped pair); its entropy is near zero on the digits and about ln 3
                  on the phrasing choice, so the gate never opens on the tokens that decide correctness
   multiple       "Name a multiple of d between a and b." (d in 6..9, 3 to 5 correct answers), the task where
   (tiny-multiple-v1)  the teacher is uncertain on the deciding tokens: it was taught every correct answer
                  equally, so its entropy on the first digit of the answer (or of the quotient) is above
                  tau = 0.8 on most problems; Pass@k rewards a student that keeps the alternatives. Teacher
-                 Qwen3 hidden 64, 3 layers (about 97% greedy on held-out problems)
+                 Qwen3 hidden 64, 3 layers (98.3% greedy on held-out problems, shipped pair)
 
   tokenizer   byte-level BPE trained on the task's text, digits split one per token (as Qwen's), ChatML
               template, specials <|endoftext|> <|im_start|> <|im_end|> (ids 0, 1, 2)
   teacher     fine-tuned to answer in one of three phrasings and to end with <|im_end|> (a chat model)
   student     Qwen3 (hidden 32, 2 layers), fine-tuned briefly on the same text ending with <|endoftext|>
               (a "Base" model: a different end token, as Qwen3-Base vs Qwen3 chat, exercising the EOS remap);
-              it knows the answer formats and is poor at the task (add: about 16% greedy; multiple: 7%)
+              it knows the answer formats and is poor at the task (shipped pairs, greedy: add 19.7%; multiple 6.7%)
   data        train/val parquet in verl's RL format: chat `prompt`, `data_source` (the task), `reward_model.
               ground_truth` (the sum; "d (a, b)" for a multiple), 90/10 split with a fixed seed
 
@@ -36,7 +39,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 ADD, MULTIPLE = "eopd_tiny_add", "eopd_tiny_multiple"  # the tasks (each is also verl's data_source)
 VERSIONS = {ADD: "tiny-v4", MULTIPLE: "tiny-multiple-v1"}  # cache folder of each task's pair
@@ -68,8 +71,8 @@ def selected_task() -> str:
                      f"{TASK_ENV}=multiple (name a multiple of d between a and b)")
 
 
-def cache_dir(task: str = ADD) -> Path:
-    return Path(os.environ.get("EOPD_CACHE", Path.home() / ".cache" / "verl_eopd")) / VERSIONS[task]
+SHIPPED = Path(__file__).parent / "pairs"  # the pairs shipped with the package: pairs/<version>/
+PAIR_ENV = "EOPD_PAIR_DIR"  # a folder written by build_pair, used instead of the shipped pair
 
 
 # ------------------------------------------------------------------------------------------------ tasks
@@ -279,39 +282,91 @@ class Recipe:
 RECIPES = {ADD: Recipe(64, 2, 1200, 600), MULTIPLE: Recipe(64, 3, 3000, 150)}
 
 
-def ensure_embedded_default(root: Optional[Path] = None, *, task: str = ADD, teacher_steps: Optional[int] = None,
-                            student_steps: Optional[int] = None, verbose: bool = True) -> dict[str, str]:
-    """Build (once) and return the paths of the task's tiny teacher, student and data (default: addition)."""
+PAIR_FILE = "pair.json"  # what a pair folder holds: paths (relative to the folder), recipe, measured figures
+
+
+def shipped_dir(task: str = ADD) -> Path:
+    """The pair shipped with the package for `task` (package data, built once by `build_pair`)."""
+    return SHIPPED / VERSIONS[_known(task)]
+
+
+def load_pair(root: Path) -> dict:
+    """The pair in `root` (a folder written by `build_pair`): its pair.json with absolute paths."""
+    root = Path(root)
+    record = root / PAIR_FILE
+    if not record.is_file():
+        raise FileNotFoundError(f"{root} holds no embedded pair ({PAIR_FILE} missing). Fix: unset {PAIR_ENV} to use "
+                                f"the shipped pair, or build one: python scripts/build_pair.py --out {root}")
+    info = json.loads(record.read_text())
+    for key in ("teacher", "student", "train", "val"):
+        info[key] = str((root / info[key]).resolve())  # an absolute entry stays as it is
+    info["root"] = str(root.resolve())
+    return info
+
+
+def embedded_pair(task: str = ADD) -> dict:
+    """The pair a run on the embedded default uses: the folder named by $EOPD_PAIR_DIR (one `build_pair`
+    wrote, for a rebuilt or another pair) or else the pair shipped with the package. Nothing is built: every
+    machine trains the same student from the same teacher."""
+    chosen = os.environ.get(PAIR_ENV)
+    info = load_pair(Path(chosen) if chosen else shipped_dir(task))
+    if info.get("task", ADD) != _known(task):
+        raise ValueError(f"{PAIR_ENV}={chosen} holds a pair for task {info.get('task')!r}, not {task!r}. Fix: "
+                         f"point {PAIR_ENV} at a {task} pair, or set {TASK_ENV} to its task")
+    return info
+
+
+def build_pair(root: Path, *, task: str = ADD, teacher_steps: Optional[int] = None,
+               student_steps: Optional[int] = None, teacher_from: Optional[Path] = None,
+               measure: Optional[Callable[[str, dict], float]] = None, verbose: bool = True) -> dict:
+    """Build the task's tiny pair into `root` (the documented way to rebuild the shipped pairs; about 1-3 min on
+    2 cores) and record it in root/pair.json with the held-out greedy accuracies of both models.
+
+    `teacher_from`: a pair folder whose teacher and data are reused (only the student is fine-tuned here; the
+    end-to-end tests' weakly fine-tuned student). `measure(model_dir, info)`: the held-out greedy accuracy
+    (verl_eopd.math.loop.held_out_accuracy; scripts/build_pair.py passes it), recorded for both models. SFT on another machine gives other weights (float reductions
+    differ across CPUs and thread counts), which is why the package ships the pairs instead of building them.
+    """
     import torch
+    import transformers
 
     recipe = RECIPES[_known(task)]
-    root = Path(root or cache_dir(task))
-    done = root / "READY.json"
-    if done.exists():
-        return json.loads(done.read_text())
+    root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     if verbose:
-        print(f"[verl_eopd.cpu.embedded] building the tiny {task} pair in {root} (once; 1-2 min)", flush=True)
+        print(f"[verl_eopd.cpu.embedded] building the tiny {task} pair in {root}", flush=True)
     train, val = task_problems(task)
-    paths = {"root": str(root), "task": task, "teacher": str(root / "teacher"), "student": str(root / "student"),
-             "train": str(root / "train.parquet"), "val": str(root / "val.parquet")}
-    chat_tok = build_tokenizer(str(root / "tok_chat"), eos_token="<|im_end|>", task=task)
-    base_tok = build_tokenizer(str(root / "tok_base"), eos_token="<|endoftext|>", task=task)
-    assert chat_tok.get_vocab() == base_tok.get_vocab()
-    build_tiny_qwen3(paths["teacher"], chat_tok, hidden=recipe.teacher_hidden, layers=recipe.teacher_layers, seed=1)
-    build_tiny_qwen3(paths["student"], base_tok, hidden=32, layers=2, seed=2)
     log = 100 if verbose else 0
-    t_losses = sft(paths["teacher"], chat_tok, train, end_token="<|im_end|>", steps=teacher_steps or recipe.teacher_steps,
-                   lr=3e-3, seed=1, log_every=log)
-    s_losses = sft(paths["student"], base_tok, train, end_token="<|endoftext|>",
+    record = {"task": task, "version": VERSIONS[task], "student": "student",
+              "built_with": {"torch": torch.__version__, "transformers": transformers.__version__, "threads": threads}}
+    if teacher_from is None:
+        record.update(teacher="teacher", train="train.parquet", val="val.parquet")
+        chat_tok = build_tokenizer(str(root / "teacher"), eos_token="<|im_end|>", task=task)
+        build_tiny_qwen3(str(root / "teacher"), chat_tok, hidden=recipe.teacher_hidden, layers=recipe.teacher_layers,
+                         seed=1)
+        t_losses = sft(str(root / "teacher"), chat_tok, train, end_token="<|im_end|>",
+                       steps=teacher_steps or recipe.teacher_steps, lr=3e-3, seed=1, log_every=log)
+        record["teacher_final_sft_loss"] = t_losses[-1]
+        write_rl_parquet(train, root / "train.parquet", "train")
+        write_rl_parquet(val, root / "val.parquet", "val")
+    else:
+        source = load_pair(Path(teacher_from))
+        record.update({k: source[k] for k in ("teacher", "train", "val")})
+    base_tok = build_tokenizer(str(root / "student"), eos_token="<|endoftext|>", task=task)
+    build_tiny_qwen3(str(root / "student"), base_tok, hidden=32, layers=2, seed=2)
+    s_losses = sft(str(root / "student"), base_tok, train, end_token="<|endoftext|>",
                    steps=student_steps or recipe.student_steps, lr=3e-3, seed=2, log_every=log)
-    write_rl_parquet(train, Path(paths["train"]), "train")
-    write_rl_parquet(val, Path(paths["val"]), "val")
+    record.update(student_final_sft_loss=s_losses[-1], student_steps=student_steps or recipe.student_steps)
     torch.set_num_threads(threads)
-    info = {**paths, "teacher_final_sft_loss": t_losses[-1], "student_final_sft_loss": s_losses[-1]}
-    done.write_text(json.dumps(info, indent=1))
-    return info
+    (root / PAIR_FILE).write_text(json.dumps(record, indent=1))
+    info = load_pair(root)
+    if measure is not None:
+        record["held_out_greedy"] = {who: measure(info[who], info) for who in ("teacher", "student")}
+        (root / PAIR_FILE).write_text(json.dumps(record, indent=1))
+    if verbose and measure is not None:
+        print(f"[verl_eopd.cpu.embedded] held-out greedy accuracy: {record['held_out_greedy']}", flush=True)
+    return load_pair(root)
 
 
 STEPS = 60  # rollout batches of the default run
@@ -378,3 +433,4 @@ def embedded_settings(info: dict, algorithm: str, ranks: int = 1, per_node: Opti
         "trainer.test_freq": VAL_EVERY,
         "trainer.save_freq": STEPS,
     }
+

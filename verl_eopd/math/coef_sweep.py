@@ -80,10 +80,10 @@ def verdicts(results: dict[str, list[dict]], default: str) -> list[dict]:
 
 
 def run(seeds, cfg: LoopConfig, out_dir: Path, coefs=COEFS, log: Callable = print, task: str = "eopd_tiny_add") -> dict:
-    from ..cpu.embedded import ensure_embedded_default
+    from ..cpu.embedded import embedded_pair
     from .repro import _Pair
 
-    info = ensure_embedded_default(task=task)
+    info = embedded_pair(task=task)
     pair = _Pair(info)
     t0 = time.time()
     results: dict[str, list[dict]] = {}

@@ -135,6 +135,24 @@ def accuracy(model, prompts, answers, score: Callable, data_sources, *, max_new_
     return sum(score(ds, decode(r), a) for r, a, ds in zip(resp, answers, data_sources)) / len(prompts)
 
 
+def held_out_accuracy(model_dir: str, info: dict) -> float:
+    """Greedy accuracy of the model in `model_dir` (its own tokenizer and end token) on an embedded pair's
+    held-out split (`info["val"]`, verl's validation set of the default run; 16 new tokens at most)."""
+    import pandas as pd
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..cpu.embedded import compute_score
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    rows = pd.read_parquet(info["val"]).to_dict("records")
+    prompts = [tok(tok.apply_chat_template(list(r["prompt"]), tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False)["input_ids"] for r in rows]
+    return accuracy(model, prompts, [r["reward_model"]["ground_truth"] for r in rows], compute_score,
+                    [r["data_source"] for r in rows], max_new_tokens=16, eos_id=tok.eos_token_id,
+                    pad_id=tok.pad_token_id, decode=lambda y: tok.decode(y, skip_special_tokens=True))
+
+
 @torch.no_grad()
 def teacher_statistics(teacher, prompts: list[list[int]], responses: list[list[int]], *, topk: int, student_eos: int,
                        teacher_eos: int, pad_id: int) -> dict[str, torch.Tensor]:

@@ -173,9 +173,9 @@ def run(arms, seeds, cfg: LoopConfig, k: int, ab_prompts_n: int, out_dir: Path, 
         task: str = "eopd_tiny_add") -> dict:
     """Train and evaluate every arm x seed on the task's embedded pair; returns everything measured (also
     written to out_dir/results.json)."""
-    from ..cpu.embedded import ensure_embedded_default
+    from ..cpu.embedded import embedded_pair
 
-    info = ensure_embedded_default(task=task)
+    info = embedded_pair(task=task)
     pair = _Pair(info)
     ab_prompts = random.Random(0).sample(pair.val, min(ab_prompts_n, len(pair.val)))
     t0 = time.time()
