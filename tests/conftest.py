@@ -9,10 +9,6 @@ sys.path.insert(0, os.path.dirname(__file__))  # tests/dense_reference.py, tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# one embedded tiny pair per test session (built on first use, ~1 min), shared by the end-to-end tests and
-# the scripts they run as subprocesses; set EOPD_CACHE to reuse a built one
-if "EOPD_CACHE" not in os.environ:
-    os.environ["EOPD_CACHE"] = tempfile.mkdtemp(prefix="verl_eopd_cache_")
 
 STUDENT_VOCAB = 320  # rows of the student's embedding
 TEACHER_VOCAB = 352  # the teacher's table is padded, like Qwen's 151,936 vs 152,064
@@ -27,35 +23,109 @@ def run_main(overrides, cwd, timeout: int = 1500, **env) -> subprocess.Completed
     return proc
 
 
-_CPU_ENV = ("VERL_PLATFORM", "VERL_USE_EXTERNAL_MODULES", "VERL_ENGINE_DEVICE")
 
 
-@pytest.fixture(scope="session")
+def pytest_configure(config):
+    """The suite is the CPU suite on any host: a visible GPU would switch the runs to GPU settings (verl_eopd.main
+    picks CPU settings only when no GPU is visible), so GPUs are hidden from this process and its subprocesses
+    before torch initialises CUDA. Variables of the user's shell that select verl's platform or a process group
+    are dropped; verl_cpu sets them for its modules and puts them back. (A hook, not import-time code: helper
+    scripts that import this module in subprocesses keep their environment.)"""
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    for name in ("VERL_PLATFORM", "VERL_USE_EXTERNAL_MODULES", "VERL_ENGINE_DEVICE", "RANK", "WORLD_SIZE",
+                 "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(name, None)
+
+
+# variables that would point a test at the user's files, cluster or console instead of its own
+_OUTSIDE_ENV = ("EOPD_PAIR_DIR", "EOPD_EMBEDDED_TASK", "RAY_ADDRESS", "VERL_FILE_LOGGER_PATH", "VERL_FILE_LOGGER_ROOT",
+                "EOPD_TEACHER_TOKEN_COLUMN", "EOPD_CONSOLE", "EOPD_TASK_RUNNER")
+
+
+@pytest.fixture(autouse=True)
+def hermetic(tmp_path, monkeypatch):
+    """Every test runs in its own working directory with its own caches: nothing reads the checkout's
+    ./checkpoints or ./verl-eopd logs, ~/.cache, or another test's leftovers, and the variables above come
+    from the test alone (monkeypatch restores them afterwards)."""
+    monkeypatch.chdir(tmp_path)
+    for name in _OUTSIDE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    cache = tmp_path / ".cache"
+    for name, sub in (("XDG_CACHE_HOME", ""), ("HF_HOME", "huggingface"), ("TRITON_CACHE_DIR", "triton")):
+        monkeypatch.setenv(name, str(cache / sub))
+    yield
+
+
+_CPU_ENV = ("VERL_PLATFORM", "VERL_USE_EXTERNAL_MODULES", "VERL_ENGINE_DEVICE", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+            "MASTER_ADDR", "MASTER_PORT")
+
+
+def _attribute(path: str):
+    """(owner, name) of a dotted attribute path whose module is imported; None when it is not (yet)."""
+    module, _, name = path.rpartition(".")
+    owner_path, _, cls = module.rpartition(".")
+    if module in sys.modules:
+        return sys.modules[module], name
+    if owner_path in sys.modules and hasattr(sys.modules[owner_path], cls):
+        return getattr(sys.modules[owner_path], cls), name
+    return None
+
+
+# what verl_cpu changes through the CPU platform's install (verl_eopd/cpu/platform.py): torch's offload
+# policy and verl's reference to it, verl's top-k teacher check, verl's resolved platform
+_CPU_PATCHED = ("torch.distributed.fsdp.CPUOffloadPolicy",
+                "verl.workers.engine.fsdp.transformer_impl.CPUOffloadPolicy",
+                "verl.workers.config.distillation.DistillationTeacherModelConfig._validate_topk_logprobs",
+                "verl.plugin.platform.platform_manager._current_platform")
+
+
+@pytest.fixture(scope="module")
 def verl_cpu():
-    """verl on CPU in this process (the integration tests that drive verl's engine and workers directly): the
-    CPU platform and a one-process gloo group. The environment it sets is restored at the end of the session;
-    the end-to-end tests run the command line in subprocesses and never depend on this."""
-    from verl_eopd.cpu import platform as cpu
+    """verl on CPU in this process for one test module (the integration tests that drive verl's engine and
+    workers directly): the CPU platform and a one-process gloo group. At the module's end it puts back what it
+    changed: the environment, the patched attributes, the platform and the process group; tests in other
+    modules, in any order, see none of it. The end-to-end tests run the command line in subprocesses."""
+    import importlib
 
-    saved = {k: os.environ.get(k) for k in _CPU_ENV}
-    cpu.install()
     import torch.distributed as dist
 
+    from verl_eopd.cpu import platform as cpu
+    from verl_eopd.integration import patches
+
+    for name in ("torch.distributed.fsdp", "verl.workers.engine.fsdp.transformer_impl",
+                 "verl.workers.config.distillation", "verl.plugin.platform.platform_manager"):
+        importlib.import_module(name)  # imported first, so that every patched attribute can be saved
+    saved_env = {k: os.environ.get(k) for k in _CPU_ENV}
+    saved_attr = {path: (owner, name, getattr(owner, name)) for path in _CPU_PATCHED
+                  for owner, name in [_attribute(path)]}
+    saved_patches = (set(patches._DONE), dict(patches._APPLIED), cpu._STATE["installed"])
+    cpu.install()
     # verl's Worker reads its rank from the environment (Ray sets these for real workers)
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": "29533"}.items():
         os.environ.setdefault(key, value)
-    if not dist.is_initialized():
+    ours = not dist.is_initialized()
+    if ours:  # a file rendezvous: no port to race for
         fd, path = tempfile.mkstemp()
         os.close(fd)
         os.unlink(path)
         dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
     yield True
-    for k, v in saved.items():
+    if ours and dist.is_initialized():
+        dist.destroy_process_group()
+    for k, v in saved_env.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+    for owner, name, value in saved_attr.values():
+        setattr(owner, name, value)
+    done, applied, installed = saved_patches
+    patches._DONE.clear()
+    patches._DONE.update(done)
+    patches._APPLIED.clear()
+    patches._APPLIED.update(applied)
+    cpu._STATE["installed"] = installed
 
 
 @pytest.fixture(scope="session")

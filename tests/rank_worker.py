@@ -16,7 +16,7 @@ from functools import partial
 
 import torch
 
-V, K, B, P, R = 320, 8, 8, 6, 7  # STUDENT_VOCAB of conftest; 8 sequences: 4 per rank on 2 ranks
+V, K, B, P, R, H = 320, 8, 8, 6, 7, 32  # STUDENT_VOCAB of conftest; H: the tiny student's hidden size; 8 sequences: 4 per rank on 2 ranks
 
 # case -> (loss config, batch fields, engine knobs); micro-batches of 2: 4 per mini-batch on 1 rank, 2 per rank on 2
 CASES = {
@@ -26,6 +26,8 @@ CASES = {
     "eopd_grpo": dict(loss=dict(entropy_threshold="median", use_task_rewards=True, distillation_loss_coef=0.2,
                                 clip_ratio_c=3.0), micro=2, task=True),
     "eopd_dynamic_bsz": dict(loss=dict(entropy_threshold="median"), dynamic=True),
+    # the soft gate is per token (no batch statistic): equal across layouts even with token-budget micro-batches
+    "soft_dynamic_bsz": dict(loss=dict(gate="soft", entropy_threshold="median", gate_temperature=0.3), dynamic=True),
     "quantile_dynamic_bsz": dict(loss=dict(gate="quantile", gate_quantile=0.3), dynamic=True),
     "eopd_micro4": dict(loss=dict(entropy_threshold="median"), micro=4),
 }
@@ -173,15 +175,16 @@ def run_teacher(batch: dict, world: int, rank: int, student: str, teacher: str) 
             ("teacher_ids", "teacher_logprobs", "teacher_entropy", "teacher_token_logprob")}
 
 
-def main(out_path: str, world: int, rank: int, port: int, student: str, teacher: str) -> None:
+def main(out_path: str, world: int, rank: int, rendezvous: str, student: str, teacher: str) -> None:
+    # verl's Worker reads MASTER_ADDR/PORT; the group itself meets through the file rendezvous (no port bound)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"})
     from verl_eopd.cpu import platform as cpu
 
     cpu.install()
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     torch.manual_seed(0)
     batch = make_batch()
     results = {name: run_case(name, spec, batch, world, rank, student) for name, spec in CASES.items()}
@@ -196,4 +199,4 @@ def main(out_path: str, world: int, rank: int, port: int, student: str, teacher:
 
 if __name__ == "__main__":
     a = sys.argv[1:]
-    main(a[0], int(a[1]), int(a[2]), int(a[3]), a[4], a[5])
+    main(a[0], int(a[1]), int(a[2]), a[3], a[4], a[5])

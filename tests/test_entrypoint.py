@@ -205,7 +205,7 @@ def test_the_embedded_default_follows_the_rank_count(tiny_models, no_model_loads
     from verl_eopd.main import prepare
 
     info = {**{k: tiny_models[k] for k in ("student", "teacher", "train", "val")}, "root": "/x", "task": embedded.ADD}
-    monkeypatch.setattr(embedded, "ensure_embedded_default", lambda task=embedded.ADD: info)
+    monkeypatch.setattr(embedded, "embedded_pair", lambda task=embedded.ADD: info)
     cfg = _compose("algorithm=eopd", f"trainer.n_gpus_per_node={ranks}")
     prepare(cfg, user_keys=["trainer.n_gpus_per_node"])
     assert cfg.trainer.n_gpus_per_node == ranks and cfg.ray_kwargs.ray_init.num_gpus == ranks
@@ -224,7 +224,7 @@ def test_the_embedded_default_fits_its_micro_batches_to_the_users_batch_sizes(ti
     from verl_eopd.main import prepare
 
     info = {**{k: tiny_models[k] for k in ("student", "teacher", "train", "val")}, "root": "/x", "task": embedded.ADD}
-    monkeypatch.setattr(embedded, "ensure_embedded_default", lambda task=embedded.ADD: info)
+    monkeypatch.setattr(embedded, "embedded_pair", lambda task=embedded.ADD: info)
     keys = [f"data.train_batch_size={batch}", f"actor_rollout_ref.actor.ppo_mini_batch_size={mini}",
             f"actor_rollout_ref.rollout.n={n}"]
     cfg = _compose("algorithm=eopd", *keys)
@@ -379,13 +379,9 @@ def test_embedded_default_picks_a_rollout_backend_and_one_rank_on_any_machine(mo
 ])
 def test_missing_files_and_bad_model_paths_fail_fast_naming_the_key(tiny_models, no_model_loads, override, key,
                                                                     message):
-    import time
-
-    start = time.time()
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(ValueError) as e:  # before any model loads (no_model_loads), and so in seconds
         _run(tiny_models, override)
     assert f"{key}=" in str(e.value) and message in str(e.value) and "Fix:" in str(e.value), str(e.value)
-    assert time.time() - start < 10
 
 
 def test_a_tokenizer_that_cannot_load_is_named(tmp_path, tiny_models, no_model_loads):

@@ -1,7 +1,9 @@
 """Faults lose nothing: the command line killed with SIGKILL (mid-step, and during a checkpoint save), then run
 again unchanged, resumes from the last complete checkpoint and ends at the same step, having trained on
 exactly the prompts an uninterrupted run trains on, step by step (verl's dataloader state is part of the
-checkpoint). tests/fault_inject.py is the injected fault and the prompt log."""
+checkpoint), and with the very model and optimizer state the last checkpoint saved. The uninterrupted order
+is verl's own sampler's (verl.trainer.ppo.utils.create_rl_sampler over the same data config), computed here
+without a run. tests/fault_inject.py is the injected fault, the prompt log and the state digests."""
 
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ def _command(root: Path, name: str) -> list[str]:
 
 def _env(root: Path, name: str, **extra) -> dict:
     env = {**os.environ, "VERL_FILE_LOGGER_ROOT": str(root / "metrics"),
-           "EOPD_TEST_PROMPT_LOG": str(root / f"{name}.prompts"),
+           "EOPD_TEST_PROMPT_LOG": str(root / f"{name}.prompts"), "EOPD_TEST_STATE_LOG": str(root / f"{name}.state"),
            "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
            # the plugin first: it registers the CPU platform that verl's checkpoint module resolves on import
            "VERL_USE_EXTERNAL_MODULES": "verl_eopd.plugin,fault_inject", **extra}
@@ -65,7 +67,26 @@ def _run_until_killed(root: Path, name: str, **extra) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     log.close()
-    time.sleep(3)  # Ray's reaper takes the cluster down once the driver is gone
+    _wait_until_gone(f"EOPD_TEST_MARKER={marker}".encode())
+
+
+def _wait_until_gone(entry: bytes, timeout: float = 120.0) -> None:
+    """Wait until no process carries `entry` in its environment: the killed run's Ray processes (raylet, GCS,
+    workers; each inherits the driver's environment) are gone once Ray's reaper has taken the cluster down."""
+    deadline = time.time() + timeout
+    while True:
+        alive = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if entry in f.read().split(b"\0"):
+                        alive.append(pid)
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+        if not alive:
+            return
+        assert time.time() < deadline, f"processes of the killed run still alive after {timeout:.0f} s: {alive}"
+        time.sleep(0.2)
 
 
 def _steps_trained(root: Path, name: str) -> list[int]:
@@ -82,14 +103,33 @@ def _tracker(root: Path, name: str) -> int:
     return int((root / "ckpt" / name / "latest_checkpointed_iteration.txt").read_text())
 
 
+def _states(root: Path, name: str) -> list[dict]:
+    path = root / f"{name}.state"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The uninterrupted run: the prompts of each step."""
+    """The prompts of each step of an uninterrupted run: verl's sampler over the run's data config (the embedded
+    pair's training split; verl's dataloader takes the sampler's indices PROMPTS at a time, dropping nothing
+    before STEPS x PROMPTS)."""
+    import pandas as pd
+    from hydra import compose, initialize_config_dir
+    from verl.trainer.ppo.utils import create_rl_sampler
+
+    import verl_eopd
+    from verl_eopd.cpu.embedded import embedded_pair
+
     root = tmp_path_factory.mktemp("faults")
-    _run(root, "whole")
-    assert _steps_trained(root, "whole") == list(range(1, STEPS + 1))
-    by_step = _prompts_by_step(root, "whole")
-    assert len(by_step) == STEPS and len({tuple(s) for s in by_step}) == STEPS
+    conf = str(Path(verl_eopd.__file__).parent / "conf")
+    with initialize_config_dir(config_dir=conf, version_base=None):
+        cfg = compose(config_name="eopd_trainer", overrides=[a for a in _command(root, "whole")[3:] if "=" in a
+                                                                 and not a.startswith("reward.")])
+    rows = pd.read_parquet(embedded_pair()["train"])
+    order = list(iter(create_rl_sampler(cfg.data, list(range(len(rows))))))
+    index = [int(rows.iloc[i]["extra_info"]["index"]) for i in order[:STEPS * PROMPTS]]
+    by_step = [sorted(index[i:i + PROMPTS]) for i in range(0, STEPS * PROMPTS, PROMPTS)]
+    assert len({tuple(s) for s in by_step}) == STEPS
     return root, by_step
 
 
@@ -101,11 +141,27 @@ def test_sigkill_mid_step_then_the_same_command_resumes_without_skipping_or_repe
     before_kill = _prompts_by_step(root, "killed")[:2]
     log = root / "killed.prompts"
     log.rename(root / "killed.before.prompts")
-    _run(root, "killed")  # the same command
-    assert _steps_trained(root, "killed")[-2:] == [3, 4]
+    saved = {e["step"]: e for e in _states(root, "killed") if e["event"] == "save"}
+    assert sorted(saved) == [1, 2]
+    proc = _run(root, "killed")  # the same command
+    ckpt = root / "ckpt" / "killed"
+    assert f"resumed at step 2 from {ckpt / 'global_step_2'}" in proc.stdout
+    assert _steps_trained(root, "killed")[-2:] == [3, 4]  # steps 3 and 4 only: nothing retrained
     assert _tracker(root, "killed") == STEPS
     after = _prompts_by_step(root, "killed")
     assert before_kill + after == whole  # no prompt skipped or repeated, step by step
+    # the resumed run starts from exactly the state step 2 saved: model weights, AdamW moments and step, lr
+    loads = [e for e in _states(root, "killed") if e["event"] == "load"]
+    assert len(loads) == 1 and loads[0]["path"] == str(ckpt / "global_step_2")
+    for key in ("model", "optimizer", "n_optimizer_states", "lr"):
+        assert loads[0][key] == saved[2][key], key
+    assert saved[2]["n_optimizer_states"] > 0 and saved[1]["model"] != saved[2]["model"]  # the digests see training
+    # the EOPD settings travel with each checkpoint and the resumed run's metrics are EOPD's
+    settings = json.loads((ckpt / "global_step_2" / "eopd_settings.json").read_text())
+    assert settings["loss_mode"] == "eopd" and settings["entropy_threshold"] == 0.8 and settings["fkl_coef"] == 1.0
+    assert json.loads((ckpt / "global_step_4" / "eopd_settings.json").read_text()) == settings
+    last = json.loads((root / "metrics" / "verl-eopd" / "killed.jsonl").read_text().splitlines()[-1])["data"]
+    assert all(f"actor/eopd/{k}" in last for k in ("teacher_entropy_mean", "gate_frac", "fkl_mean", "rkl_mean"))
 
 
 def test_kill_during_a_checkpoint_save_resumes_from_the_previous_checkpoint(reference):
@@ -124,3 +180,9 @@ def test_kill_during_a_checkpoint_save_resumes_from_the_previous_checkpoint(refe
     # step 2 is trained again from step 1's state, on the same prompts; nothing after it is lost or repeated
     assert first_two[:1] + _prompts_by_step(root, "torn") == whole
     assert first_two[1] == whole[1]
+    # restored from step 1's state, not from anything the torn save of step 2 left
+    saved = [e for e in _states(root, "torn") if e["event"] == "save"]
+    loads = [e for e in _states(root, "torn") if e["event"] == "load"]
+    assert len(loads) == 1 and loads[0]["path"] == str(ckpt / "global_step_1")
+    step1 = next(e for e in saved if e["step"] == 1 and e["path"] == str(ckpt / "global_step_1"))
+    assert all(loads[0][k] == step1[k] for k in ("model", "optimizer", "lr"))

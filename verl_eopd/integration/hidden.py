@@ -106,6 +106,9 @@ def pack_outputs(engine, out: dict, micro_batch, output_args, use_rmpad: bool) -
 _ACTOR = []
 
 
+FROM_HIDDEN_LINE = "actor engine: EOPD terms from the last hidden states and the lm head (from_hidden=true)"
+
+
 def actor_engine_class():
     """verl's FSDP language-model engine with the student pass from hidden states (registered on first use)."""
     if _ACTOR:
@@ -126,6 +129,7 @@ def actor_engine_class():
             super().__init__(model_config, *args, **kwargs)
             self._capture = HiddenCapture()
             self._loss_function = None
+            print(f"[verl_eopd] {FROM_HIDDEN_LINE}", flush=True)  # one line per actor rank (Ray forwards it)
 
         def _build_module(self):
             module = super()._build_module()
