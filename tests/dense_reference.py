@@ -100,7 +100,8 @@ def dense_topk_token_logprob(topk_ids, topk_logprobs, sampled_ids, vocab_size: i
     """log pi_T(y_t) from the top-k alone, row by row: exact when y_t is a (finite) top-k entry, else the
     uniform-tail value min(ln(r / (V - k)), ln p_min). Returns a float64 tensor of sampled_ids.shape."""
     K = topk_ids.shape[-1]
-    ids, lps, ys = topk_ids.reshape(-1, K).tolist(), topk_logprobs.double().reshape(-1, K).tolist(), sampled_ids.reshape(-1).tolist()
+    ids, lps = topk_ids.reshape(-1, K).tolist(), topk_logprobs.double().reshape(-1, K).tolist()
+    ys = sampled_ids.reshape(-1).tolist()
     out = []
     for row_ids, row_lp, y in zip(ids, lps, ys):
         hit = [lp for i, lp in zip(row_ids, row_lp) if i == y and math.isfinite(lp)]

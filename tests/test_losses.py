@@ -34,9 +34,9 @@ def _assert_within(got: torch.Tensor, ref: torch.Tensor, tol: torch.Tensor, what
     """|got - ref| <= tol entry by entry (tol: a derived bound of the same shape), with the worst entry named."""
     err = (got.double() - ref).abs()
     ratio = torch.where(tol > 0, err / tol.clamp_min(1e-300), torch.where(err > 0, torch.inf, 0.0))
-    worst = int(ratio.reshape(-1).argmax())
-    assert ratio.max() <= 1.0, (f"{what}: entry {worst} off by {err.reshape(-1)[worst].item():.3e}, bound "
-                                f"{tol.reshape(-1)[worst].item():.3e} (|ref| = {ref.reshape(-1)[worst].abs().item():.3e})")
+    w = int(ratio.reshape(-1).argmax())
+    e, t, r = (v.reshape(-1)[w].abs().item() for v in (err, tol, ref))
+    assert ratio.max() <= 1.0, f"{what}: entry {w} off by {e:.3e}, bound {t:.3e} (|ref| = {r:.3e})"
 
 
 def _batch(B=3, T=7, V=97, K=6, seed=0, scale=2.0, dtype=torch.float32):

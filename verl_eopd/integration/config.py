@@ -392,6 +392,13 @@ def check_run_config(config) -> "EOPDLossConfig":
 
     loss = build_loss_config(config.distillation)
     dist, aref = config.distillation, config.actor_rollout_ref
+    for key in ("actor_rollout_ref.actor.strategy", "actor_rollout_ref.ref.strategy"):
+        strategy = OmegaConf.select(config, key)
+        if strategy is not None and str(strategy) not in ("fsdp", "fsdp2"):
+            raise ValueError(
+                f"{key}={strategy}: EOPD's loss is a logits processor of verl's FSDP engine and its teacher an FSDP "
+                f"reference worker; Megatron (or any other strategy) is not supported. Fix: {key}=fsdp2"
+            )
     teacher_path = OmegaConf.select(config, "distillation.teacher_models.teacher_model.model_path")
     if not aref.model.get("path"):
         raise ValueError(
@@ -438,10 +445,12 @@ def check_run_config(config) -> "EOPDLossConfig":
                 "teacher with teacher_route=ref, so there is no reference policy to regularise towards. Fix: set "
                 "both to false (EOPD's reverse-KL term already pulls the student to the teacher)"
             )
-        lora = aref.model.get("lora_rank", 0) or (aref.model.get("lora", {}) or {}).get("rank", 0)
-        if lora and int(lora) > 0:
-            raise ValueError("actor_rollout_ref.model.lora_rank > 0: with LoRA verl uses the actor as its reference, "
-                             f"which cannot hold the teacher. Fix: full fine-tuning, or {_KEY}.teacher_route=server")
+        for key, rank in (("actor_rollout_ref.model.lora_rank", aref.model.get("lora_rank", 0)),
+                          ("actor_rollout_ref.model.lora.rank", (aref.model.get("lora", {}) or {}).get("rank", 0))):
+            if rank and int(rank) > 0:
+                raise ValueError(f"{key}={rank}: with LoRA verl uses the actor (adapters off) as its reference, which "
+                                 f"then cannot hold the teacher. Fix: {key}=0 (full fine-tuning), or "
+                                 f"{_KEY}.teacher_route=server (the teacher on verl's teacher pool)")
     elif not dist.get("enabled", False):
         raise ValueError(
             f"{_KEY}.teacher_route=server needs verl's teacher pool. Fix: distillation.enabled=true "
