@@ -100,6 +100,28 @@ def test_verdicts_pair_seeds_and_holm_correct_the_family():
     assert flipped[0]["verdict"] == "reversed"
 
 
+def _assert_the_arms_train_different_objectives_on_the_same_rollouts(results: dict) -> None:
+    """What results.json must show if OPD and EOPD really are the two objectives, paired by seed.
+
+    Step 1 of a seed starts both arms from the same student with the same sampling seed, so both train on the
+    same rollout: its `rkl_mean` (log pi_old - log pi_T on the sampled tokens) and `gate_frac` (from the
+    teacher's entropy on them) are equal across the arms. Its recorded metrics come from the last of the PPO
+    epochs on that one batch, after the earlier epochs' updates; with the same data the only difference is the
+    objective: EOPD adds the forward KL on the gated tokens (teacher entropy > tau = 0.8, the tokens
+    `fkl_high_entropy_mean` averages over), so its FKL there ends lower than OPD's (fkl_coef = 0). Identical arms,
+    an FKL term switched on in both or in neither, or swapped arms fail this."""
+    for opd, eopd in zip(results["opd"], results["eopd"]):
+        assert opd["seed"] == eopd["seed"]
+        o, e = opd["train_metrics"], eopd["train_metrics"]
+        assert len(o["rkl_mean"]) == len(e["rkl_mean"]) == 3  # one record per step
+        assert e["rkl_mean"][0] == pytest.approx(o["rkl_mean"][0], abs=1e-6), "step 1 should see the same rollout"
+        assert e["gate_frac"][0] == pytest.approx(o["gate_frac"][0], abs=1e-6), "step 1 should see the same rollout"
+        assert 0 < e["gate_frac"][0] < 1  # some tokens gated, so the FKL term has something to act on
+        assert e["fkl_high_entropy_mean"][0] < o["fkl_high_entropy_mean"][0], (opd["seed"], o, e)
+        assert e["student_entropy_mean"] != o["student_entropy_mean"]
+        assert (eopd["student_entropy"], eopd["fkl_high_entropy"]) != (opd["student_entropy"], opd["fkl_high_entropy"])
+
+
 @pytest.mark.e2e
 def test_mini_repro_quick_end_to_end(tmp_path):
     """The smoke version: two seeds of OPD and EOPD on both embedded pairs, evaluated, tested (one Holm family
@@ -123,6 +145,7 @@ def test_mini_repro_quick_end_to_end(tmp_path):
                 assert sorted(int(s) for s in run["curve"]) == [0, 3]
         refs = results["references"]
         assert refs["teacher_greedy"] > refs["student_before_greedy"] + 0.5  # the pair is a real test bed
+        _assert_the_arms_train_different_objectives_on_the_same_rollouts(results["results"])
     rows = json.loads((out / "verdicts.json").read_text())
     assert {v["verdict"] for v in rows} <= {"holds", "reversed", "not shown"}
     # 4 claims (entropy, FKL, Pass@4, Avg@4) x 1 EOPD arm x 2 tasks, corrected as one family
