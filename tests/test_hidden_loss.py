@@ -104,7 +104,7 @@ def test_from_hidden_equals_the_logits_path_values_stats_and_gradients(dtype):
             assert s2[key] == pytest.approx(s1[key], abs=1e-5, rel=1e-5), key
         torch.testing.assert_close(gh2, gh1, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(gw2, gw1, atol=1e-6, rtol=1e-5)
-    else:  # the same bf16 logits per chunk; the lm head's gradient is summed over chunks in bf16 (as Liger does)
+    else:  # the same bf16 logits per chunk; the lm head's gradient is summed over chunks in fp32, cast once
         assert l2.item() == pytest.approx(l1.item(), abs=1e-3)
         torch.testing.assert_close(gh2.float(), gh1.float(), atol=2e-3, rtol=2e-2)
         torch.testing.assert_close(gw2.float(), gw1.float(), atol=2e-3, rtol=2e-2)
@@ -148,7 +148,7 @@ def test_backward_reuses_the_forwards_last_chunk_once(monkeypatch, dtype, temper
 
 
 def test_bf16_from_hidden_is_as_close_to_float64_as_the_logits_path():
-    """bf16 error of both paths against the float64 reference on the same bf16 inputs: the chunked bf16
+    """bf16 error of both paths against the float64 reference on the same bf16 inputs: the chunked (fp32)
     accumulation of the lm head's gradient costs at most a small factor over the logits path's."""
     hidden, weight, ids, old, ts, mask, _ = _batch(seed=2, dtype=torch.bfloat16)
     s = _settings(ts, mask)

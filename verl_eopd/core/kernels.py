@@ -1,8 +1,8 @@
 """The chunked kernels: full-vocabulary (log-)softmax quantities without an fp32 [tokens, V] tensor.
 
-Student and teacher logits are visited in chunks of rows (`chunk_bytes` of fp32 per chunk, in buffers
-reused across chunks, through torch's fused (log_)softmax kernels). The student side is a custom autograd
-function that saves nothing but its inputs and recomputes the softmax chunk by chunk in the backward pass.
+Student and teacher logits are visited in chunks of rows (in buffers reused across chunks, through torch's fused
+(log_)softmax kernels). The student side is a custom autograd function that saves nothing but its inputs and
+recomputes the softmax chunk by chunk in the backward pass.
 
     teacher_stats:        top-k ids and log-probs, exact entropy H = -sum_v p_v log p_v, log p(y)   (no grad)
     student_logprobs_at:  log softmax(z)[index] (differentiable) and, optionally, the entropy (detached)
@@ -10,20 +10,76 @@ The `*_from_hidden` twins take the last hidden states h [N, H] and the lm head W
 each chunk's logits are computed from h, used and dropped, and recomputed in backward (all but the last chunk,
 which the forward leaves in the reused buffer: (k - 1)/k of one extra lm-head matmul for k chunks), so no
 [N, V] tensor of any dtype exists, in the forward or the backward pass.
+
+Behaviour on the device they run on (docs/from_hidden.md, "Chunk sizes, launches and host syncs"):
+  * chunk sizes come from `chunk_sizing(device, dtype, V, kind=...)`, the one place that sizes them: on CUDA
+    rows in the thousands per chunk (one lm-head matmul each) and the fp32 work and the entropy over whole
+    chunks; elsewhere (CPU) the small sub-chunks that suit two cores;
+  * the lm head's gradient is accumulated over chunks in fp32 and cast to the weight's dtype once;
+  * the host reads device values once per call (`HostChecks`): the bad-input checks stay on the device as flags
+    and are read in one transfer at the end (the error messages are the same; only the error path reads more).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 
 from .settings import DEFAULT_LOGITS_CHUNK_MB
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "teacher_stats", "teacher_stats_from_hidden", "student_logprobs_at",
-           "student_logprobs_at_from_hidden"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "ChunkSizing", "HostChecks", "chunk_sizing", "host_checks", "teacher_stats",
+           "teacher_stats_from_hidden", "student_logprobs_at", "student_logprobs_at_from_hidden"]
 
 DEFAULT_CHUNK_BYTES = DEFAULT_LOGITS_CHUNK_MB * 2**20
+
+_aten = torch.ops.aten
+
+
+# --------------------------------------------------------------------------------------------------
+# Chunk sizes by device
+# --------------------------------------------------------------------------------------------------
+
+# CPU (and any device but CUDA). Rows per lm-head chunk at least: every chunk re-reads W [V, H], so a matmul over
+# few rows does little work per read (on 2 CPU cores at H 1,024: 2.0 ms per row at 256 rows, 1.7 at 512 for
+# h @ W.T in fp32). The student kernel runs three matmuls per chunk in backward and takes 512 (a 16-bit lm head
+# does its fp32 work SUB_ROWS_16BIT rows at a time). The teacher (one matmul, no grad) keeps 256, half the memory;
+# docs/benchmarks.md, "EOPD from hidden states". The entropy forms p log p ENTROPY_ROWS rows at a time.
+HIDDEN_MIN_ROWS = 512
+SUB_ROWS_16BIT = 32
+TEACHER_HIDDEN_MIN_ROWS = 256
+ENTROPY_ROWS = 8
+
+# CUDA. Every op is a kernel launch (~5-10 us of host time each), so the sub-chunks above would cost ~12k launches
+# for the forward of a 16k-token micro-batch. On CUDA a chunk is one matmul of CUDA_MIN_ROWS..CUDA_MAX_ROWS rows
+# (a power of two; the largest whose work memory fits CUDA_WORK_BYTES), and the fp32 work and the entropy run over
+# the whole chunk: a fixed number of launches per chunk, a few hundred per micro-batch. The matmul
+# [rows, H] x [H, V] does rows * H / (rows + H) flops per byte read, over 500 from rows = H = 1,024: compute-bound
+# on an H100 for any Qwen3 width, so H does not enter; the work memory is V * (bytes per logit) per row, so V and
+# the dtype do. Qwen3 (V = 151,936) gets 1,024 rows (1.5 GiB of work buffers in bf16), V = 32k gets 4,096.
+CUDA_MIN_ROWS = 1024
+CUDA_MAX_ROWS = 4096
+CUDA_WORK_BYTES = 2 * 2**30
+
+Kind = Literal["logits", "student", "teacher"]
+KINDS: tuple[str, ...] = ("logits", "student", "teacher")
+
+
+@dataclass(frozen=True)
+class ChunkSizing:
+    """How a kernel visits its rows.
+
+    rows: rows per chunk (one lm-head matmul per chunk on the from_hidden path);
+    work_rows: rows of fp32 work at once inside a 16-bit lm-head chunk (= rows: the whole chunk);
+    entropy_rows: rows of p log p formed at once (a [entropy_rows, V] fp32 temporary).
+    """
+
+    rows: int
+    work_rows: int
+    entropy_rows: int
 
 
 def _rows_per_chunk(vocab_size: int, chunk_bytes: int) -> int:
@@ -32,16 +88,147 @@ def _rows_per_chunk(vocab_size: int, chunk_bytes: int) -> int:
     return max(1, int(chunk_bytes) // (4 * int(vocab_size)))
 
 
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(1, int(x)).bit_length() - 1)
 
-def _check_rows(name: str, first_col: torch.Tensor) -> None:
-    """Raise naming the first row whose log-probs are NaN: a NaN or +inf logit makes its whole row NaN under
-    log_softmax. One host sync per call (not per chunk): `first_col` [N] is any column of the row outputs."""
+
+def _cuda_rows(V: int, dtype: torch.dtype, kind: str) -> int:
+    """Rows per chunk on CUDA: the largest power of two in [CUDA_MIN_ROWS, CUDA_MAX_ROWS] whose work buffers fit
+    CUDA_WORK_BYTES. Bytes per logit of a chunk: the fp32 copy or log p (4) and the entropy's p log p (4), plus the
+    lm-head chunk in its own dtype on the from_hidden path."""
+    per_logit = 8 + (dtype.itemsize if kind != "logits" else 0)
+    return min(CUDA_MAX_ROWS, max(CUDA_MIN_ROWS, _pow2_floor(CUDA_WORK_BYTES // (per_logit * int(V)))))
+
+
+def chunk_sizing(device, dtype: torch.dtype, V: int, *, kind: Kind,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> ChunkSizing:
+    """The chunking of a kernel over [N, V] logits (`kind` "logits": teacher_stats / student_logprobs_at) or over
+    an lm head of V words ("student": student_logprobs_at_from_hidden; "teacher": teacher_stats_from_hidden) on
+    `device` (a torch.device or its name; nothing is allocated there) for logits or an lm head of `dtype`.
+
+    `chunk_bytes` (fp32 bytes of logits per chunk, `logits_chunk_mb`) gives the rows at least; on CUDA the rows are
+    raised to `_cuda_rows` and the fp32 work and the entropy span the whole chunk; elsewhere the from_hidden
+    kernels take at least HIDDEN_MIN_ROWS / TEACHER_HIDDEN_MIN_ROWS rows, a 16-bit lm head's fp32 work
+    SUB_ROWS_16BIT rows at a time, and the entropy ENTROPY_ROWS rows at a time.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    base = _rows_per_chunk(V, chunk_bytes)
+    if torch.device(device).type == "cuda":
+        rows = max(base, _cuda_rows(V, dtype, kind))
+        return ChunkSizing(rows=rows, work_rows=rows, entropy_rows=rows)
+    if kind == "logits":
+        return ChunkSizing(rows=base, work_rows=base, entropy_rows=ENTROPY_ROWS)
+    rows = max(base, HIDDEN_MIN_ROWS if kind == "student" else TEACHER_HIDDEN_MIN_ROWS)
+    work = rows if dtype == torch.float32 else min(SUB_ROWS_16BIT, rows)
+    return ChunkSizing(rows=rows, work_rows=work, entropy_rows=ENTROPY_ROWS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Host reads: one per pass
+# --------------------------------------------------------------------------------------------------
+
+
+class HostChecks:
+    """Bad-input checks whose flags stay on the device until one read.
+
+    `add(flag, fail)`: flag is a 0-d bool tensor (True = bad input), `fail()` raises the check's error (it may read
+    the device again: only the error path does). `read(values)` copies every flag and the 0-d `values` to the host
+    in one transfer (the one host sync), raises the first failed check's error in the order they were added, and
+    returns the values as floats.
+    """
+
+    def __init__(self):
+        self._flags: list[torch.Tensor] = []
+        self._fails: list[Callable[[], None]] = []
+        self.done = False
+
+    def add(self, flag: torch.Tensor, fail: Callable[[], None]) -> None:
+        self._flags.append(flag.reshape(()))
+        self._fails.append(fail)
+
+    def read(self, values: Sequence[torch.Tensor] = ()) -> list[float]:
+        flags, fails = self._flags, self._fails
+        self._flags, self._fails, self.done = [], [], True
+        tensors = [t.detach().reshape(()) for t in (*flags, *values)]
+        if not tensors:
+            return []
+        dev = tensors[0].device
+        host = torch.stack([t.to(device=dev, dtype=torch.float64) for t in tensors])
+        if host.device.type != "cpu":
+            host = host.to("cpu")  # the one device -> host copy
+        host = host.tolist()
+        for bad, fail in zip(host, fails):
+            if bad:
+                fail()
+        return host[len(fails):]
+
+
+_SCOPE: ContextVar[Optional[HostChecks]] = ContextVar("verl_eopd_host_checks", default=None)
+
+
+@contextlib.contextmanager
+def host_checks():
+    """The HostChecks of the enclosing pass, or a new one that this block reads on exit (one host sync).
+
+    A caller that opens the outermost block (e.g. `eopd_loss`) gathers the checks of everything it calls (the
+    kernels, the objective) and reads them once with its metrics (`HostChecks.read(values)`); a kernel called on
+    its own reads its checks when it returns. If the block raises, the pending checks are read first, so that a
+    bad input is reported by its own message and not by whatever failed later because of it."""
+    outer = _SCOPE.get()
+    if outer is not None:
+        yield outer
+        return
+    checks = HostChecks()
+    token = _SCOPE.set(checks)
+    try:
+        yield checks
+    except Exception as exc:
+        _SCOPE.reset(token)
+        token = None
+        if not checks.done:
+            try:
+                checks.read()
+            except ValueError as bad_input:
+                raise bad_input from exc
+            except Exception:  # the device cannot be read either: report what failed first
+                pass
+        raise
+    finally:
+        if token is not None:
+            _SCOPE.reset(token)
+    if not checks.done:
+        checks.read()
+
+
+def _check_rows(checks: HostChecks, name: str, first_col: torch.Tensor) -> None:
+    """Refuse rows whose log-probs are NaN (a NaN or +inf logit makes its whole row NaN under log_softmax), naming
+    the first: a flag in `checks` (read once per pass). `first_col` [N] is any column of the row outputs."""
+    if not first_col.numel():
+        return
     bad = torch.isnan(first_col)
-    if first_col.numel() and bool(bad.any()):
+
+    def fail():
         j = int(bad.nonzero()[0, 0])
         raise ValueError(f"{name} holds NaN or +inf logits at row {j} (of {first_col.numel()} rows, flattened "
                          f"[..., V]; {int(bad.sum())} such rows): refusing to score or train on them. Fix: check the "
                          "model's forward pass (weights, dtype overflow) for that sequence")
+
+    checks.add(bad.any(), fail)
+
+
+def _autocast_off(dev: torch.device):
+    """torch.autocast(dev.type, enabled=False); nothing where autocast knows no such device (the meta device, on
+    which the tests count the ops a CUDA micro-batch dispatches)."""
+    try:
+        return torch.autocast(dev.type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------------
+# Softmax pieces
+# --------------------------------------------------------------------------------------------------
 
 
 class _ChunkBuffers:
@@ -59,10 +246,7 @@ class _ChunkBuffers:
         return z if self.zf is None else self.zf[: z.shape[0]].copy_(z)
 
 
-_aten = torch.ops.aten
-
-
-def _chunk_logp(z: torch.Tensor, buf: _ChunkBuffers, with_entropy: bool):
+def _chunk_logp(z: torch.Tensor, buf: _ChunkBuffers, with_entropy: bool, entropy_rows: int):
     """log_softmax of one chunk of logits z [n, V] in fp32, and optionally its entropy.
 
         log p = z - logsumexp(z),   H = -sum_v p_v log p_v
@@ -74,7 +258,60 @@ def _chunk_logp(z: torch.Tensor, buf: _ChunkBuffers, with_entropy: bool):
         logp = _log_softmax_in_place(zf)
     else:
         logp = _aten._log_softmax.out(zf, -1, False, out=buf.logp[: z.shape[0]])
-    return logp, (_entropy_of_logp(logp) if with_entropy else None)
+    return logp, (_entropy_of_logp(logp, entropy_rows) if with_entropy else None)
+
+
+_IN_PLACE_OK: dict = {}  # (op name, device type) -> whether aten's fused op may write over its input
+
+
+def _fused_in_place(op: str, z: torch.Tensor) -> bool:
+    """Whether aten's fused `_softmax` / `_log_softmax` (op) may write over its input z on z's device. The fused
+    kernels read each row's max and sum before writing any element, so out=z is exact; that is not a documented
+    contract, so it is checked once per (op, device type) against the out-of-place result (one host read per
+    process, not per pass)."""
+    key = (op, z.device.type)
+    ok = _IN_PLACE_OK.get(key)
+    if ok is None:
+        fn = getattr(_aten, op)
+        probe = torch.randn(2, max(z.shape[-1], 2), device=z.device) * 4
+        want = fn(probe, -1, False)
+        ok = bool(torch.equal(fn.out(probe, -1, False, out=probe), want))
+        _IN_PLACE_OK[key] = ok
+    return ok
+
+
+def _softmax_in_place(z: torch.Tensor) -> torch.Tensor:
+    """softmax(z) over the last dim, written over z (fp32): aten's fused kernel (one pass) where it is exact in
+    place, otherwise exp(z - logsumexp z) in place (3 passes)."""
+    if _fused_in_place("_softmax", z):
+        return _aten._softmax.out(z, -1, False, out=z)
+    return z.sub_(torch.logsumexp(z, -1, keepdim=True)).exp_()
+
+
+def _log_softmax_in_place(z: torch.Tensor) -> torch.Tensor:
+    """log_softmax(z) over the last dim, written over z (fp32); the same check and fallback as _softmax_in_place."""
+    if _fused_in_place("_log_softmax", z):
+        return _aten._log_softmax.out(z, -1, False, out=z)
+    return z.sub_(torch.logsumexp(z, -1, keepdim=True))
+
+
+def _entropy_of_logp(logp: torch.Tensor, rows: Optional[int] = None) -> torch.Tensor:
+    """H_n = -sum_v p_v log p_v from log p [n, V] fp32, `rows` rows at a time (default ENTROPY_ROWS; an [rows, V]
+    temporary: on CUDA the whole chunk, one set of launches). nansum: 0 log 0 = 0 where a logit is -inf (0 * -inf
+    is NaN); NaN rows from NaN/+inf logits are caught by the callers' _check_rows."""
+    rows = ENTROPY_ROWS if rows is None else rows
+    if rows >= logp.shape[0]:
+        return torch.nansum(torch.exp(logp).mul_(logp), -1).neg_()
+    ent = torch.empty(logp.shape[0], dtype=torch.float32, device=logp.device)
+    for s in range(0, logp.shape[0], rows):
+        lp = logp[s:s + rows]
+        ent[s:s + rows] = -torch.nansum(torch.exp(lp).mul_(lp), -1)
+    return ent
+
+
+# --------------------------------------------------------------------------------------------------
+# Teacher
+# --------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -91,52 +328,62 @@ def teacher_stats(
         teacher_logits: [B, T, V] (any float dtype; each chunk is computed in fp32). Row t predicts y_t.
         sampled_ids: [B, T] integer ids y_t in [0, V).
         k: size of the teacher top-k set S_t, 1 <= k <= V.
-        chunk_bytes: fp32 bytes of logits processed at once; never more than one chunk is allocated.
+        chunk_bytes: fp32 bytes of logits processed at once (the rows at least; `chunk_sizing`); never more than
+            one chunk is allocated.
 
     Returns a dict with
         topk_ids [B, T, K] int64, topk_logprobs [B, T, K] fp32 (full-vocabulary log-probs, descending),
         entropy [B, T] fp32 (exact, full vocabulary, nats), token_logprobs [B, T] fp32 (log pi_T(y_t)).
+    One host read (the input checks), none per chunk.
     """
     if teacher_logits.dim() < 2:
         raise ValueError(f"teacher_logits must be [..., V], got shape {tuple(teacher_logits.shape)}")
     V = teacher_logits.shape[-1]
     lead = teacher_logits.shape[:-1]
-    ids = _teacher_ids(sampled_ids, lead, V, k, "teacher_logits.shape[:-1]")
-    flat = teacher_logits.reshape(-1, V)
-    N, rows = flat.shape[0], _rows_per_chunk(V, chunk_bytes)
-    buf = _ChunkBuffers(min(rows, N), V, flat.device, flat.dtype, need_logp=True) if N else None
-    pieces = ((s, min(s + rows, N), _chunk_logp(flat[s:s + rows], buf, with_entropy=False)[0])
-              for s in range(0, N, rows))
-    out = _teacher_rows(pieces, N, flat.device, ids, k, "teacher_logits")
+    with host_checks() as checks:
+        ids = _teacher_ids(checks, sampled_ids, lead, V, k, "teacher_logits.shape[:-1]")
+        flat = teacher_logits.reshape(-1, V)
+        sz = chunk_sizing(flat.device, flat.dtype, V, kind="logits", chunk_bytes=chunk_bytes)
+        N, rows = flat.shape[0], sz.rows
+        buf = _ChunkBuffers(min(rows, N), V, flat.device, flat.dtype, need_logp=True) if N else None
+        pieces = ((s, min(s + rows, N), _chunk_logp(flat[s:s + rows], buf, False, sz.entropy_rows)[0])
+                  for s in range(0, N, rows))
+        out = _teacher_rows(checks, pieces, N, flat.device, ids, k, "teacher_logits", sz.entropy_rows)
     return {key: t.reshape(*lead, *t.shape[1:]) for key, t in out.items()}
 
 
-def _teacher_ids(sampled_ids: torch.Tensor, lead, V: int, k: int, lead_name: str) -> torch.Tensor:
-    """The teacher functions' checks of k and sampled_ids (shape `lead`, ids in [0, V)); returns the ids flat [N]."""
+def _teacher_ids(checks: HostChecks, sampled_ids: torch.Tensor, lead, V: int, k: int, lead_name: str) -> torch.Tensor:
+    """The teacher functions' checks of k and sampled_ids (shape `lead`, ids in [0, V): a flag in `checks`);
+    returns the ids flat [N], clamped into [0, V) so that the pass runs to the one read that reports them."""
     if not (isinstance(k, int) and 1 <= k <= V):
         raise ValueError(f"k (teacher top-k) must be an int in [1, V={V}], got {k!r}")
     if tuple(sampled_ids.shape) != tuple(lead):
         raise ValueError(f"sampled_ids shape {tuple(sampled_ids.shape)} must equal {lead_name} {tuple(lead)}")
     ids = sampled_ids.reshape(-1).long()
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
+    if not ids.numel():
+        return ids
+
+    def fail():
         raise ValueError(f"sampled_ids must lie in [0, {V}); got range [{int(ids.min())}, {int(ids.max())}]")
-    return ids
+
+    checks.add(((ids < 0) | (ids >= V)).any(), fail)
+    return ids.clamp(0, V - 1)
 
 
-def _teacher_rows(pieces, N: int, dev, ids: torch.Tensor, k: int, name: str) -> dict:
+def _teacher_rows(checks: HostChecks, pieces, N: int, dev, ids: torch.Tensor, k: int, name: str,
+                  entropy_rows: int) -> dict:
     """teacher_stats over N rows from `pieces`, which yields (s, e, log p [e - s, V] fp32 of rows s:e, free to
     overwrite): flat [N, ...] outputs."""
     topk_ids = torch.empty(N, k, dtype=torch.int64, device=dev)
     topk_lp = torch.empty(N, k, dtype=torch.float32, device=dev)
     entropy = torch.empty(N, dtype=torch.float32, device=dev)
     token_lp = torch.empty(N, dtype=torch.float32, device=dev)
-    with torch.autocast(dev.type, enabled=False):
+    with _autocast_off(dev):
         for s, e, logp in pieces:
-            vals, idx = logp.topk(k, dim=-1)
-            topk_ids[s:e], topk_lp[s:e] = idx, vals
-            token_lp[s:e] = logp.gather(-1, ids[s:e, None]).squeeze(-1)
-            entropy[s:e] = _entropy_of_logp(logp)
-    _check_rows(name, token_lp)
+            torch.topk(logp, k, dim=-1, out=(topk_lp[s:e], topk_ids[s:e]))
+            torch.gather(logp, -1, ids[s:e, None], out=token_lp[s:e, None])
+            entropy[s:e] = _entropy_of_logp(logp, entropy_rows)
+    _check_rows(checks, name, token_lp)
     return {"topk_ids": topk_ids, "topk_logprobs": topk_lp, "entropy": entropy, "token_logprobs": token_lp}
 
 
@@ -165,26 +412,34 @@ def teacher_stats_from_hidden(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> dict[str, torch.Tensor]:
     """`teacher_stats(hidden @ weight.T / temperature, sampled_ids, k)` without the [..., V] logits: the lm head
-    runs one chunk of rows at a time (`chunk_bytes` of fp32 logits).
+    runs one chunk of rows at a time (`chunk_sizing(..., kind="teacher")`).
 
     Args: hidden [..., H] (the teacher's last hidden states, row t predicts y_t), weight [V, H] (its lm head, no
-    bias; same dtype), sampled_ids [...] in [0, V). Returns the dict of `teacher_stats`.
+    bias; same dtype), sampled_ids [...] in [0, V). Returns the dict of `teacher_stats`. One host read.
     """
     H, V = _check_lm_head(hidden, weight, temperature)
     lead = hidden.shape[:-1]
-    ids = _teacher_ids(sampled_ids, lead, V, k, "hidden.shape[:-1]")
-    flat = hidden.reshape(-1, H)
-    N, rows = flat.shape[0], _hidden_rows(V, chunk_bytes, TEACHER_HIDDEN_MIN_ROWS)
-    buf = _LmHeadChunk(min(rows, N), V, flat) if N else None
+    with host_checks() as checks:
+        ids = _teacher_ids(checks, sampled_ids, lead, V, k, "hidden.shape[:-1]")
+        flat = hidden.reshape(-1, H)
+        sz = chunk_sizing(flat.device, flat.dtype, V, kind="teacher", chunk_bytes=chunk_bytes)
+        N, rows = flat.shape[0], sz.rows
+        buf = _LmHeadChunk(min(rows, N), V, flat, sz.work_rows) if N else None
 
-    def pieces():  # each piece's fp32 logits are overwritten with their log p
-        for s in range(0, N, rows):
-            z = buf.logits(flat[s:s + rows], weight, float(temperature))
-            for a, b, zf in buf.fp32_pieces(z):
-                yield s + a, s + b, _log_softmax_in_place(zf)
+        def pieces():  # each piece's fp32 logits are overwritten with their log p
+            for s in range(0, N, rows):
+                z = buf.logits(flat[s:s + rows], weight, float(temperature))
+                for a, b, zf in buf.fp32_pieces(z):
+                    yield s + a, s + b, _log_softmax_in_place(zf)
 
-    out = _teacher_rows(pieces(), N, flat.device, ids, k, "teacher logits (hidden @ weight.T)")
+        out = _teacher_rows(checks, pieces(), N, flat.device, ids, k, "teacher logits (hidden @ weight.T)",
+                            sz.entropy_rows)
     return {key: t.reshape(*lead, *t.shape[1:]) for key, t in out.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Student, from logits
+# --------------------------------------------------------------------------------------------------
 
 
 class _GatherLogSoftmax(torch.autograd.Function):
@@ -198,20 +453,21 @@ class _GatherLogSoftmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, index: torch.Tensor, rows: int, with_entropy: bool):
+    def forward(ctx, logits: torch.Tensor, index: torch.Tensor, sizing: ChunkSizing, with_entropy: bool):
         N, V = logits.shape
         dev = logits.device
+        rows = sizing.rows
         out = torch.empty(N, index.shape[1], dtype=torch.float32, device=dev)
         ent = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=dev)
         buf = _ChunkBuffers(min(rows, N), V, dev, logits.dtype, need_logp=True) if N else None
-        with torch.autocast(dev.type, enabled=False):
+        with _autocast_off(dev), host_checks() as checks:
             for s in range(0, N, rows):
                 e = min(s + rows, N)
-                logp, h = _chunk_logp(logits[s:e], buf, with_entropy)
-                out[s:e] = logp.gather(-1, index[s:e])
+                logp, h = _chunk_logp(logits[s:e], buf, with_entropy, sizing.entropy_rows)
+                torch.gather(logp, -1, index[s:e], out=out[s:e])
                 if with_entropy:
                     ent[s:e] = h
-        _check_rows("student_logits", out[:, 0] if out.shape[1] else out.new_zeros(0))
+            _check_rows(checks, "student_logits", out[:, 0] if out.shape[1] else out.new_zeros(0))
         ctx.save_for_backward(logits, index)
         ctx.rows = rows
         ctx.mark_non_differentiable(ent)
@@ -226,7 +482,7 @@ class _GatherLogSoftmax(torch.autograd.Function):
         fp32 = logits.dtype == torch.float32
         buf = _ChunkBuffers(min(rows, N), V, logits.device, logits.dtype, need_logp=False) if N else None
         grad_out = grad_out.float()
-        with torch.autocast(logits.device.type, enabled=False):
+        with _autocast_off(logits.device):
             for s in range(0, N, rows):
                 e = min(s + rows, N)
                 g = grad_out[s:e]
@@ -234,7 +490,7 @@ class _GatherLogSoftmax(torch.autograd.Function):
                     d = _aten._softmax.out(logits[s:e], -1, False, out=grad[s:e])
                 else:  # over the fp32 copy, then cast into the gradient
                     d = _softmax_in_place(buf.fp32(logits[s:e]))
-                d.mul_(-g.sum(-1, keepdim=True))
+                d.mul_(g.sum(-1, keepdim=True).neg_())
                 d.scatter_add_(-1, index[s:e], g)
                 if not fp32:
                     grad[s:e].copy_(d)
@@ -254,7 +510,8 @@ def student_logprobs_at(
         student_logits: [..., V] (any float dtype; computed in fp32 per chunk, gradient in the input dtype).
         index: [..., M] int ids in [0, V) (e.g. the teacher's top-k plus the sampled id).
         with_entropy: also return the student's full-vocabulary entropy [...] (detached).
-    Returns: (log q [..., M] fp32, entropy [...] fp32 or None).
+    Returns: (log q [..., M] fp32, entropy [...] fp32 or None). One host read in forward (the NaN-row check),
+    none in backward.
     """
     V = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
@@ -262,82 +519,25 @@ def student_logprobs_at(
         raise ValueError(f"index shape {tuple(index.shape)} does not match student_logits {tuple(student_logits.shape)}")
     flat = student_logits.reshape(-1, V)
     idx = index.reshape(flat.shape[0], -1).long()
-    out, ent = _GatherLogSoftmax.apply(flat, idx, _rows_per_chunk(V, chunk_bytes), with_entropy)
+    sizing = chunk_sizing(flat.device, flat.dtype, V, kind="logits", chunk_bytes=chunk_bytes)
+    out, ent = _GatherLogSoftmax.apply(flat, idx, sizing, with_entropy)
     return out.reshape(*lead, idx.shape[-1]), (ent.reshape(lead) if with_entropy else None)
 
 
-
-# Rows per lm-head chunk at least: every chunk re-reads W [V, H], so a matmul over few rows does little work per
-# read (on 2 CPU cores at H 1,024: 2.0 ms per row at 256 rows, 1.7 at 512 for h @ W.T in fp32). The student kernel
-# runs three matmuls per chunk in backward and takes 512 (a 16-bit lm head does its fp32 work SUB_ROWS_16BIT rows
-# at a time). The teacher (one matmul, no grad) keeps 256, half the memory; docs/benchmarks.md, "EOPD from hidden
-# states".
-HIDDEN_MIN_ROWS = 512
-SUB_ROWS_16BIT = 32
-TEACHER_HIDDEN_MIN_ROWS = 256
-
-
-def _hidden_rows(V: int, chunk_bytes: int, floor: int) -> int:
-    """Rows per chunk of the hidden-state kernels: `chunk_bytes` of fp32 logits, but at least `floor`."""
-    return max(_rows_per_chunk(V, chunk_bytes), floor)
-
-
-_IN_PLACE_OK: dict = {}  # (op name, device type) -> whether aten's fused op may write over its input
-
-
-def _fused_in_place(op: str, z: torch.Tensor) -> bool:
-    """Whether aten's fused `_softmax` / `_log_softmax` (op) may write over its input z on z's device. The fused
-    kernels read each row's max and sum before writing any element, so out=z is exact; that is not a documented
-    contract, so it is checked once per (op, device type) against the out-of-place result."""
-    key = (op, z.device.type)
-    ok = _IN_PLACE_OK.get(key)
-    if ok is None:
-        fn = getattr(_aten, op)
-        probe = torch.randn(2, max(z.shape[-1], 2), device=z.device) * 4
-        want = fn(probe, -1, False)
-        ok = bool(torch.equal(fn.out(probe, -1, False, out=probe), want))
-        _IN_PLACE_OK[key] = ok
-    return ok
-
-
-def _softmax_in_place(z: torch.Tensor) -> torch.Tensor:
-    """softmax(z) over the last dim, written over z (fp32): aten's fused kernel (one pass) where it is exact in
-    place, otherwise exp(z - logsumexp z) in place (3 passes)."""
-    if _fused_in_place("_softmax", z):
-        return _aten._softmax.out(z, -1, False, out=z)
-    return z.sub_(torch.logsumexp(z, -1, keepdim=True)).exp_()
-
-
-def _log_softmax_in_place(z: torch.Tensor) -> torch.Tensor:
-    """log_softmax(z) over the last dim, written over z (fp32); the same check and fallback as _softmax_in_place."""
-    if _fused_in_place("_log_softmax", z):
-        return _aten._log_softmax.out(z, -1, False, out=z)
-    return z.sub_(torch.logsumexp(z, -1, keepdim=True))
-
-
-ENTROPY_ROWS = 8  # rows of p log p formed at once from log p (an [8, V] temporary)
-
-
-def _entropy_of_logp(logp: torch.Tensor) -> torch.Tensor:
-    """H_n = -sum_v p_v log p_v from log p [n, V] fp32, ENTROPY_ROWS rows at a time so that log p needs no
-    [n, V] twin. nansum: 0 log 0 = 0 where a logit is -inf (0 * -inf is NaN); NaN rows from NaN/+inf logits are
-    caught by the callers' _check_rows."""
-    ent = torch.empty(logp.shape[0], dtype=torch.float32, device=logp.device)
-    for s in range(0, logp.shape[0], ENTROPY_ROWS):
-        lp = logp[s:s + ENTROPY_ROWS]
-        ent[s:s + ENTROPY_ROWS] = -torch.nansum(torch.exp(lp).mul_(lp), -1)
-    return ent
+# --------------------------------------------------------------------------------------------------
+# Student, from hidden states
+# --------------------------------------------------------------------------------------------------
 
 
 class _LmHeadChunk:
     """Reused buffers for one chunk of lm-head logits: `rows` rows per matmul (each chunk re-reads W), fp32 work
-    on them in place. A 16-bit lm head keeps its chunk in its own dtype and does the fp32 work SUB_ROWS_16BIT rows
-    at a time in an fp32 buffer: 2 bytes per logit of the chunk instead of 6, so the matmuls keep their rows."""
+    on them in place. A 16-bit lm head keeps its chunk in its own dtype and does the fp32 work `work_rows` rows
+    at a time in an fp32 buffer (`chunk_sizing`: a few rows on CPU, the whole chunk on CUDA)."""
 
-    def __init__(self, rows: int, V: int, hidden: torch.Tensor):
+    def __init__(self, rows: int, V: int, hidden: torch.Tensor, work_rows: int):
         self.z = torch.empty(rows, V, dtype=hidden.dtype, device=hidden.device)
         fp32 = hidden.dtype == torch.float32
-        self.f = None if fp32 else torch.empty(min(SUB_ROWS_16BIT, rows), V, dtype=torch.float32, device=hidden.device)
+        self.f = None if fp32 else torch.empty(min(work_rows, rows), V, dtype=torch.float32, device=hidden.device)
 
     def logits(self, hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
         """z [n, V] = (hidden @ weight.T) / temperature in the lm head's dtype, in the reused buffer."""
@@ -355,41 +555,89 @@ class _LmHeadChunk:
             yield a, b, self.f[: b - a].copy_(z[a:b])
 
 
+_MIXED_MM_OK: dict = {}  # (device type, dtype) -> whether addmm(fp32, 16-bit, 16-bit, out_dtype=fp32) works in place
+
+
+def _mixed_addmm_ok(dev: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)` (16-bit a, b; fp32 acc: one 16-bit GEMM
+    accumulating into fp32) runs on this device type and adds into acc: checked once per (device type, dtype)
+    against the upcast product (torch >= 2.8 on CUDA; not on CPU)."""
+    key = (dev.type, dtype)
+    ok = _MIXED_MM_OK.get(key)
+    if ok is None:
+        try:
+            a, b = torch.randn(8, 16, device=dev).to(dtype), torch.randn(16, 8, device=dev).to(dtype)
+            acc = torch.randn(8, 8, device=dev)
+            want = acc + a.float() @ b.float()
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            ok = bool(torch.allclose(acc, want, rtol=1e-4, atol=1e-4))
+        except (RuntimeError, TypeError):  # NotImplementedError is a RuntimeError
+            ok = False
+        _MIXED_MM_OK[key] = ok
+    return ok
+
+
+def _add_grad_w(acc: torch.Tensor, dz: torch.Tensor, h: torch.Tensor, f: Optional[torch.Tensor]) -> None:
+    """acc [V, H] += dz^T h for one chunk (dz [n, V], h [n, H] in the lm head's dtype; acc in fp32).
+
+    fp32 lm head: one addmm_. 16-bit: one 16-bit GEMM accumulating into fp32 where the device has it (CUDA);
+    otherwise dz is cast to fp32 a block of vocabulary columns at a time in the fp32 work buffer f (no new
+    [n, V] fp32 tensor), each block one fp32 addmm_ into its rows of acc."""
+    if dz.dtype == acc.dtype:
+        acc.addmm_(dz.T, h)
+        return
+    if _mixed_addmm_ok(dz.device, dz.dtype):
+        torch.addmm(acc, dz.T, h, out_dtype=torch.float32, out=acc)
+        return
+    n, V = dz.shape
+    h32 = h.float()
+    flat = f.view(-1)
+    step = max(1, flat.numel() // max(n, 1))
+    for v0 in range(0, V, step):
+        v1 = min(v0 + step, V)
+        blk = flat[: n * (v1 - v0)].view(n, v1 - v0).copy_(dz[:, v0:v1])
+        acc[v0:v1].addmm_(blk.T, h32)
+
+
 class _HiddenGatherLogSoftmax(torch.autograd.Function):
     """log_softmax(h_n W^T / T)[index[n, j]] for every row n, without the [N, V] logits.
 
     forward:  z_n = h_n W^T / T (one chunk of rows at a time), out[n, j] = log softmax(z_n)[i_nj]
     backward: z recomputed, p = softmax(z) in place, dz = (scatter(g) - p sum_j g) / T in the lm head's
-              dtype, then dh[chunk] = dz W and dW += dz^T h[chunk] (dW accumulated chunk by chunk in W's dtype)
+              dtype, then dh[chunk] = dz W and dW += dz^T h[chunk], dW accumulated over the chunks in fp32
+              and cast to W's dtype once (_add_grad_w)
     Saved: hidden, weight, index, and the chunk buffer as the forward leaves it: it holds the last chunk (log p
     in fp32, the logits in a 16-bit lm head's dtype), so the backward starts with that chunk without recomputing
     it (one chunk's matmul fewer; the buffer is kept, not allocated again, so the peak is unchanged). A second
     backward through the same graph (retain_graph) recomputes every chunk.
     Work memory (_LmHeadChunk): one [rows, V] buffer in the lm head's dtype (the logits, then log p or dz, in
-    place), plus a [SUB_ROWS_16BIT, V] fp32 buffer for a 16-bit lm head.
+    place), plus a [work_rows, V] fp32 buffer for a 16-bit lm head; in backward the fp32 accumulator [V, H] of a
+    16-bit lm head's gradient.
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, rows: int, with_entropy: bool,
-                temperature: float):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, sizing: ChunkSizing,
+                with_entropy: bool, temperature: float):
         N, V = hidden.shape[0], weight.shape[0]
         dev = hidden.device
+        rows = sizing.rows
         out = torch.empty(N, index.shape[1], dtype=torch.float32, device=dev)
         ent = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=dev)
-        buf = _LmHeadChunk(min(rows, N), V, hidden) if N else None
-        with torch.autocast(dev.type, enabled=False):
+        buf = _LmHeadChunk(min(rows, N), V, hidden, sizing.work_rows) if N else None
+        with _autocast_off(dev), host_checks() as checks:
             for s in range(0, N, rows):
                 e = min(s + rows, N)
                 for a, b, zf in buf.fp32_pieces(buf.logits(hidden[s:e], weight, temperature)):
                     logp = _log_softmax_in_place(zf)
-                    out[s + a:s + b] = logp.gather(-1, index[s + a:s + b])
+                    torch.gather(logp, -1, index[s + a:s + b], out=out[s + a:s + b])
                     if with_entropy:
-                        ent[s + a:s + b] = _entropy_of_logp(logp)
-        _check_rows("student logits (hidden @ weight.T)", out[:, 0] if out.shape[1] else out.new_zeros(0))
+                        ent[s + a:s + b] = _entropy_of_logp(logp, sizing.entropy_rows)
+            _check_rows(checks, "student logits (hidden @ weight.T)", out[:, 0] if out.shape[1] else out.new_zeros(0))
         ctx.save_for_backward(hidden, weight, index)
         ctx.rows, ctx.temperature = rows, temperature
         # the last chunk's start, and the buffer holding it (log p when fp32, else the logits)
         ctx.kept = ((N - 1) // rows * rows, buf) if N and any(ctx.needs_input_grad[:2]) else None
+        ctx.work_rows = sizing.work_rows
         ctx.mark_non_differentiable(ent)
         return out, ent
 
@@ -400,15 +648,16 @@ class _HiddenGatherLogSoftmax(torch.autograd.Function):
         rows, temperature = ctx.rows, ctx.temperature
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
+        # dW over the chunks in fp32 (a 16-bit lm head's gradient is cast once at the end)
+        acc = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         kept, ctx.kept = ctx.kept, None  # the forward's last chunk serves one backward only
         if kept is None:
-            first, buf = None, (_LmHeadChunk(min(rows, N), V, hidden) if N else None)
+            first, buf = None, (_LmHeadChunk(min(rows, N), V, hidden, ctx.work_rows) if N else None)
         else:
             first, buf = kept
         grad_out = grad_out.float()
         order = ([first] if first is not None else []) + [s for s in range(0, N, rows) if s != first]
-        with torch.autocast(hidden.device.type, enabled=False):
+        with _autocast_off(hidden.device):
             for s in order:
                 e = min(s + rows, N)
                 if s == first:  # still in the buffer from the forward
@@ -418,7 +667,7 @@ class _HiddenGatherLogSoftmax(torch.autograd.Function):
                 for a, b, zf in buf.fp32_pieces(z):
                     g = grad_out[s + a:s + b]
                     d = zf.exp_() if logp else _softmax_in_place(zf)
-                    d.mul_(-g.sum(-1, keepdim=True))
+                    d.mul_(g.sum(-1, keepdim=True).neg_())
                     d.scatter_add_(-1, index[s + a:s + b], g)
                     if temperature != 1.0:
                         d.div_(temperature)
@@ -427,7 +676,8 @@ class _HiddenGatherLogSoftmax(torch.autograd.Function):
                 if need_h:  # z now holds dz
                     torch.mm(z, weight, out=grad_h[s:e])
                 if need_w:
-                    grad_w.addmm_(z.T, hidden[s:e])
+                    _add_grad_w(acc, z, hidden[s:e], buf.f)
+        grad_w = None if acc is None else (acc if acc.dtype == weight.dtype else acc.to(weight.dtype))
         return grad_h, grad_w, None, None, None, None
 
 
@@ -441,13 +691,14 @@ def student_logprobs_at_from_hidden(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """`student_logprobs_at(hidden @ weight.T / temperature, index)` without the [..., V] logits; the gradient
-    reaches hidden [..., H] and weight [V, H] (a tied input embedding accumulates it as any other use does)."""
+    reaches hidden [..., H] and weight [V, H] (a tied input embedding accumulates it as any other use does).
+    One host read in forward (the NaN-row check), none in backward."""
     H, V = _check_lm_head(hidden, weight, temperature)
     lead = hidden.shape[:-1]
     if tuple(index.shape[:-1]) != tuple(lead):
         raise ValueError(f"index shape {tuple(index.shape)} does not match hidden {tuple(hidden.shape)}")
     flat = hidden.reshape(-1, H)
     idx = index.reshape(flat.shape[0], -1).long()
-    rows = _hidden_rows(V, chunk_bytes, HIDDEN_MIN_ROWS)
-    out, ent = _HiddenGatherLogSoftmax.apply(flat, weight, idx, rows, with_entropy, float(temperature))
+    sizing = chunk_sizing(flat.device, flat.dtype, V, kind="student", chunk_bytes=chunk_bytes)
+    out, ent = _HiddenGatherLogSoftmax.apply(flat, weight, idx, sizing, with_entropy, float(temperature))
     return out.reshape(*lead, idx.shape[-1]), (ent.reshape(lead) if with_entropy else None)

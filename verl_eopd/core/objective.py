@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .kernels import student_logprobs_at
+from .kernels import HostChecks, host_checks, student_logprobs_at
 from .settings import EOPDSettings, resolve_settings
 from .topk import estimated_entropy, fkl_topk, token_logprob_from_topk, valid_topk
 
@@ -61,13 +61,13 @@ def entropy_gate(
         g = (H > s.entropy_threshold).float()
     elif s.gate == "soft":
         g = torch.sigmoid((H - s.entropy_threshold) / s.gate_temperature)
-    else:  # quantile (EOPDSettings admits no other value)
-        vals = H[m]
-        g = torch.zeros_like(H)
-        n_gate = math.ceil(s.gate_quantile * vals.numel() - 1e-9)  # ceil(q n), robust to 0.1 * 30 = 3.0000000000000004
-        if n_gate > 0:
-            cut = vals.topk(n_gate).values[-1]
-            g = (H >= cut).float()
+    else:  # quantile (EOPDSettings admits no other value); on the device, no host read
+        # ceil(q n) in float64, as Python's math.ceil(q * n - 1e-9) (robust to 0.1 * 30 = 3.0000000000000004)
+        n_gate = torch.ceil(s.gate_quantile * m.sum().double() - 1e-9).long()
+        ranked = torch.where(m, H, torch.full_like(H, -math.inf)).reshape(-1).sort(descending=True).values
+        at = (n_gate - 1).clamp(0, max(ranked.numel() - 1, 0)).reshape(1)
+        cut = ranked.gather(0, at).squeeze(0) if ranked.numel() else H.new_zeros(())
+        g = ((H >= cut) & (n_gate > 0)).float()
     return torch.where(m, g, torch.zeros_like(g))
 
 
@@ -101,9 +101,18 @@ def ppo_clipped_rkl(
     return loss, adv, clipped
 
 
-def _masked_mean(x: torch.Tensor, w: torch.Tensor) -> float:
+def _masked_mean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum_t w_t x_t / sum_t w_t (x only where w > 0), 0 when sum_t w_t = 0: a 0-d fp32 tensor (no host read)."""
+    w = w.float()
     den = w.sum()
-    return float((torch.where(w > 0, x.float(), torch.zeros_like(x, dtype=torch.float32)) * w).sum() / den) if den > 0 else 0.0
+    num = (torch.where(w > 0, x.float(), torch.zeros_like(x, dtype=torch.float32)) * w).sum()
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def _raiser(message: str):
+    def fail():
+        raise ValueError(message)
+    return fail
 
 
 def eopd_token_losses(
@@ -130,10 +139,11 @@ def eopd_token_losses(
     # Masked positions may hold padding garbage (-inf teacher log-probs, ...): neutralise before use.
     tlp = torch.where(m, teacher_token_logprobs.float(), zero)
     old = torch.where(m, old_log_probs.float(), zero)
-    if not torch.isfinite(tlp).all():
-        raise ValueError("teacher_token_logprobs holds non-finite values at response_mask positions")
-    if not torch.isfinite(old).all():
-        raise ValueError("old_log_probs holds non-finite values at response_mask positions")
+    with host_checks() as checks:  # one host read here, or none inside an enclosing pass (eopd_loss)
+        checks.add(~torch.isfinite(tlp).all(), _raiser("teacher_token_logprobs holds non-finite values at "
+                                                        "response_mask positions"))
+        checks.add(~torch.isfinite(old).all(), _raiser("old_log_probs holds non-finite values at response_mask "
+                                                        "positions"))
     rkl, adv, clipped = ppo_clipped_rkl(
         torch.where(m, student_token_logprobs.float(), zero), old, tlp,
         clip_ratio_low=s.clip_ratio_low, clip_ratio_high=s.clip_ratio_high, clip_ratio_c=s.clip_ratio_c,
@@ -159,12 +169,16 @@ def eopd_stats(
     teacher_entropy_bounds: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     token_fallback: Optional[torch.Tensor] = None,
     entropy_threshold: Optional[float] = None,
-) -> dict[str, float]:
+    host: bool = True,
+) -> dict:
     """Diagnostics logged under actor/eopd/ (token means over the mask; *_gated_mean weighted by the gate).
 
     With `entropy_threshold` (tau) also the gate-independent `*_high_entropy_mean`: means over the tokens
     whose teacher entropy exceeds tau, whatever gate trained the run (OPD, soft or quantile gates), so runs
-    with different gates compare on the same tokens; `high_entropy_frac` is their share."""
+    with different gates compare on the same tokens; `high_entropy_frac` is their share.
+
+    host=True: floats, all read from the device in one transfer (one host sync); host=False: 0-d tensors that
+    stay on the device (for a caller that reads them with its own values, e.g. `eopd_loss`)."""
     m, g = parts["mask"].float(), parts["gate"]
     with torch.no_grad():
         s = {
@@ -176,7 +190,7 @@ def eopd_stats(
             "rkl_mean": _masked_mean(old_log_probs.float() - teacher_token_logprobs.float(), m),
             "rkl_surrogate_mean": _masked_mean(parts["rkl"].detach(), m),
             "pg_clipfrac": _masked_mean(parts["clipped"].float(), m),
-            "n_tokens": float(m.sum()),
+            "n_tokens": m.sum(),
         }
         if student_entropy is not None:
             s["student_entropy_mean"] = _masked_mean(student_entropy, m)
@@ -196,11 +210,14 @@ def eopd_stats(
         if teacher_entropy_bounds is not None:
             s["teacher_entropy_lower_mean"] = _masked_mean(teacher_entropy_bounds[0], m)
             s["teacher_entropy_upper_mean"] = _masked_mean(teacher_entropy_bounds[1], m)
-    return s
+    if not host:
+        return s
+    return dict(zip(s, HostChecks().read(list(s.values()))))
 
 
-def _check_inputs(B: int, T: int, V: int, sampled_ids, old_log_probs, teacher_topk_ids, teacher_topk_logprobs,
-                  response_mask) -> None:
+def _check_inputs(checks: HostChecks, B: int, T: int, V: int, sampled_ids, old_log_probs, teacher_topk_ids,
+                  teacher_topk_logprobs, response_mask) -> None:
+    """Shapes (raised at once) and the sampled ids' range at the response positions (a flag in `checks`)."""
     for name, t in (("sampled_ids", sampled_ids), ("old_log_probs", old_log_probs), ("response_mask", response_mask)):
         if tuple(t.shape) != (B, T):
             raise ValueError(f"{name} must be [B, T] = {(B, T)}, got {tuple(t.shape)}")
@@ -210,8 +227,8 @@ def _check_inputs(B: int, T: int, V: int, sampled_ids, old_log_probs, teacher_to
             f"{tuple(teacher_topk_logprobs.shape)} must both be [B, T, K] with [B, T] = {(B, T)}"
         )
     ids = sampled_ids.long()
-    if bool(((ids < 0) | (ids >= V))[response_mask.bool()].any()):
-        raise ValueError(f"sampled_ids must lie in [0, V={V}) at response_mask positions")
+    checks.add((((ids < 0) | (ids >= V)) & response_mask.bool()).any(),
+               _raiser(f"sampled_ids must lie in [0, V={V}) at response_mask positions"))
 
 
 def _student_index(sampled_ids, teacher_topk_ids, teacher_topk_logprobs, V: int):
@@ -222,10 +239,12 @@ def _student_index(sampled_ids, teacher_topk_ids, teacher_topk_logprobs, V: int)
     return torch.cat([torch.where(valid, t_ids, torch.zeros_like(t_ids)), ids], dim=-1), valid
 
 
-def _objective(lq, student_entropy, valid, V, sampled_ids, old_log_probs, teacher_topk_ids, teacher_topk_logprobs,
-               response_mask, s: EOPDSettings, teacher_entropy, teacher_token_logprobs, rollout_is_weights):
+def _objective(checks: HostChecks, lq, student_entropy, valid, V, sampled_ids, old_log_probs, teacher_topk_ids,
+               teacher_topk_logprobs, response_mask, s: EOPDSettings, teacher_entropy, teacher_token_logprobs,
+               rollout_is_weights):
     """Everything after the student pass: lq [B, T, K + 1] full-vocabulary student log-probs at the teacher's
-    top-k ids and at y_t (differentiable), student_entropy [B, T] or None. Returns (loss, stats)."""
+    top-k ids and at y_t (differentiable), student_entropy [B, T] or None. Returns (loss, stats); the pass's
+    checks and the stats are read from the device in one transfer (`checks.read`)."""
     mask = response_mask.bool()
     ids, t_ids = sampled_ids.long(), teacher_topk_ids.long()
     t_vocab = V if s.teacher_vocab_size is None else int(s.teacher_vocab_size)
@@ -248,11 +267,11 @@ def _objective(lq, student_entropy, valid, V, sampled_ids, old_log_probs, teache
     stats = eopd_stats(parts, fkl=fkl, teacher_entropy=teacher_entropy, old_log_probs=old_log_probs,
                        teacher_token_logprobs=teacher_token_logprobs, teacher_topk_mass=topk_mass,
                        in_topk=in_topk, student_entropy=student_entropy, teacher_entropy_bounds=bounds,
-                       entropy_threshold=s.entropy_threshold)
-    stats["loss"] = float(loss.detach())
-    stats["rkl_loss"] = float(parts["rkl"].detach().where(mask, 0.0).sum() / n)
-    stats["fkl_loss"] = float((s.fkl_coef * parts["gate"] * fkl.detach().where(mask, 0.0)).sum() / n)
-    return loss, stats
+                       entropy_threshold=s.entropy_threshold, host=False)
+    stats["loss"] = loss.detach()
+    stats["rkl_loss"] = parts["rkl"].detach().where(mask, 0.0).sum() / n
+    stats["fkl_loss"] = (s.fkl_coef * parts["gate"] * fkl.detach().where(mask, 0.0)).sum() / n
+    return loss, dict(zip(stats, checks.read(list(stats.values()))))
 
 
 def eopd_loss(
@@ -297,14 +316,16 @@ def eopd_loss(
     if student_logits.dim() != 3:
         raise ValueError(f"student_logits must be [B, T, V], got {tuple(student_logits.shape)}")
     B, T, V = student_logits.shape
-    _check_inputs(B, T, V, sampled_ids, old_log_probs, teacher_topk_ids, teacher_topk_logprobs, response_mask)
-    index, valid = _student_index(sampled_ids, teacher_topk_ids, teacher_topk_logprobs, V)
-    # Student: full-vocabulary log q at the teacher's top-k ids and at y_t, in one chunked pass.
-    lq, student_entropy = student_logprobs_at(student_logits, index, with_entropy=with_student_entropy,
-                                              chunk_bytes=chunk_bytes or s.chunk_bytes)
-    return _objective(lq, student_entropy, valid, V, sampled_ids, old_log_probs, teacher_topk_ids,
-                      teacher_topk_logprobs, response_mask, s, teacher_entropy, teacher_token_logprobs,
-                      rollout_is_weights)
+    with host_checks() as checks:  # every check of the pass and the stats: one host read, at the end
+        _check_inputs(checks, B, T, V, sampled_ids, old_log_probs, teacher_topk_ids, teacher_topk_logprobs,
+                      response_mask)
+        index, valid = _student_index(sampled_ids, teacher_topk_ids, teacher_topk_logprobs, V)
+        # Student: full-vocabulary log q at the teacher's top-k ids and at y_t, in one chunked pass.
+        lq, student_entropy = student_logprobs_at(student_logits, index, with_entropy=with_student_entropy,
+                                                  chunk_bytes=chunk_bytes or s.chunk_bytes)
+        return _objective(checks, lq, student_entropy, valid, V, sampled_ids, old_log_probs, teacher_topk_ids,
+                          teacher_topk_logprobs, response_mask, s, teacher_entropy, teacher_token_logprobs,
+                          rollout_is_weights)
 
 
 def eopd_loss_from_hidden(
@@ -343,11 +364,13 @@ def eopd_loss_from_hidden(
         raise ValueError(f"hidden must be [B, T, H], got {tuple(hidden.shape)}")
     _, V = _check_lm_head(hidden, weight, temperature)
     B, T, _ = hidden.shape
-    _check_inputs(B, T, V, sampled_ids, old_log_probs, teacher_topk_ids, teacher_topk_logprobs, response_mask)
-    index, valid = _student_index(sampled_ids, teacher_topk_ids, teacher_topk_logprobs, V)
-    lq, student_entropy = student_logprobs_at_from_hidden(hidden, weight, index, temperature=temperature,
-                                                          with_entropy=with_student_entropy,
-                                                          chunk_bytes=chunk_bytes or s.chunk_bytes)
-    return _objective(lq, student_entropy, valid, V, sampled_ids, old_log_probs, teacher_topk_ids,
-                      teacher_topk_logprobs, response_mask, s, teacher_entropy, teacher_token_logprobs,
-                      rollout_is_weights)
+    with host_checks() as checks:  # as eopd_loss: one host read per pass
+        _check_inputs(checks, B, T, V, sampled_ids, old_log_probs, teacher_topk_ids, teacher_topk_logprobs,
+                      response_mask)
+        index, valid = _student_index(sampled_ids, teacher_topk_ids, teacher_topk_logprobs, V)
+        lq, student_entropy = student_logprobs_at_from_hidden(hidden, weight, index, temperature=temperature,
+                                                              with_entropy=with_student_entropy,
+                                                              chunk_bytes=chunk_bytes or s.chunk_bytes)
+        return _objective(checks, lq, student_entropy, valid, V, sampled_ids, old_log_probs, teacher_topk_ids,
+                          teacher_topk_logprobs, response_mask, s, teacher_entropy, teacher_token_logprobs,
+                          rollout_is_weights)
