@@ -426,6 +426,9 @@ def embedded_settings(info: dict, algorithm: str, ranks: int = 1, per_node: Opti
         "reward.custom_reward_function.path": "pkg://verl_eopd.cpu.embedded",
         "reward.custom_reward_function.name": "compute_score",
         "trainer.total_training_steps": STEPS,
+        # steps, not epochs, bound the run (3,240 prompts are 6 batches of 512: the presets' 3 epochs would stop
+        # it at step 18, before its last validation)
+        "trainer.total_epochs": 1000,
         "trainer.logger": ["console", "file"],
         "trainer.project_name": "verl-eopd",  # not "verl_eopd": a ./verl_eopd log folder would shadow the package
         "trainer.experiment_name": ("tiny_" if info.get("task", ADD) == ADD else "tiny_multiple_") + algorithm,
