@@ -63,7 +63,7 @@ ARGS=(
   data.train_files="$DATA_DIR/$TRAIN.parquet"
   data.val_files="$DATA_DIR/math500.parquet"
   data.filter_overlong_prompts=true
-  +data.apply_chat_template_kwargs.enable_thinking=false
+  data.apply_chat_template_kwargs.enable_thinking=false
   actor_rollout_ref.rollout.name=vllm
   actor_rollout_ref.rollout.tensor_model_parallel_size="${ROLLOUT_TP:-1}"
   actor_rollout_ref.rollout.gpu_memory_utilization=0.6
@@ -77,7 +77,7 @@ ARGS=(
   "${POOL[@]}"
   trainer.project_name=verl-eopd
   trainer.experiment_name="$NAME"
-  trainer.logger='[console,tensorboard]'
+  trainer.logger='[console,file,tensorboard]'
   trainer.val_before_train=true
   trainer.test_freq=25
   trainer.save_freq=50

@@ -406,7 +406,10 @@ def test_a_gpu_run_without_flash_attn_falls_back_to_sdpa(tiny_models, no_model_l
 
     monkeypatch.setattr(cpu, "gpu_available", lambda: True)
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    # a GPU machine has vllm (without vllm or sglang a GPU run is refused: tests/test_gpu_launch.py)
+    real_or_vllm = lambda name, *a: object() if name == "vllm" else real(name, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "flash_attn" else real_or_vllm(name, *a))
     from verl_eopd.main import prepare
 
     cfg = _tiny_cfg(tiny_models)
@@ -417,7 +420,8 @@ def test_a_gpu_run_without_flash_attn_falls_back_to_sdpa(tiny_models, no_model_l
     cfg = _tiny_cfg(tiny_models, "+actor_rollout_ref.model.override_config.attn_implementation=eager")
     prepare(cfg, user_keys=["actor_rollout_ref.model.override_config.attn_implementation"])
     assert cfg.actor_rollout_ref.model.override_config.attn_implementation == "eager"
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "flash_attn" else real_or_vllm(name, *a))
     cfg = _tiny_cfg(tiny_models)
     prepare(cfg)
     assert "attn_implementation" not in (cfg.actor_rollout_ref.model.get("override_config") or {})

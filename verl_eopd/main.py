@@ -6,7 +6,10 @@ The config is verl's `ppo_trainer` plus the EOPD presets (verl_eopd/conf/). Befo
   * no GPU on this machine nor in the Ray cluster it joins (or trainer.device=cpu): CPU settings
     (verl_eopd.cpu.platform.CPU_SETTINGS: the HF rollout backend, gloo, sdpa, logical Ray resources) and the
     CPU platform;
-  * every value a user wrote on the command line wins over both;
+  * a GPU run on the user's models (`_user_model_settings`, integration/config.py): rollout backend vllm, else
+    sglang, else refused with the install command; dynamic batch sizes when no micro-batch is set; the run named
+    from models and data (trainer.experiment_name=auto); tensorboard beside the presets' loggers when installed;
+  * every value a user wrote on the command line wins over all of these;
   * the whole config is checked (config.check_run_config) so a bad key fails before any model loads.
 Then verl's own `run_ppo` runs with verl's own TaskRunner, started with EOPD_TASK_RUNNER=1 so that the
 plugin's set-up registers the EOPD trainer in that process (integration/trainer.py), and every process
@@ -59,7 +62,37 @@ def _algorithm_name(config) -> str:
     if HydraConfig.initialized():
         return HydraConfig.get().runtime.choices.get("algorithm", "eopd")
     loss = config.distillation.distillation_loss
-    return "eopd_grpo" if loss.use_task_rewards else ("opd" if loss.fkl_coef == 0 else "eopd")
+    if loss.use_task_rewards:
+        return "eopd_grpo"
+    if loss.fkl_coef == 0:
+        return "opd"
+    return "eopd_server" if loss.get("teacher_route") == "server" else "eopd"
+
+
+# Run-level values of the algorithm presets that are for real models (conf/algorithm/eopd.yaml); the embedded tiny
+# default keeps verl's, as it always had (it counts trainer.total_training_steps, which ends the run only if
+# verl's 30 epochs hold that many batches; it saves once, at its last step)
+EMBEDDED_KEEPS = {"trainer.total_epochs": 30, "trainer.max_actor_ckpt_to_keep": None}
+THINKING_KEY = "data.apply_chat_template_kwargs.enable_thinking"
+
+
+def _user_model_settings(config, user_keys: list, on_cpu: bool) -> None:
+    """A run on the user's models: local paths absolute, micro-batches (dynamic on GPUs) when none is set, the run
+    named from models and data (trainer.experiment_name=auto), tensorboard beside the presets' loggers when it is
+    installed. Every key the user set wins."""
+    import importlib.util
+
+    from .integration.config import absolute_local_paths, micro_batch_defaults
+
+    with open_dict(config):  # the same paths, absolute: the user's values still
+        for key, value in absolute_local_paths(config).items():
+            OmegaConf.update(config, key, value, force_add=True)
+    apply_settings(config, micro_batch_defaults(config, user_keys, gpu=not on_cpu), user_keys)
+    if "trainer.logger" not in user_keys and importlib.util.find_spec("tensorboard") is not None:
+        loggers = OmegaConf.select(config, "trainer.logger") or []
+        loggers = [loggers] if isinstance(loggers, str) else list(loggers)
+        if "tensorboard" not in loggers:
+            apply_settings(config, {"trainer.logger": loggers + ["tensorboard"]}, user_keys)
 
 
 class Prepared(NamedTuple):
@@ -80,6 +113,7 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
     from .integration.config import check_run_config
 
     user_keys = list(user_keys or [])
+    algorithm = algorithm or _algorithm_name(config)
     student = OmegaConf.select(config, "actor_rollout_ref.model.path")
     teacher = OmegaConf.select(config, "distillation.teacher_models.teacher_model.model_path")
     info = None
@@ -87,7 +121,6 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
         from .cpu.embedded import embedded_pair, embedded_settings, selected_task
 
         info = embedded_pair(task=selected_task())
-        algorithm = algorithm or _algorithm_name(config)
         # the embedded default runs on one rank unless the user asks for more (batch sizes follow the ranks)
         per_node, nodes = (int(config.trainer[key]) if f"trainer.{key}" in user_keys else 1
                            for key in ("n_gpus_per_node", "nnodes"))
@@ -97,6 +130,10 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
         from .integration.config import fitted_micro_batches
 
         apply_settings(config, fitted_micro_batches(config), user_keys)
+        apply_settings(config, EMBEDDED_KEEPS, user_keys)
+        if THINKING_KEY not in user_keys:  # its chat template has no thinking switch
+            with open_dict(config):
+                config.data.apply_chat_template_kwargs.pop("enable_thinking", None)
         print(f"[verl_eopd] no model given: embedded tiny default ({info['root']}), algorithm={algorithm}", flush=True)
     on_cpu = cpu.run_on_cpu(config)
     if on_cpu:
@@ -107,11 +144,28 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
         apply_settings(config, {"ray_kwargs.ray_init.num_gpus": cpu.logical_gpus(config)}, user_keys)
         cpu.check_ray_resources(config)
     else:
+        from .integration.config import check_gpu_backends, gpu_rollout_settings
         from .integration.gpu import NO_FLASH_ATTN_SETTINGS, flash_attn_available
 
         if not flash_attn_available() and apply_settings(config, NO_FLASH_ATTN_SETTINGS, user_keys):
             print("[verl_eopd] flash-attn is not installed: attention sdpa on padded micro-batches "
                   "(pip install 'verl[flash-attn-cu130torch211]==0.9.1' for verl's default)", flush=True)
+        # the rollout backend: vllm, else sglang, else refused with the install command (never CPU settings)
+        apply_settings(config, gpu_rollout_settings(config), user_keys)
+        if info is not None and OmegaConf.select(config, "actor_rollout_ref.rollout.name") == "hf":
+            # the embedded default without vLLM: its hf rollout generates on the worker's CPU in the rollout dtype,
+            # so the trainer recomputes the old log-probs on the GPU (no bypass mode)
+            apply_settings(config, {"algorithm.rollout_correction.bypass_mode": False}, user_keys)
+        note = check_gpu_backends(config)
+        if note:
+            print(f"[verl_eopd] {note}", flush=True)
+    if info is None:
+        _user_model_settings(config, user_keys, on_cpu)
+    if str(OmegaConf.select(config, "trainer.experiment_name")) == "auto":
+        from .integration.config import run_name
+
+        with open_dict(config):
+            config.trainer.experiment_name = run_name(config, algorithm)
     loss = check_run_config(config)
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config

@@ -315,6 +315,160 @@ def check_batch_shapes(config) -> None:
         )
 
 
+_TOKEN_BUDGETS = {  # dynamic batch size: token budget per rank -> its switch
+    "actor_rollout_ref.actor.ppo_max_token_len_per_gpu": "actor_rollout_ref.actor.use_dynamic_bsz",
+    "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu": "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz",
+    "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu": "actor_rollout_ref.ref.log_prob_use_dynamic_bsz",
+}
+
+
+def check_token_budgets(config) -> None:
+    """With dynamic batch sizes, each rank's token budget (x ulysses sp size) must hold the longest sequence the
+    run can make (data.max_prompt_length + data.max_response_length): verl asserts it inside the first pass."""
+    from omegaconf import OmegaConf
+
+    sel = lambda key, default=None: OmegaConf.select(config, key, default=default)  # noqa: E731
+    longest = int(sel("data.max_prompt_length", 0) or 0) + int(sel("data.max_response_length", 0) or 0)
+    sp = int(sel("actor_rollout_ref.actor.ulysses_sequence_parallel_size", 1) or 1)
+    for key, dynamic in _TOKEN_BUDGETS.items():
+        budget = sel(key)
+        if not sel(dynamic, False) or budget is None or int(budget) * sp >= longest:
+            continue
+        raise ValueError(
+            f"{key}={budget}: with dynamic batch sizes a rank's micro-batch holds at most {int(budget) * sp} tokens "
+            f"(x ulysses sp {sp}), less than one sequence of data.max_prompt_length + data.max_response_length = "
+            f"{longest}: verl would stop inside the first pass. Fix: {key}={-(-longest // sp)}"
+        )
+
+
+def micro_batch_defaults(config, user_keys, gpu: bool) -> dict:
+    """Batch settings for a run whose user set no micro-batch size. With dynamic batch sizes on, none. On GPUs
+    (the user did not set actor_rollout_ref.actor.use_dynamic_bsz): verl's dynamic batch sizes, micro-batches cut
+    by tokens per rank (ppo_max_token_len_per_gpu, verl's 16,384; the log-prob passes and the reference worker
+    follow the actor), as scripts/paper_recipe.sh runs. Otherwise (CPU, or use_dynamic_bsz=false): the micro-batch
+    keys left unset get `fitted_micro_batches`."""
+    from omegaconf import OmegaConf
+
+    sel = lambda key: OmegaConf.select(config, key)  # noqa: E731
+    if sel("actor_rollout_ref.actor.use_dynamic_bsz"):
+        return {}
+    deprecated = {key: key.replace("_per_gpu", "") for key in _MICRO_KEYS}  # verl's older spelling of each
+    unset = [key for key in _MICRO_KEYS if sel(key) is None and sel(deprecated[key]) is None]
+    if gpu and len(unset) == len(_MICRO_KEYS) and "actor_rollout_ref.actor.use_dynamic_bsz" not in set(user_keys):
+        return {"actor_rollout_ref.actor.use_dynamic_bsz": True}
+    fitted = fitted_micro_batches(config)
+    return {key: fitted[key] for key in unset}
+
+
+GPU_ROLLOUT_BACKENDS = ("vllm", "sglang")
+INSTALL = {"vllm": "pip install 'verl[vllm]==0.9.1'", "sglang": "pip install 'verl[sglang]==0.9.1'"}
+
+
+def importable_backends() -> list[str]:
+    """The GPU rollout backends this machine can import, verl's default (vllm) first."""
+    import importlib.util
+
+    return [name for name in GPU_ROLLOUT_BACKENDS if importlib.util.find_spec(name) is not None]
+
+
+def gpu_rollout_settings(config) -> dict:
+    """A GPU run: `actor_rollout_ref.rollout.name` when it is unset (verl 0.9.1 has no default and would raise
+    inside Ray): vllm when importable, else sglang; neither is refused with the install command (the CPU-only `hf`
+    backend is never picked on GPUs)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.is_missing(config.actor_rollout_ref.rollout, "name"):
+        return {}
+    found = importable_backends()
+    if not found:
+        raise ValueError(
+            "actor_rollout_ref.rollout.name is not set and this GPU machine can import neither vllm nor sglang, the "
+            "rollout backends verl runs on GPUs (the run would fail inside Ray; this package's hf backend is for "
+            f"CPUs). Fix: {INSTALL['vllm']} (or {INSTALL['sglang']} with actor_rollout_ref.rollout.name=sglang)"
+        )
+    return {"actor_rollout_ref.rollout.name": found[0]}
+
+
+def check_gpu_backends(config) -> Optional[str]:
+    """A GPU run's rollout backend and, on the server route (distillation.enabled), the teacher pool's: vllm or
+    sglang must be importable here (refused with the install command otherwise); the teacher pool never runs
+    `hf` on GPUs (verl accepts hf top-k teachers only through the CPU platform's patch). Returns a note for a
+    student rollout on `hf` set by the user (it runs, on the CPU of each rollout worker)."""
+    from omegaconf import OmegaConf
+
+    found = importable_backends()
+    names = [("actor_rollout_ref.rollout.name", OmegaConf.select(config, "actor_rollout_ref.rollout.name"))]
+    if OmegaConf.select(config, "distillation.enabled"):
+        names.append(("distillation.teacher_models.teacher_model.inference.name",
+                      OmegaConf.select(config, "distillation.teacher_models.teacher_model.inference.name")))
+    note = None
+    for key, name in names:
+        name = str(name)
+        if name in GPU_ROLLOUT_BACKENDS and name not in found:
+            other = [b for b in found if b != name]
+            alt = f", or {key}={other[0]} (importable here)" if other else ""
+            raise ValueError(f"{key}={name}: this GPU machine cannot import {name}; the run would fail inside Ray. "
+                             f"Fix: {INSTALL[name]}{alt}")
+        if name == "hf" and key.startswith("distillation."):
+            fix = found[0] if found else "vllm"
+            install = "" if found else f" after {INSTALL['vllm']}"
+            raise ValueError(
+                f"{key}=hf: verl serves top-k teachers with vllm or sglang on GPUs (this package's hf backend is for "
+                f"CPUs; verl would refuse it after Ray has started). Fix: {key}={fix}{install}")
+        if name == "hf":
+            note = (f"{key}=hf on a GPU machine: this package's CPU backend generates on each rollout worker's CPU "
+                    f"(slow); {INSTALL['vllm']} and {key}=vllm for GPU generation")
+    return note
+
+
+_NAME_CHARS = re.compile(r"[^\w.-]+")
+
+
+def _short(path: str) -> str:
+    """The last component of a model path or hub id, or a data file's name without .parquet."""
+    name = os.path.basename(str(path).rstrip("/")) or str(path)
+    for ext in (".parquet", ".jsonl", ".json"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    return _NAME_CHARS.sub("-", name)[:40]
+
+
+def run_name(config, algorithm: str) -> str:
+    """`<algorithm>_<student>_from_<teacher>_<training data>_<hash>` for trainer.experiment_name=auto: the hash is of
+    the full student and teacher paths and training files, so runs on other models or data (the same file name in
+    another folder included) get another name and so another checkpoint folder."""
+    import hashlib
+
+    from omegaconf import OmegaConf
+
+    student = str(OmegaConf.select(config, "actor_rollout_ref.model.path"))
+    teacher = str(OmegaConf.select(config, "distillation.teacher_models.teacher_model.model_path"))
+    files = _files(OmegaConf.select(config, "data.train_files"))
+    digest = hashlib.sha256("\n".join([student, teacher, *files]).encode()).hexdigest()[:8]
+    data = "+".join(_short(f) for f in files[:2]) + ("+more" if len(files) > 2 else "")
+    return f"{algorithm}_{_short(student)}_from_{_short(teacher)}_{data}_{digest}"
+
+
+def absolute_local_paths(config) -> dict:
+    """{key: absolute path} for the model paths and data files given relative to this directory (Ray workers on
+    other nodes, and the checkpoint's record of what it was trained with, need the absolute form)."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for key in ("actor_rollout_ref.model.path", "distillation.teacher_models.teacher_model.model_path"):
+        path = OmegaConf.select(config, key)
+        if path and not os.path.isabs(str(path)) and os.path.exists(str(path)):
+            out[key] = os.path.abspath(str(path))
+    for key in ("data.train_files", "data.val_files"):
+        value = OmegaConf.select(config, key)
+        files = _files(value)
+        fixed = [os.path.abspath(f) if not os.path.isabs(f) and not f.startswith(_REMOTE) and os.path.exists(f) else f
+                 for f in files]
+        if fixed != files:
+            out[key] = fixed[0] if isinstance(value, str) else fixed
+    return out
+
+
 def end_token_ids(loss, model_config, teacher_path: str) -> tuple[Optional[int], Optional[int]]:
     """(student, teacher) end-token ids for the EOS remap: the configured ids, else each tokenizer's
     eos_token_id (the student's from `model_config.tokenizer_path` or its model path)."""
@@ -338,12 +492,20 @@ SETTINGS_FILE = "eopd_settings.json"  # written beside each verl checkpoint (int
 _SPEED_ONLY = ("logits_chunk_mb", "from_hidden")  # settings that change speed and memory, not the objective
 
 
+def _files(value) -> list[str]:
+    """A data-files value (one path or a list) as a list of strings."""
+    return [str(value)] if isinstance(value, str) else [str(f) for f in (value or [])]
+
+
 def settings_record(config) -> dict:
-    """The EOPD settings a checkpoint is trained with: the loss node and the teacher."""
+    """What a checkpoint is trained with: the loss node, the teacher, the student and the training data
+    (paths as the run was given them; verl_eopd.main makes local ones absolute before this is recorded)."""
     from omegaconf import OmegaConf
 
     node = OmegaConf.to_container(config.distillation.distillation_loss, resolve=True)
     node["teacher_model_path"] = OmegaConf.select(config, "distillation.teacher_models.teacher_model.model_path")
+    node["student_model_path"] = OmegaConf.select(config, "actor_rollout_ref.model.path")
+    node["train_files"] = _files(OmegaConf.select(config, "data.train_files"))
     return node
 
 
@@ -356,7 +518,8 @@ def changed_settings(saved: dict, now: dict) -> dict:
 
 def check_resume(config) -> None:
     """A run that would resume (trainer.resume_mode auto or resume_path) from a checkpoint trained with other EOPD
-    settings is refused before Ray, unless trainer.resume_accept_changed_eopd=true."""
+    settings, another student or teacher, or other training data (`settings_record`) is refused before Ray,
+    unless trainer.resume_accept_changed_eopd=true. Records written before a key existed are not compared on it."""
     import json
     import os
 
@@ -380,9 +543,34 @@ def check_resume(config) -> None:
     if changed and not config.trainer.get("resume_accept_changed_eopd", False):
         diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
         raise ValueError(
-            f"trainer.resume_mode={mode} would resume {folder}, trained with other EOPD settings ({diff}): the run "
-            "would continue under another objective. Fix: trainer.resume_accept_changed_eopd=true to resume anyway, "
-            "trainer.resume_mode=disable to start over, or another trainer.default_local_dir"
+            f"trainer.resume_mode={mode} would resume {folder}, trained with other EOPD settings, models or data "
+            f"({diff}): the run would continue another run's training. Fix: trainer.resume_accept_changed_eopd=true "
+            "to resume anyway, trainer.resume_mode=disable to start over, or another trainer.default_local_dir"
+        )
+
+
+def check_strategies(config) -> None:
+    """FSDP2 only, for the actor, the reference worker (the teacher) and a critic when the run has one: EOPD's
+    loss is a logits processor of verl's FSDP engine and its teacher an FSDP reference worker (Megatron and others
+    are not supported), and FSDP1 (verl's default `fsdp`) runs code no test of this package runs."""
+    from omegaconf import OmegaConf
+
+    keys = ["actor_rollout_ref.actor.strategy", "actor_rollout_ref.ref.strategy"]
+    critic = OmegaConf.select(config, "critic.enable")  # verl's need_critic, without its warning
+    if critic or (critic is None and str(OmegaConf.select(config, "algorithm.adv_estimator")) == "gae"):
+        keys.append("critic.strategy")
+    for key in keys:
+        strategy = OmegaConf.select(config, key)
+        if strategy is None or str(strategy) == "fsdp2":
+            continue
+        if str(strategy) == "fsdp":
+            raise ValueError(
+                f"{key}={strategy}: FSDP1 is not supported; every test of EOPD's loss, teacher and from_hidden path "
+                f"through verl's engine runs FSDP2 (the algorithm presets' default). Fix: {key}=fsdp2"
+            )
+        raise ValueError(
+            f"{key}={strategy}: EOPD's loss is a logits processor of verl's FSDP engine and its teacher an FSDP "
+            f"reference worker; Megatron (or any other strategy) is not supported. Fix: {key}=fsdp2"
         )
 
 
@@ -392,13 +580,7 @@ def check_run_config(config) -> "EOPDLossConfig":
 
     loss = build_loss_config(config.distillation)
     dist, aref = config.distillation, config.actor_rollout_ref
-    for key in ("actor_rollout_ref.actor.strategy", "actor_rollout_ref.ref.strategy"):
-        strategy = OmegaConf.select(config, key)
-        if strategy is not None and str(strategy) not in ("fsdp", "fsdp2"):
-            raise ValueError(
-                f"{key}={strategy}: EOPD's loss is a logits processor of verl's FSDP engine and its teacher an FSDP "
-                f"reference worker; Megatron (or any other strategy) is not supported. Fix: {key}=fsdp2"
-            )
+    check_strategies(config)
     teacher_path = OmegaConf.select(config, "distillation.teacher_models.teacher_model.model_path")
     if not aref.model.get("path"):
         raise ValueError(
@@ -426,6 +608,7 @@ def check_run_config(config) -> "EOPDLossConfig":
 
     console_mode(config)  # trainer.console: compact | full
     check_batch_shapes(config)
+    check_token_budgets(config)
     if not config.trainer.get("use_v1", True):
         raise ValueError("trainer.use_v1=false: EOPD runs on verl's v1 trainer. Fix: trainer.use_v1=true")
     if loss.teacher_route == "ref":
