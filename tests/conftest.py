@@ -26,12 +26,9 @@ def run_main(overrides, cwd, timeout: int = 1500, **env) -> subprocess.Completed
 
 
 def pytest_configure(config):
-    """The suite is the CPU suite on any host: a visible GPU would switch the runs to GPU settings (verl_eopd.main
-    picks CPU settings only when no GPU is visible), so GPUs are hidden from this process and its subprocesses
-    before torch initialises CUDA. Variables of the user's shell that select verl's platform or a process group
-    are dropped; verl_cpu sets them for its modules and puts them back. (A hook, not import-time code: helper
-    scripts that import this module in subprocesses keep their environment.)"""
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    """Variables of the user's shell that select verl's platform or a process group are dropped; verl_cpu sets
+    them for its modules and puts them back. (A hook, not import-time code: helper scripts that import this
+    module in subprocesses keep their environment.)"""
     for name in ("VERL_PLATFORM", "VERL_USE_EXTERNAL_MODULES", "VERL_ENGINE_DEVICE", "RANK", "WORLD_SIZE",
                  "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(name, None)
@@ -48,12 +45,32 @@ def hermetic(tmp_path, monkeypatch):
     ./checkpoints or ./verl-eopd logs, ~/.cache, or another test's leftovers, and the variables above come
     from the test alone (monkeypatch restores them afterwards)."""
     monkeypatch.chdir(tmp_path)
+    # in-process checks see no GPU on any host (verl_eopd.main picks the CPU settings when none is visible);
+    # tests of the GPU branch patch it back themselves
+    from verl_eopd.cpu import platform as cpu
+
+    monkeypatch.setattr(cpu, "gpu_available", lambda: False)
     for name in _OUTSIDE_ENV:
         monkeypatch.delenv(name, raising=False)
     cache = tmp_path / ".cache"
     for name, sub in (("XDG_CACHE_HOME", ""), ("HF_HOME", "huggingface"), ("TRITON_CACHE_DIR", "triton")):
         monkeypatch.setenv(name, str(cache / sub))
     yield
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Any attempt to start Ray or load weights fails the test: every check must come before that."""
+    import ray
+    import transformers
+    import verl.trainer.main_ppo as main_ppo
+
+    def boom(*a, **k):
+        raise AssertionError("a model or Ray was started before the config was validated")
+
+    monkeypatch.setattr(ray, "init", boom)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+    monkeypatch.setattr(main_ppo, "run_ppo", boom)
 
 
 _CPU_ENV = ("VERL_PLATFORM", "VERL_USE_EXTERNAL_MODULES", "VERL_ENGINE_DEVICE", "RANK", "WORLD_SIZE", "LOCAL_RANK",

@@ -126,22 +126,6 @@ def test_stock_verl_entrypoint_composes_our_config():
 # ------------------------------------------------------------------------------------------------ fail fast
 
 
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    """Any attempt to start Ray or load weights fails the test: errors must come before that."""
-    import ray
-    import transformers
-
-    def boom(*a, **k):
-        raise AssertionError("a model or Ray was started before the config was validated")
-
-    monkeypatch.setattr(ray, "init", boom)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
-    import verl.trainer.main_ppo as main_ppo
-
-    monkeypatch.setattr(main_ppo, "run_ppo", boom)
-
-
 def _run(tiny_models, *overrides):
     """verl_eopd.main.prepare: every check of a run, no process state touched (run() = prepare + launch)."""
     from verl_eopd.main import prepare

@@ -19,21 +19,6 @@ pytestmark = pytest.mark.integration
 CONF = str(Path(verl_eopd.__file__).parent / "conf")
 
 
-@pytest.fixture
-def no_model_loads(monkeypatch):
-    """Any attempt to start Ray or load weights fails the test: the refusals must come before that."""
-    import ray
-    import transformers
-    import verl.trainer.main_ppo as main_ppo
-
-    def boom(*a, **k):
-        raise AssertionError("a model or Ray was started before the config was validated")
-
-    monkeypatch.setattr(ray, "init", boom)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
-    monkeypatch.setattr(main_ppo, "run_ppo", boom)
-
-
 def _run(models, *overrides):
     """verl_eopd.main.prepare on the tiny pair with `overrides` (the checks of `python -m verl_eopd.main`)."""
     from verl_eopd.main import prepare
