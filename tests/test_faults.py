@@ -152,7 +152,7 @@ def test_sigkill_mid_step_then_the_same_command_resumes_without_skipping_or_repe
     assert before_kill + after == whole  # no prompt skipped or repeated, step by step
     # the resumed run starts from exactly the state step 2 saved: model weights, AdamW moments and step, lr
     loads = [e for e in _states(root, "killed") if e["event"] == "load"]
-    assert len(loads) == 1 and loads[0]["path"] == str(ckpt / "global_step_2")
+    assert len(loads) == 1 and loads[0]["path"] == str(ckpt / "global_step_2" / "actor")  # the actor's manager
     for key in ("model", "optimizer", "n_optimizer_states", "lr"):
         assert loads[0][key] == saved[2][key], key
     assert saved[2]["n_optimizer_states"] > 0 and saved[1]["model"] != saved[2]["model"]  # the digests see training
@@ -183,6 +183,6 @@ def test_kill_during_a_checkpoint_save_resumes_from_the_previous_checkpoint(refe
     # restored from step 1's state, not from anything the torn save of step 2 left
     saved = [e for e in _states(root, "torn") if e["event"] == "save"]
     loads = [e for e in _states(root, "torn") if e["event"] == "load"]
-    assert len(loads) == 1 and loads[0]["path"] == str(ckpt / "global_step_1")
-    step1 = next(e for e in saved if e["step"] == 1 and e["path"] == str(ckpt / "global_step_1"))
+    assert len(loads) == 1 and loads[0]["path"] == str(ckpt / "global_step_1" / "actor")
+    step1 = next(e for e in saved if e["step"] == 1 and e["path"] == str(ckpt / "global_step_1" / "actor"))
     assert all(loads[0][k] == step1[k] for k in ("model", "optimizer", "lr"))
