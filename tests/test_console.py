@@ -68,3 +68,50 @@ def test_verls_config_dump_becomes_one_line_and_other_prints_pass(monkeypatch, c
     main_ppo.pprint("Initial validation metrics: {'a': 1}")  # the compact lines show the accuracies
     main_ppo.pprint({"other": 1})
     assert capsys.readouterr().out == "{'other': 1}\n"
+
+
+class FakeClock:
+    """A clock the test moves by hand: no wall time is read."""
+
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.unit
+def test_the_step_line_ends_with_elapsed_and_an_eta_from_the_pace_since_the_first_step(capsys):
+    clock = FakeClock()
+    console = CompactConsole(60, clock=clock)
+    clock.now += 41.0  # validation before training
+    console.log({"val-core/math500/acc/mean@1": 0.25}, 0)
+    assert capsys.readouterr().out == "[eopd] step 0/60 validation: math500 25.0% | 0:41 elapsed\n"
+    clock.now += 12.0  # step 1 took 12 s (timing_s/step): the pace is anchored at its start, t = 41 s
+    console.log({"critic/score/mean": 0.5, "timing_s/step": 12.0}, 1)
+    # 12 s per step x 59 steps left = 708 s
+    assert capsys.readouterr().out == "[eopd] step 1/60 score 0.50 12.0s | 0:53 elapsed, ETA 11:48\n"
+    clock.now += 3 * 20.0 + 30.0  # steps 2-4 at 20 s each and a 30 s checkpoint save: (53+90-41) s / 4 steps
+    console.log({"critic/score/mean": 0.5, "timing_s/step": 20.0}, 4)
+    assert capsys.readouterr().out.endswith("20.0s | 2:23 elapsed, ETA 23:48\n")  # 102/4 x 56 = 1428 s
+    clock.now += 3600.0
+    console.log({"timing_s/step": 20.0}, 60)
+    assert capsys.readouterr().out.endswith("20.0s | 1:02:23 elapsed, ETA 0:00\n")  # the last step: nothing left
+
+
+@pytest.mark.unit
+def test_a_resumed_run_measures_its_own_pace_and_an_unknown_total_gives_no_eta(capsys):
+    clock = FakeClock(5.0)
+    console = CompactConsole(174, clock=clock)
+    clock.now += 100.0  # loading the checkpoint of step 100, validating
+    console.log({"timing_s/step": 40.0}, 101)  # anchor: step 100 done at t = 60 s after the start
+    assert capsys.readouterr().out == "[eopd] step 101/174 40.0s | 1:40 elapsed, ETA 48:40\n"  # 40 x 73 = 2920 s
+    no_total = CompactConsole(0, clock=clock)
+    no_total.log({"timing_s/step": 40.0}, 3)
+    assert capsys.readouterr().out == "[eopd] step 3/0 40.0s | 0:00 elapsed\n"
+
+
+@pytest.mark.unit
+def test_compact_tracking_gives_the_console_the_trainers_total():
+    t = compact_tracking(_Tracking(), OmegaConf.create({"trainer": {"console": "compact"}}), 174)
+    assert t.logger["console"].total_steps == 174 and t.console_logger is t.logger["console"]

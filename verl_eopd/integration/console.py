@@ -3,11 +3,16 @@
 verl's `console` backend prints every metric of a step on one line (about 3,000 characters for EOPD). With
 `trainer.console: compact` (the EOPD default) the trainer's console backend is this one:
 
-    [eopd] step 12/60 rkl 0.412 fkl 0.210 gate 0.183 H 0.405 score 0.31 10.5s
-    [eopd] step 20/60 validation: eopd_tiny_add 46.9%
+    [eopd] step 0/60 validation: eopd_tiny_add 19.7% | 0:41 elapsed
+    [eopd] step 12/60 rkl 0.412 fkl 0.210 gate 0.183 H 0.405 score 0.31 10.5s | 2:49 elapsed, ETA 8:32
+    [eopd] step 20/60 rkl 0.380 ... 10.2s validation: eopd_tiny_add 46.9% | 4:40 elapsed, ETA 7:58
 
 (rkl: reverse KL on the sampled tokens; fkl: forward KL on the gated tokens; gate: share of tokens gated;
-H: the student's entropy; score: the task reward, i.e. training accuracy; then seconds for the step.)
+H: the student's entropy; score: the task reward, i.e. training accuracy; then seconds for the step; after the
+bar, the time since the trainer's `fit` began and the estimated time left. The ETA is the pace since the first
+training step this process ran (that step's own duration included, so validations and checkpoint saves that
+fall between steps count) times the steps left to the total, which is verl's: trainer.total_training_steps
+when set, else the batches per epoch x trainer.total_epochs. A resumed run measures its own pace.)
 
 Every metric still goes to the other backends (`file`, tensorboard, wandb ...); `trainer.console: full`
 restores verl's line.
@@ -15,7 +20,8 @@ restores verl's line.
 
 from __future__ import annotations
 
-from typing import Mapping
+import time
+from typing import Callable, Mapping, Optional
 
 MODES = ("compact", "full")
 ENV = "EOPD_CONSOLE"  # the run's trainer.console, for every process (set by verl_eopd.main)
@@ -34,8 +40,18 @@ def _number(value) -> float:
     return float(value.item() if hasattr(value, "item") else value)
 
 
-def compact_line(data: Mapping, step: int, total: int) -> str:
-    """The console line(s) of one logged record (a training step, a validation, or both)."""
+def clock_text(seconds: float) -> str:
+    """`m:ss` under an hour, `h:mm:ss` from then on (seconds rounded down; negative counts as 0)."""
+    s = max(0, int(seconds))
+    h, rest = divmod(s, 3600)
+    m, sec = divmod(rest, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+def compact_line(data: Mapping, step: int, total: int, elapsed: Optional[float] = None,
+                 eta: Optional[float] = None) -> str:
+    """The console line of one logged record (a training step, a validation, or both), ending with the elapsed
+    time and the ETA in seconds when given."""
     parts = [f"[eopd] step {step}/{total}"]
     for label, key, fmt in COLUMNS:
         if key in data:
@@ -46,17 +62,39 @@ def compact_line(data: Mapping, step: int, total: int) -> str:
            if k.startswith(VAL_PREFIX) and k.endswith(VAL_SUFFIX)]
     if val:
         parts.append("validation: " + ", ".join(f"{name} {100 * v:.1f}%" for name, v in val))
+    if elapsed is not None:
+        parts.append(f"| {clock_text(elapsed)} elapsed" + (f", ETA {clock_text(eta)}" if eta is not None else ""))
     return " ".join(parts)
 
 
 class CompactConsole:
-    """A verl Tracking backend (`log(data, step)`) printing `compact_line`."""
+    """A verl Tracking backend (`log(data, step)`) printing `compact_line` with elapsed time and ETA.
 
-    def __init__(self, total_steps: int):
+    `clock`: seconds from any origin (time.monotonic; tests pass a fake). Elapsed counts from this object's
+    creation (verl creates its Tracking at the start of `fit`). The pace is anchored at the start of the first
+    training step logged (its log time minus its `timing_s/step`); each later training record gives
+    ETA = (now - anchor time) / (step - anchor step) x (total - step). No ETA on a validation-only record or
+    without a total."""
+
+    def __init__(self, total_steps: int, clock: Callable[[], float] = time.monotonic):
         self.total_steps = total_steps
+        self.clock = clock
+        self.started = clock()
+        self.anchor: Optional[tuple[int, float]] = None  # (steps done, clock) at the first step's start
+
+    def eta(self, data: Mapping, step: int, now: float) -> Optional[float]:
+        """Seconds left by the pace since the anchor (None for a validation-only record or an unknown total)."""
+        if "timing_s/step" not in data or not self.total_steps:
+            return None
+        if self.anchor is None:
+            self.anchor = (step - 1, now - _number(data["timing_s/step"]))
+        done, since = step - self.anchor[0], now - self.anchor[1]
+        return since / done * max(0, self.total_steps - step) if done > 0 else None
 
     def log(self, data, step) -> None:
-        print(compact_line(data, step, self.total_steps), flush=True)
+        now = self.clock()
+        eta = self.eta(data, int(step), now)
+        print(compact_line(data, step, self.total_steps, now - self.started, eta), flush=True)
 
     def finish(self, *args, **kwargs) -> None:  # verl's Tracking.finish calls it on some backends
         return None
