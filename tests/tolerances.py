@@ -58,3 +58,89 @@ def adamw_first_step_bound(g_a: torch.Tensor, g_b: torch.Tensor, p: torch.Tensor
         return g / (g.abs() + eps)
 
     return lr * (step(g_a, clip_a) - step(g_b, clip_b)).abs() + 8 * U32 * (p.double().abs() + lr)
+
+
+# ------------------------------------------------------------------------------------------------ per-token values
+# Values derived from one row of logits (log-probabilities, entropies, the per-token loss terms) are bounded in two
+# steps: how far the two sides' logits can lie apart (dz: fp32_logit_bound for two fp32 forwards of a model, or
+# gamma_H (|h| @ |W|^T) for one fp32 matmul against an exact one), then the fp32 rounding of the log-softmax and of
+# the sums over the row (V terms). exp and log are taken within 1 ulp (2u), as in PyTorch's CPU kernels.
+
+
+def model_logit_scale(model) -> float:
+    """Z >= sum_k |h_k W_ik| for every logit z_i of a Hugging Face causal LM whose lm head reads an RMSNorm output h
+    (Qwen3): ||h||_2 <= sqrt(H) max|norm weight| (h = g * x / rms(x)), so by Cauchy-Schwarz the lm head's absolute
+    terms sum to at most sqrt(H) max|g| max_i ||W_i||_2. Also bounds max|z|."""
+    h = model.config.hidden_size
+    g = float(model.model.norm.weight.detach().abs().max())
+    w = float(model.lm_head.weight.detach().double().norm(dim=-1).max())
+    return h ** 0.5 * g * w
+
+
+def fp32_logit_bound(model, seq_len: int) -> float:
+    """|z_a - z_b| for the logits of two fp32 forwards of `model` over the same sequence of <= seq_len tokens, in any
+    layout (padded or packed, another micro-batching, another BLAS blocking): 2 gamma_n Z (module docstring), n the
+    reduction chain through the network, per layer the RMSNorms, q/k/v/o and gate/up projections (5 H terms), q.k and
+    the attention's weighted sum over <= seq_len positions (2 S), the MLP's down projection (I), then the final norm and
+    the lm head (2 H); Z = model_logit_scale, the lm head's absolute terms (as for gradients, the rounding of the body
+    is taken at the scale of the sum it feeds: no catastrophic cancellation in a random model)."""
+    c = model.config
+    n = c.num_hidden_layers * (5 * c.hidden_size + c.intermediate_size + 2 * seq_len) + 2 * c.hidden_size
+    return 2 * gamma(n) * model_logit_scale(model)
+
+
+def lm_head_logit_bound(model) -> float:
+    """|z_a - z_b| for two fp32 lm heads (whole, or in row chunks) on the same hidden states h: each within
+    gamma_H sum_k |h_k W_ik| <= gamma_H Z of the exact product (Z = model_logit_scale)."""
+    return 2 * gamma(model.config.hidden_size) * model_logit_scale(model)
+
+
+def log_softmax_rounding(zmax: float, vocab: int) -> float:
+    """|log p_i - log p_i*| for one fp32 log-softmax of a row of `vocab` logits with |z| <= zmax against the exact
+    log-softmax of the same logits: s_j = z_j - m (u R, R <= 2 zmax), exp(s_j) (u R + 2u relative), S = sum_j exp(s_j)
+    (V positive terms: gamma_V relative), log S (+ 2u ln V), s_i - log S (u |log p_i| <= u (R + ln V)); the other
+    order, z_i - (m + log S), adds u |m| twice. In all u (8 zmax + 3 ln V + 2) + gamma_V."""
+    import math
+
+    return U32 * (8 * zmax + 3 * math.log(vocab) + 2) + gamma(vocab)
+
+
+def log_softmax_bound(zmax: float, vocab: int, dz: float = 0.0, *, sides: int = 2) -> float:
+    """|log p_a - log p_b| between two log-softmaxes of rows whose logits differ by <= dz: 2 dz (log p = z -
+    logsumexp z moves by at most twice the largest logit move) plus each fp32 side's log_softmax_rounding
+    (sides=1 when the other side is a float64 reference, whose rounding is ~1e-16)."""
+    return 2 * dz + sides * log_softmax_rounding(zmax, vocab)
+
+
+def entropy_bound(eps: float, entropy: float, vocab: int, *, sides: int = 2) -> float:
+    """|H_a - H_b| for entropies -sum_j p_j log p_j over `vocab` terms from log-probabilities within eps of each
+    other (log_softmax_bound): dH = -sum_j p_j (log p_j + 1) d log p_j moves by at most eps (H + 1); each fp32 side
+    rounds p_j = exp(log p_j) (2u), the product (u), and sums V positive terms (gamma_V): (3u + gamma_V) H.
+    H <= `entropy` (ln V at most)."""
+    return eps * (1 + entropy) + sides * (3 * U32 + gamma(vocab)) * entropy
+
+
+def fp32_loss_bound(eps: float, lipschitz_mean: float, abs_mean: float, *, tokens: int, k: int,
+                    sides: int = 2) -> float:
+    """|L_a - L_b| for a token-mean loss L = (1/T) sum_t l_t from log-probabilities within eps of each other.
+    Each l_t is Lipschitz in its row's log-probabilities (the clipped policy term max(-r A, -clip(r) A) with constant
+    r |A|, the top-k FKL sum_i p~_i (log p~_i - log q_i) with constant 1 since the p~_i sum to 1, times its
+    coefficient): eps lipschitz_mean, lipschitz_mean >= the token mean of those constants. Each fp32 side rounds the
+    k-term FKL sum, the mean over T tokens and a few elementwise ops (6u): (gamma_{T+k} + 6u) abs_mean, abs_mean >=
+    the token mean of the terms' absolute parts (r |A| + coefficient x (ln k + max |log q|))."""
+    return eps * lipschitz_mean + sides * (gamma(tokens + k) + 6 * U32) * abs_mean
+
+
+def assert_within(got: torch.Tensor, want: torch.Tensor, bound, what: str) -> float:
+    """max |got - want| <= bound (a float or a tensor broadcastable to got, element by element); returns the
+    largest |diff|, for the observed figure in the test's comment. Non-finite entries must match exactly."""
+    a, b = torch.as_tensor(got).double(), torch.as_tensor(want).double()
+    assert a.shape == b.shape, (what, a.shape, b.shape)
+    fin = torch.isfinite(b)
+    assert torch.equal(torch.isfinite(a), fin) and torch.equal(a[~fin], b[~fin]), f"{what}: non-finite entries differ"
+    diff = (a - b).abs().where(fin, torch.zeros_like(a))
+    bound_t = torch.as_tensor(bound, dtype=torch.float64).expand_as(diff)
+    worst = int((diff - bound_t).argmax())
+    assert bool((diff <= bound_t).all()), (f"{what}: |diff| {float(diff.flatten()[worst]):.3g} at flat index {worst} > "
+                                           f"derived bound {float(bound_t.flatten()[worst]):.3g}")
+    return float(diff.max()) if diff.numel() else 0.0
