@@ -33,17 +33,19 @@ def gamma(n: int, u: float = U32) -> float:
     return n * u / (1 - n * u)
 
 
-def fp32_grad_bound(g: torch.Tensor, *, tokens: int, vocab: int, hidden: int) -> float:
-    """Largest |g_a - g_b| between two summation orders of the gradient tensor `g` (module docstring)."""
-    return 2 * gamma(tokens + vocab + hidden) * tokens * float(g.abs().max())
+def fp32_grad_bound(g: torch.Tensor, *, tokens: int, vocab: int, hidden: int, sides: int = 2) -> float:
+    """Largest |g_a - g_b| between two summation orders of the gradient tensor `g` (module docstring); sides=1
+    against a float64 reference (gamma_n T max|g|)."""
+    return sides * gamma(tokens + vocab + hidden) * tokens * float(g.abs().max())
 
 
-def assert_grads_close(got: dict, ref: dict, *, tokens: int, vocab: int, hidden: int, what: str = "grad") -> None:
+def assert_grads_close(got: dict, ref: dict, *, tokens: int, vocab: int, hidden: int, what: str = "grad",
+                       sides: int = 2) -> None:
     """Every gradient tensor within fp32_grad_bound of the reference (and both the same set of tensors)."""
     assert set(got) == set(ref), set(got) ^ set(ref)
     for name in ref:
         a, b = got[name].double(), ref[name].double()
-        bound = fp32_grad_bound(b, tokens=tokens, vocab=vocab, hidden=hidden)
+        bound = fp32_grad_bound(b, tokens=tokens, vocab=vocab, hidden=hidden, sides=sides)
         diff = float((a - b).abs().max())
         assert diff <= bound, f"{what} {name}: max |diff| {diff:.3g} > derived fp32 bound {bound:.3g}"
 
@@ -87,6 +89,17 @@ def fp32_logit_bound(model, seq_len: int) -> float:
     c = model.config
     n = c.num_hidden_layers * (5 * c.hidden_size + c.intermediate_size + 2 * seq_len) + 2 * c.hidden_size
     return 2 * gamma(n) * model_logit_scale(model)
+
+
+def matmul_abs(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum_k |h_k W_ik| for every logit z = h W^T (h [..., H], w [V, H]) in float64 [..., V]: bounds |z_i|, and
+    one fp32 product (any blocking) lies within gamma_H times it of the exact one."""
+    return h.double().abs() @ w.double().abs().T
+
+
+def bf16_rounding(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| left by rounding each of two equal (or fp32-close) values once to bf16: u16 (|a| + |b|)."""
+    return U16 * (a.double().abs() + b.double().abs())
 
 
 def lm_head_logit_bound(model) -> float:
