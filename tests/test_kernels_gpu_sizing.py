@@ -291,8 +291,8 @@ def test_one_host_sync_per_pass(cuda_sizing_on_meta, gate, exact_teacher):
 
 
 def test_the_loss_pieces_verl_calls_read_once_each(cuda_sizing_on_meta):
-    """verl's registered loss (integration/loss.py) calls eopd_token_losses and eopd_stats on their own: one read
-    each (they were 2 and ~40)."""
+    """eopd_token_losses and eopd_stats called on their own: one read each (they were 2 and ~40). Inside verl's
+    registered loss (integration/loss.py) they share the micro-batch's one read: tests/test_loss_syncs.py."""
     ids, old, t_ids, t_lp, mask = _objective_inputs()
     ent, tok, fkl = (torch.zeros(1, TOKENS, device="meta") for _ in range(3))
     with CountOps() as c:

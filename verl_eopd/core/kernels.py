@@ -25,13 +25,14 @@ from __future__ import annotations
 import contextlib
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence, Union
 
 import torch
 
 from .settings import DEFAULT_LOGITS_CHUNK_MB
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "ChunkSizing", "HostChecks", "chunk_sizing", "host_checks", "teacher_stats",
+__all__ = ["DEFAULT_CHUNK_BYTES", "ChunkSizing", "HostChecks", "RankStopped", "chunk_sizing", "collect_checks",
+           "host_checks", "teacher_stats",
            "teacher_stats_from_hidden", "student_logprobs_at", "student_logprobs_at_from_hidden"]
 
 DEFAULT_CHUNK_BYTES = DEFAULT_LOGITS_CHUNK_MB * 2**20
@@ -129,39 +130,96 @@ def chunk_sizing(device, dtype: torch.dtype, V: int, *, kind: Kind,
 # --------------------------------------------------------------------------------------------------
 
 
+class RankStopped(RuntimeError):
+    """Raised on every rank but the failing one when a bad-input check (or an error) stopped another rank's pass:
+    names that rank and its check. The failing rank raises the check's own error."""
+
+
+_ERROR_SLOT = 0xFFFF  # the check index a rank reports when its pass raised an error that is no check of its own
+_RANK_SCALE = 0x10000  # code = (rank + 1) * _RANK_SCALE + check index; MAX keeps the highest failing rank's
+
+
+def _rank_group_size() -> int:
+    """The default process group's size when torch.distributed is initialised, else 1."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 class HostChecks:
     """Bad-input checks whose flags stay on the device until one read.
 
-    `add(flag, fail)`: flag is a 0-d bool tensor (True = bad input), `fail()` raises the check's error (it may read
-    the device again: only the error path does). `read(values)` copies every flag and the 0-d `values` to the host
-    in one transfer (the one host sync), raises the first failed check's error in the order they were added, and
-    returns the values as floats.
+    `add(flag, fail, what)`: flag is a 0-d bool tensor (True = bad input), `fail()` raises the check's error (it may
+    read the device again: only the error path does), `what` names the check for the other ranks' message.
+    `read(values)` copies every flag and the 0-d `values` to the host in one transfer (the one host sync), raises the
+    first failed check's error in the order they were added, and returns the values as floats.
+
+    `across_ranks=True` (the EOPD loss path, one HostChecks per micro-batch): when torch.distributed is initialised
+    with more than one rank, the read first all-reduces (MAX, default group) one code per rank,
+    (rank + 1) * 2^16 + the index of its first failed check (0 where none failed), so that every rank learns
+    that some rank failed: the failing rank raises its check's error, every other rank raises `RankStopped` naming
+    that rank and check, and none is left waiting in the next collective. Every rank must read the same number of
+    times: the read is made whatever the data (and on the error path, `host_checks` / `collect_checks`).
     """
 
-    def __init__(self):
+    def __init__(self, across_ranks: bool = False):
+        self.across_ranks = across_ranks
         self._flags: list[torch.Tensor] = []
         self._fails: list[Callable[[], None]] = []
+        self._whats: list[str] = []
         self.done = False
 
-    def add(self, flag: torch.Tensor, fail: Callable[[], None]) -> None:
+    def add(self, flag: torch.Tensor, fail: Callable[[], None], what: str = "a bad-input check") -> None:
         self._flags.append(flag.reshape(()))
         self._fails.append(fail)
+        self._whats.append(what)
 
-    def read(self, values: Sequence[torch.Tensor] = ()) -> list[float]:
-        flags, fails = self._flags, self._fails
-        self._flags, self._fails, self.done = [], [], True
+    def read(self, values: Sequence[torch.Tensor] = (), *, error: bool = False) -> list[float]:
+        """The one read (see the class). `error=True`: the caller's pass raised (the error path): this rank reports
+        itself failed to the others even where none of its checks did."""
+        flags, fails, whats = self._flags, self._fails, self._whats
+        self._flags, self._fails, self._whats, self.done = [], [], [], True
         tensors = [t.detach().reshape(()) for t in (*flags, *values)]
-        if not tensors:
+        world = _rank_group_size() if self.across_ranks else 1
+        if not tensors and world == 1:
             return []
-        dev = tensors[0].device
-        host = torch.stack([t.to(device=dev, dtype=torch.float64) for t in tensors])
+        dev = tensors[0].device if tensors else None
+        parts = [torch.stack([t.to(device=dev, dtype=torch.float64) for t in tensors])] if tensors else []
+        if world > 1:
+            parts.insert(0, self._reduced_code(flags, error, dev).to(torch.float64).reshape(1))
+        if len(parts) > 1 and parts[0].device != parts[1].device:  # NCCL with CPU flags: not on the loss path
+            parts[0] = parts[0].to(parts[1].device)
+        host = torch.cat(parts) if len(parts) > 1 else parts[0]
         if host.device.type != "cpu":
             host = host.to("cpu")  # the one device -> host copy
         host = host.tolist()
+        code = int(host.pop(0)) if world > 1 else 0
         for bad, fail in zip(host, fails):
             if bad:
                 fail()
+        if code:
+            rank, index = code // _RANK_SCALE - 1, code % _RANK_SCALE
+            what = ("raised an error" if index == _ERROR_SLOT else
+                    f"failed its check: {whats[index]}" if index < len(whats) else f"failed its check #{index}")
+            raise RankStopped(f"rank {rank} {what}; this rank stops too (its own inputs passed), so that no rank waits "
+                              f"in the next collective. Rank {rank}'s error message says what to fix")
         return host[len(fails):]
+
+    def _reduced_code(self, flags: list[torch.Tensor], error: bool, dev) -> torch.Tensor:
+        """The all-reduced (MAX) code of the first failed check over the ranks: a 0-d int64 tensor, on the device
+        of the flags (the CUDA device for NCCL when there are none). No host read: the collective is queued."""
+        dist = torch.distributed
+        if dev is None or (dist.get_backend() == "nccl" and torch.device(dev).type != "cuda"):
+            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        me = (dist.get_rank() + 1) * _RANK_SCALE
+        if flags:
+            bad = torch.stack([f.to(device=dev, dtype=torch.int64) for f in flags])
+            code = torch.where(bad.any(), bad.argmax() + me, torch.zeros((), dtype=torch.int64, device=dev))
+        else:
+            code = torch.zeros((), dtype=torch.int64, device=dev)
+        if error:
+            code = torch.where(code > 0, code, torch.full((), me + _ERROR_SLOT, dtype=torch.int64, device=dev))
+        dist.all_reduce(code, op=dist.ReduceOp.MAX)
+        return code
 
 
 _SCOPE: ContextVar[Optional[HostChecks]] = ContextVar("verl_eopd_host_checks", default=None)
@@ -171,15 +229,28 @@ _SCOPE: ContextVar[Optional[HostChecks]] = ContextVar("verl_eopd_host_checks", d
 def host_checks():
     """The HostChecks of the enclosing pass, or a new one that this block reads on exit (one host sync).
 
-    A caller that opens the outermost block (e.g. `eopd_loss`) gathers the checks of everything it calls (the
-    kernels, the objective) and reads them once with its metrics (`HostChecks.read(values)`); a kernel called on
-    its own reads its checks when it returns. If the block raises, the pending checks are read first, so that a
-    bad input is reported by its own message and not by whatever failed later because of it."""
+    A caller that opens the outermost block (e.g. `eopd_loss`, or `collect_checks` on the EOPD loss path) gathers
+    the checks of everything it calls (the kernels, the objective) and reads them once with its metrics
+    (`HostChecks.read(values)`); a kernel called on its own reads its checks when it returns. If the block raises,
+    the pending checks are read first, so that a bad input is reported by its own message and not by whatever
+    failed later because of it."""
     outer = _SCOPE.get()
     if outer is not None:
         yield outer
         return
     checks = HostChecks()
+    with collect_checks(checks):
+        yield checks
+    if not checks.done:
+        checks.read()
+
+
+@contextlib.contextmanager
+def collect_checks(checks: HostChecks):
+    """Gathers the checks of everything called in the block into `checks`, which the caller reads later
+    (`checks.read`, e.g. in another function of the same micro-batch). If the block raises, the checks are read on
+    the way out (with `error=True`: the other ranks learn that this one stopped) and a failed check's own error is
+    raised, chained to the error that the bad input caused."""
     token = _SCOPE.set(checks)
     try:
         yield checks
@@ -188,8 +259,8 @@ def host_checks():
         token = None
         if not checks.done:
             try:
-                checks.read()
-            except ValueError as bad_input:
+                checks.read(error=True)
+            except (ValueError, RankStopped) as bad_input:
                 raise bad_input from exc
             except Exception:  # the device cannot be read either: report what failed first
                 pass
@@ -197,8 +268,6 @@ def host_checks():
     finally:
         if token is not None:
             _SCOPE.reset(token)
-    if not checks.done:
-        checks.read()
 
 
 def _check_rows(checks: HostChecks, name: str, first_col: torch.Tensor) -> None:
@@ -214,7 +283,7 @@ def _check_rows(checks: HostChecks, name: str, first_col: torch.Tensor) -> None:
                          f"[..., V]; {int(bad.sum())} such rows): refusing to score or train on them. Fix: check the "
                          "model's forward pass (weights, dtype overflow) for that sequence")
 
-    checks.add(bad.any(), fail)
+    checks.add(bad.any(), fail, f"NaN or +inf logits in {name}")
 
 
 def _autocast_off(dev: torch.device):
@@ -366,7 +435,7 @@ def _teacher_ids(checks: HostChecks, sampled_ids: torch.Tensor, lead, V: int, k:
     def fail():
         raise ValueError(f"sampled_ids must lie in [0, {V}); got range [{int(ids.min())}, {int(ids.max())}]")
 
-    checks.add(((ids < 0) | (ids >= V)).any(), fail)
+    checks.add(((ids < 0) | (ids >= V)).any(), fail, f"sampled_ids outside [0, {V})")
     return ids.clamp(0, V - 1)
 
 
@@ -387,7 +456,7 @@ def _teacher_rows(checks: HostChecks, pieces, N: int, dev, ids: torch.Tensor, k:
     return {"topk_ids": topk_ids, "topk_logprobs": topk_lp, "entropy": entropy, "token_logprobs": token_lp}
 
 
-def _check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> tuple[int, int]:
+def _check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, temperature) -> tuple[int, int]:
     """(H, V) of hidden [..., H] and an lm head weight [V, H] (no bias), or a ValueError naming the tensor."""
     if weight.dim() != 2:
         raise ValueError(f"weight (the lm head) must be [V, H], got {tuple(weight.shape)}")
@@ -396,9 +465,29 @@ def _check_lm_head(hidden: torch.Tensor, weight: torch.Tensor, temperature: floa
         raise ValueError(f"hidden must be [..., H] with H = weight.shape[1] = {H}, got {tuple(hidden.shape)}")
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype (the lm head's)")
-    if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature != float("inf")):
+    if isinstance(temperature, torch.Tensor):  # its value is checked in the pass (a flag, no host read here)
+        if temperature.numel() != 1 or not temperature.is_floating_point():
+            raise ValueError(f"temperature must be a number or a 1-element float tensor, got {tuple(temperature.shape)} "
+                             f"{temperature.dtype}")
+    elif not (isinstance(temperature, (int, float)) and temperature > 0 and temperature != float("inf")):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     return H, V
+
+
+def _is_one(temperature) -> bool:
+    """Whether dividing by `temperature` is known on the host to change nothing (a tensor is always divided by)."""
+    return not isinstance(temperature, torch.Tensor) and temperature == 1.0
+
+
+def _check_temperature(checks: HostChecks, temperature) -> None:
+    """A device temperature must be finite and > 0: a flag in `checks`."""
+    if not isinstance(temperature, torch.Tensor):
+        return
+
+    def fail():
+        raise ValueError(f"temperature must be a finite number > 0, got {float(temperature)}")
+
+    checks.add(~((temperature > 0) & torch.isfinite(temperature)), fail, "temperature finite and > 0")
 
 
 @torch.no_grad()
@@ -539,10 +628,10 @@ class _LmHeadChunk:
         fp32 = hidden.dtype == torch.float32
         self.f = None if fp32 else torch.empty(min(work_rows, rows), V, dtype=torch.float32, device=hidden.device)
 
-    def logits(self, hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor, temperature: Union[float, torch.Tensor]) -> torch.Tensor:
         """z [n, V] = (hidden @ weight.T) / temperature in the lm head's dtype, in the reused buffer."""
         z = torch.mm(hidden, weight.T, out=self.z[: hidden.shape[0]])
-        return z if temperature == 1.0 else z.div_(temperature)
+        return z if _is_one(temperature) else z.div_(temperature)
 
     def fp32_pieces(self, z: torch.Tensor):
         """(a, b, z[a:b] in fp32) over the chunk: z itself when fp32 (in place), else copies into the fp32 buffer."""
@@ -617,7 +706,7 @@ class _HiddenGatherLogSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, sizing: ChunkSizing,
-                with_entropy: bool, temperature: float):
+                with_entropy: bool, temperature):
         N, V = hidden.shape[0], weight.shape[0]
         dev = hidden.device
         rows = sizing.rows
@@ -625,6 +714,7 @@ class _HiddenGatherLogSoftmax(torch.autograd.Function):
         ent = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=dev)
         buf = _LmHeadChunk(min(rows, N), V, hidden, sizing.work_rows) if N else None
         with _autocast_off(dev), host_checks() as checks:
+            _check_temperature(checks, temperature)
             for s in range(0, N, rows):
                 e = min(s + rows, N)
                 for a, b, zf in buf.fp32_pieces(buf.logits(hidden[s:e], weight, temperature)):
@@ -669,7 +759,7 @@ class _HiddenGatherLogSoftmax(torch.autograd.Function):
                     d = zf.exp_() if logp else _softmax_in_place(zf)
                     d.mul_(g.sum(-1, keepdim=True).neg_())
                     d.scatter_add_(-1, index[s + a:s + b], g)
-                    if temperature != 1.0:
+                    if not _is_one(temperature):
                         d.div_(temperature)
                     if d is not z:  # 16-bit: the logits' gradient back in their dtype, over their rows
                         z[a:b].copy_(d)
@@ -686,12 +776,14 @@ def student_logprobs_at_from_hidden(
     weight: torch.Tensor,
     index: torch.Tensor,
     *,
-    temperature: float = 1.0,
+    temperature: Union[float, torch.Tensor] = 1.0,
     with_entropy: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """`student_logprobs_at(hidden @ weight.T / temperature, index)` without the [..., V] logits; the gradient
     reaches hidden [..., H] and weight [V, H] (a tied input embedding accumulates it as any other use does).
+    `temperature`: a number, or a 1-element float tensor on the device (then the logits are always divided by it
+    and its value is checked with the other flags: no host read to get it).
     One host read in forward (the NaN-row check), none in backward."""
     H, V = _check_lm_head(hidden, weight, temperature)
     lead = hidden.shape[:-1]
@@ -700,5 +792,6 @@ def student_logprobs_at_from_hidden(
     flat = hidden.reshape(-1, H)
     idx = index.reshape(flat.shape[0], -1).long()
     sizing = chunk_sizing(flat.device, flat.dtype, V, kind="student", chunk_bytes=chunk_bytes)
-    out, ent = _HiddenGatherLogSoftmax.apply(flat, weight, idx, sizing, with_entropy, float(temperature))
+    t = temperature.detach().reshape(()).float() if isinstance(temperature, torch.Tensor) else float(temperature)
+    out, ent = _HiddenGatherLogSoftmax.apply(flat, weight, idx, sizing, with_entropy, t)
     return out.reshape(*lead, idx.shape[-1]), (ent.reshape(lead) if with_entropy else None)

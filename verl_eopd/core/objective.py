@@ -141,9 +141,10 @@ def eopd_token_losses(
     old = torch.where(m, old_log_probs.float(), zero)
     with host_checks() as checks:  # one host read here, or none inside an enclosing pass (eopd_loss)
         checks.add(~torch.isfinite(tlp).all(), _raiser("teacher_token_logprobs holds non-finite values at "
-                                                        "response_mask positions"))
+                                                        "response_mask positions"),
+                   "teacher_token_logprobs finite at response_mask positions")
         checks.add(~torch.isfinite(old).all(), _raiser("old_log_probs holds non-finite values at response_mask "
-                                                        "positions"))
+                                                        "positions"), "old_log_probs finite at response_mask positions")
     rkl, adv, clipped = ppo_clipped_rkl(
         torch.where(m, student_token_logprobs.float(), zero), old, tlp,
         clip_ratio_low=s.clip_ratio_low, clip_ratio_high=s.clip_ratio_high, clip_ratio_c=s.clip_ratio_c,
@@ -228,7 +229,7 @@ def _check_inputs(checks: HostChecks, B: int, T: int, V: int, sampled_ids, old_l
         )
     ids = sampled_ids.long()
     checks.add((((ids < 0) | (ids >= V)) & response_mask.bool()).any(),
-               _raiser(f"sampled_ids must lie in [0, V={V}) at response_mask positions"))
+               _raiser(f"sampled_ids must lie in [0, V={V}) at response_mask positions"), f"sampled_ids in [0, {V})")
 
 
 def _student_index(sampled_ids, teacher_topk_ids, teacher_topk_logprobs, V: int):

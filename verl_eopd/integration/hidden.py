@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Optional
-
 import torch
+
+from ..core.kernels import HostChecks, collect_checks
 
 ACTOR_MODEL_TYPE = "eopd_actor_hidden"
 
@@ -69,26 +69,36 @@ class HiddenCapture:
         return rows
 
 
-def scalar_temperature(micro_batch) -> float:
-    """The micro-batch's one temperature (verl allows one per sample; the hidden-state kernels take one)."""
+def scalar_temperature(micro_batch, checks: HostChecks):
+    """The micro-batch's one temperature (verl allows one per sample; the hidden-state kernels take one): verl's
+    host number as a float; a per-sample tensor as its first value, a 0-d fp32 tensor on the device, with the
+    check that all are equal a flag in `checks` (no host read here)."""
     t = micro_batch["temperature"]
-    if isinstance(t, torch.Tensor):
-        vals = torch.unique(t.values() if t.is_nested else t)
-        if vals.numel() != 1:
-            raise ValueError("distillation.distillation_loss.from_hidden=true needs one temperature per micro-batch, "
-                             f"got {vals.tolist()[:4]}. Fix: from_hidden=false")
-        return float(vals[0])
-    return float(t)
+    if not isinstance(t, torch.Tensor):
+        return float(t)
+    vals = (t.values() if t.is_nested else t).reshape(-1)
+    if not vals.numel():
+        raise ValueError("the micro-batch's temperature tensor is empty")
+
+    def fail():
+        raise ValueError("distillation.distillation_loss.from_hidden=true needs one temperature per micro-batch, "
+                         f"got {torch.unique(vals).tolist()[:4]}. Fix: from_hidden=false")
+
+    checks.add((vals != vals[0]).any(), fail, "one temperature per micro-batch (from_hidden)")
+    return vals[0].float()
 
 
 def packed_rows(hidden: torch.Tensor, micro_batch, use_rmpad: bool) -> torch.Tensor:
     """Per-token rows (hidden states [.., H] or logits [.., V]) packed [n, ...] in the layout verl gives the logits
     processor: [(nnz / sp) + pad, ...] with remove-padding, else each sequence's first len rows of the padded
-    [B, S, ...], concatenated."""
+    [B, S, ...], concatenated (gathered with the row index found on the device: no host read of the lengths)."""
     if use_rmpad:
         return hidden.squeeze(0)
-    lens = micro_batch["input_ids"].offsets().diff()
-    return torch.cat([hidden[b, : lens[b]] for b in range(lens.numel())])
+    input_ids = micro_batch["input_ids"]
+    offsets = input_ids.offsets().to(hidden.device)
+    row = torch.arange(input_ids.values().shape[0], device=hidden.device)
+    seq = torch.searchsorted(offsets[1:], row, right=True)  # the sequence of each packed row
+    return hidden[seq, row - offsets[seq]]
 
 
 def pack_outputs(engine, out: dict, micro_batch, output_args, use_rmpad: bool) -> dict:
@@ -154,9 +164,22 @@ def actor_engine_class():
             use_rmpad = get("use_remove_padding", True)
             only, entropy = get("distillation_only", False), get("calculate_entropy", False)
             h = packed_rows(hidden, micro_batch, use_rmpad)
-            temperature = scalar_temperature(micro_batch)
             V = weight.shape[0]
             out = {}
+            if get("distillation_use_topk", False):  # the EOPD loss follows: it reads these checks (loss.py)
+                from .loss import micro_batch_checks
+
+                checks = micro_batch_checks()
+            else:  # verl's log-prob pass: read here, once, across ranks
+                checks = HostChecks(across_ranks=True)
+            with collect_checks(checks):
+                self._rows_into(out, checks, micro_batch, output_args, h, weight, V, get, only, entropy)
+            if not get("distillation_use_topk", False):
+                checks.read()
+            return out
+
+        def _rows_into(self, out, checks, micro_batch, output_args, h, weight, V, get, only, entropy) -> None:
+            temperature = scalar_temperature(micro_batch, checks)
             if get("distillation_use_topk", False):
                 def student_pass(index, chunk_bytes):
                     return student_logprobs_at_from_hidden(h, weight, index, temperature=temperature,
@@ -170,7 +193,7 @@ def actor_engine_class():
                     raise ValueError("distillation.distillation_loss.from_hidden=true needs the EOPD actor loss "
                                      "(loss_mode=eopd); verl's own top-k losses read the logits")
                 outputs = eopd_student_outputs(kw["config"], kw["distillation_config"], micro_batch, h.shape[0], V,
-                                               student_pass)
+                                               student_pass, checks=checks)
                 out.update({k: v.squeeze(0) for k, v in outputs.items()})
                 if not only:
                     out["log_probs"] = out["eopd_logp"]
@@ -185,7 +208,6 @@ def actor_engine_class():
                     out["log_probs"] = lq[:, 0]
                 if entropy:
                     out["entropy"] = ent
-            return out
 
         def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
             rows = HiddenCapture.result(output, "student")

@@ -13,16 +13,22 @@ verl 0.9.1's `distillation_ppo_loss` sends every top-k loss to its built-in forw
 (`compute_topk_loss` ignores the loss name). Rather than rebinding that function globally, the EOPD worker
 binds `eopd_ppo_loss` as its actor's loss: the processor call goes to `eopd_logits_processor`, the final
 call to verl's `distillation_ppo_loss` (which finds `eopd_distillation_loss` in verl's registry).
+
+Host reads (docs/gpu.md): one per micro-batch forward on this path, none in backward. The processor's bad-input
+checks (token column, NaN rows, a from_hidden micro-batch's temperatures) stay on the device as flags in the
+micro-batch's `HostChecks` (`micro_batch_checks`), which the registered loss reads once, with its own checks and
+the metrics. The read is made across ranks (`HostChecks(across_ranks=True)`): a check that fails on one rank stops
+every rank at that read, none waits in the next collective.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from ..core.kernels import student_logprobs_at
+from ..core.kernels import HostChecks, collect_checks, student_logprobs_at
 from ..core.objective import eopd_stats, eopd_token_losses
 from ..core.settings import EOPDSettings
 from ..core.topk import estimated_entropy, fkl_topk, token_logprob_from_topk, valid_topk
@@ -30,9 +36,90 @@ from ..core.topk import estimated_entropy, fkl_topk, token_logprob_from_topk, va
 LOSS_NAME = "eopd"
 
 
-def _padded(t: torch.Tensor, fill=0) -> torch.Tensor:
-    """A batch field as a padded [B, ...] tensor (verl ships nested/jagged tensors in micro-batches)."""
-    return t.to_padded_tensor(fill) if t.is_nested else t
+_PENDING: list[HostChecks] = []  # the processor's checks of the current micro-batch, read by its loss
+
+
+def micro_batch_checks() -> HostChecks:
+    """The checks of a new micro-batch's forward pass, gathered on the device (processor, kernels) and read once, across
+    ranks, by the micro-batch's loss (`eopd_distillation_loss`). Checks of an earlier micro-batch that no loss read
+    (not on verl's paths: its engine calls the loss after every processor call) are read first."""
+    while _PENDING:
+        stale = _PENDING.pop()
+        if not stale.done:
+            stale.read()
+    checks = HostChecks(across_ranks=True)
+    _PENDING.append(checks)
+    return checks
+
+
+def _loss_checks() -> HostChecks:
+    """The micro-batch's checks left by its processor, or new ones (a loss called on its own, e.g. in tests)."""
+    checks = _PENDING.pop() if _PENDING else None
+    return checks if checks is not None and not checks.done else HostChecks(across_ranks=True)
+
+
+def _pad_responses(t: torch.Tensor, R: int, fill=0) -> torch.Tensor:
+    """A per-response batch field as a padded [B, R, ...] tensor: dense fields as they are; nested ones (verl ships
+    jagged tensors in micro-batches) gathered on the device (`to_padded_tensor` reads the lengths on the host)."""
+    if not t.is_nested:
+        return t
+    values, offsets = t.values(), t.offsets()
+    pos = torch.arange(R, device=offsets.device)
+    valid = pos < offsets.diff()[:, None]  # [B, R]
+    idx = torch.where(valid, offsets[:-1, None] + pos, torch.zeros_like(pos))
+    out = values[idx.clamp(max=max(values.shape[0] - 1, 0))] if values.shape[0] else values.new_zeros(*idx.shape,
+                                                                                                     *values.shape[1:])
+    return torch.where(valid.reshape(*valid.shape, *[1] * (out.dim() - 2)), out, torch.full_like(out, fill))
+
+
+class _Responses:
+    """verl's packed rows -> the [B, R] response layout (row j predicts token j + 1), the values of verl's
+    `no_padding_2_padding`, with the row index found on the device once per micro-batch (verl's function reads the
+    lengths and offsets on the host for each tensor) and its asserts made as flags in `checks`.
+
+    R is verl's `max_response_len` (set by `left_right_2_no_padding`); without it, nested responses' longest
+    (one host read, only for micro-batches built outside verl) or the padded responses' width, as verl takes it.
+    """
+
+    def __init__(self, data, checks: HostChecks):
+        from verl.utils import tensordict_utils as tu
+
+        prompts, responses = data["prompts"], data["responses"]
+        R = tu.get_non_tensor_data(data=data, key="max_response_len", default=-1)
+        if prompts.is_nested:
+            p_lens, r_lens = prompts.offsets().diff(), responses.offsets().diff()
+            if R < 0:
+                R = responses._maybe_max_seqlen if hasattr(responses, "_maybe_max_seqlen") else None
+                R = int(r_lens.max()) if R is None else R
+        else:
+            mask = data["attention_mask"]
+            p_lens, r_lens = mask[:, : prompts.shape[1]].sum(1), mask[:, prompts.shape[1]:].sum(1)
+            R = responses.shape[1]
+        ends = (p_lens + r_lens).cumsum(0)
+        pos = torch.arange(int(R), device=ends.device)
+        self.R, self.checks, self.end, self.sized = int(R), checks, ends[-1], set()
+        self.valid = pos < r_lens[:, None]  # [B, R]
+        self.rows = torch.where(self.valid, (ends - r_lens - 1)[:, None] + pos, torch.zeros_like(pos))
+        checks.add(~(p_lens > 0).all(), lambda: _fail(f"a prompt of the micro-batch is empty (prompt lengths "
+                                                      f"{p_lens.tolist()}); verl's layout needs at least one token"),
+                   "prompts non-empty")
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        """Packed per-token t ([nnz, ...] or nested per sequence) -> [B, R, ...], 0 beyond each response."""
+        values = t.values() if t.is_nested else t
+        n = values.shape[0]
+        if n not in self.sized:
+            self.sized.add(n)
+            end = self.end
+            self.checks.add(end != n, lambda: _fail(f"the micro-batch's sequences cover {int(end)} packed rows but a "
+                                                    f"per-token tensor has {n}"), "packed rows match the sequences")
+        out = values[self.rows.clamp(0, max(n - 1, 0))]
+        valid = self.valid.reshape(*self.valid.shape, *[1] * (out.dim() - 2))
+        return torch.where(valid, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def _fail(message: str):
+    raise ValueError(message)
 
 
 def _rows(t: torch.Tensor, n: int, fill) -> torch.Tensor:
@@ -45,10 +132,11 @@ def _rows(t: torch.Tensor, n: int, fill) -> torch.Tensor:
     return torch.cat([t, pad], dim=0)
 
 
-def _split_token_column(t_ids: torch.Tensor, t_lp: torch.Tensor, labels: torch.Tensor, k: int,
+def _split_token_column(checks: HostChecks, t_ids: torch.Tensor, t_lp: torch.Tensor, labels: torch.Tensor, k: int,
                         offsets: torch.Tensor):
     """Column K of a [nnz, K + 1] server payload: the exact teacher log-prob of the token each row predicts
-    (integration/server_route.py). Returns it as [nnz], or None for verl's plain [nnz, K] payload."""
+    (integration/server_route.py). Returns it as [nnz], or None for verl's plain [nnz, K] payload. That column's
+    ids must be the next tokens: a flag in `checks`."""
     width = t_ids.shape[-1]
     if width == k:
         return None
@@ -59,10 +147,13 @@ def _split_token_column(t_ids: torch.Tensor, t_lp: torch.Tensor, labels: torch.T
     real = torch.ones_like(ids, dtype=torch.bool)
     real[offsets[1:].long() - 1] = False  # the last row of each sequence is verl's dummy
     bad = real & (ids != labels)
-    if bool(bad.any()):
+
+    def fail():
         j = int(bad.nonzero()[0, 0])
         raise ValueError(f"teacher_ids[..., {k}] (the sampled-token column) holds token {int(ids[j])} at packed row {j} "
                          f"but the sequence's next token is {int(labels[j])}: the teacher scored other tokens")
+
+    checks.add(bad.any(), fail, f"teacher_ids[..., {k}] (the sampled-token column) equal to the next tokens")
     return t_lp[:, -1]
 
 
@@ -117,10 +208,18 @@ def eopd_logits_processor(config, distillation_config, data, student_logits: tor
     return eopd_student_outputs(config, distillation_config, data, logits.shape[0], logits.shape[1], student_pass)
 
 
-def eopd_student_outputs(config, distillation_config, data, n: int, V: int, student_pass):
+def eopd_student_outputs(config, distillation_config, data, n: int, V: int, student_pass,
+                         checks: Optional[HostChecks] = None):
     """The processor's outputs for n packed rows of a V-word student vocabulary, whatever holds the student:
     `student_pass(index [n, M], chunk_bytes) -> (log q [n, M] differentiable, entropy [n])` gives the student's
-    full-vocabulary log-probs at `index` (from the logits here; from hidden states in integration/hidden.py)."""
+    full-vocabulary log-probs at `index` (from the logits here; from hidden states in integration/hidden.py).
+    Its checks and the student pass's go to `checks` (default: a new `micro_batch_checks()`), read by the loss."""
+    checks = micro_batch_checks() if checks is None else checks
+    with collect_checks(checks):
+        return _student_outputs(checks, config, distillation_config, data, n, V, student_pass)
+
+
+def _student_outputs(checks: HostChecks, config, distillation_config, data, n: int, V: int, student_pass):
     if config.strategy not in ("fsdp", "fsdp2"):
         raise NotImplementedError(
             f"loss_mode=eopd supports actor strategy fsdp/fsdp2, got actor.strategy={config.strategy!r}"
@@ -134,7 +233,7 @@ def eopd_student_outputs(config, distillation_config, data, n: int, V: int, stud
         raise ValueError("eopd expects verl's no-padding micro-batches: teacher_logprobs, teacher_ids and input_ids nested")
     t_lp, t_ids = t_lp.values(), t_ids.values().long()  # [nnz, K] or [nnz, K + 1]
     labels = torch.roll(input_ids.values(), shifts=-1, dims=0).long()  # y_{j+1} for row j
-    token_column = _split_token_column(t_ids, t_lp, labels, int(cfg.topk), input_ids.offsets())
+    token_column = _split_token_column(checks, t_ids, t_lp, labels, int(cfg.topk), input_ids.offsets())
     if token_column is not None:
         t_ids, t_lp = t_ids[:, :-1], t_lp[:, :-1]
     if get_ulysses_sequence_parallel_world_size() > 1:
@@ -177,9 +276,13 @@ def eopd_distillation_loss(config, distillation_config, model_output: dict, data
     [B, j] (exact full-vocabulary entropy) and `teacher_token_logprob` [B, j] (exact log pi_T(y)), in the
     same row layout as `teacher_logprobs` (the reference-worker teacher route fills them).
     """
-    from verl.workers.utils.padding import no_padding_2_padding
-
     cfg = _eopd_config(distillation_config)
+    checks = _loss_checks()  # the processor's checks of this micro-batch: read below, once, with the metrics
+    with collect_checks(checks):
+        return _distillation_loss(cfg, checks, model_output, data)
+
+
+def _distillation_loss(cfg, checks: HostChecks, model_output: dict, data) -> tuple[torch.Tensor, dict[str, Any]]:
     missing = [k for k in ("eopd_fkl", "eopd_logp") if k not in model_output]
     if missing:
         raise RuntimeError(
@@ -188,11 +291,9 @@ def eopd_distillation_loss(config, distillation_config, model_output: dict, data
             "actor_rollout_ref.model.use_fused_kernels=false and python -m verl_eopd.plugin"
         )
 
-    def resp(t):  # packed per-token (or nested) -> [B, R] response slice (row j predicts token j+1)
-        return no_padding_2_padding(t, data)
-
-    mask = _padded(data["response_mask"], 0).bool()
-    old = _padded(data["old_log_probs"], 0.0)
+    resp = _Responses(data, checks)  # packed per-token (or nested) -> [B, R] (row j predicts token j+1)
+    mask = _pad_responses(data["response_mask"], resp.R, 0).bool()
+    old = _pad_responses(data["old_log_probs"], resp.R, 0.0)
     fkl, logp = resp(model_output["eopd_fkl"]), resp(model_output["eopd_logp"])
     keys = set(data.keys())
     exact_entropy = "teacher_entropy" in keys
@@ -201,7 +302,7 @@ def eopd_distillation_loss(config, distillation_config, model_output: dict, data
     t_tok = resp(data["teacher_token_logprob"]) if exact_token else resp(model_output["eopd_teacher_token_logprob"])
     rollout_is_weights = data.get("rollout_is_weights", None)
     if rollout_is_weights is not None:
-        rollout_is_weights = _padded(rollout_is_weights, 0.0)
+        rollout_is_weights = _pad_responses(rollout_is_weights, resp.R, 0.0)
 
     per_token, parts = eopd_token_losses(logp, old, t_tok, fkl, t_ent, mask, rollout_is_weights=rollout_is_weights,
                                          settings=cfg.settings)
@@ -214,9 +315,12 @@ def eopd_distillation_loss(config, distillation_config, model_output: dict, data
         student_entropy=resp(model_output["eopd_student_entropy"]),
         teacher_entropy_bounds=None if exact_entropy else (
             resp(model_output["eopd_teacher_entropy_lower"]), resp(model_output["eopd_teacher_entropy_upper"])),
+        host=False,
     )
     stats.pop("n_tokens")
-    return per_token, {f"eopd/{k}": v for k, v in stats.items()}
+    # the one host read of the micro-batch: every check (processor, kernels, objective; across ranks) and the metrics
+    values = checks.read(list(stats.values()))
+    return per_token, {f"eopd/{k}": v for k, v in zip(stats, values)}
 
 
 def eopd_ppo_loss(config, distillation_config, model_output: dict = None, data=None, dp_group=None,
