@@ -102,12 +102,20 @@ class Prepared(NamedTuple):
     embedded: Optional[dict]  # the embedded default's paths when no model was given
 
 
-def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Optional[str] = None) -> Prepared:
+def dry_run(config) -> bool:
+    """trainer.dry_run=true: check and print the plan (verl_eopd/dry_run.py), start nothing."""
+    return bool(OmegaConf.select(config, "trainer.dry_run", default=False))
+
+
+def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Optional[str] = None,
+            notes: Optional[list] = None) -> Prepared:
     """Everything before the run that only reads and edits `config` (no process state is touched):
     the embedded default and the CPU settings for keys the user did not set, every check (errors name the
     key and the fix), and the environment the run's processes need, also written into Ray's runtime_env.
 
     Relative checkpoint and metric paths are made absolute (Ray workers need not share this directory).
+    A dry run (trainer.dry_run=true) plans the user's models for GPU nodes whatever this machine has (unless
+    trainer.device=cpu): what only the GPU nodes must have (vllm, flash-attn) is appended to `notes`.
     """
     from .cpu import platform as cpu
     from .integration.config import check_run_config
@@ -135,7 +143,13 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
             with open_dict(config):
                 config.data.apply_chat_template_kwargs.pop("enable_thinking", None)
         print(f"[verl_eopd] no model given: embedded tiny default ({info['root']}), algorithm={algorithm}", flush=True)
-    on_cpu = cpu.run_on_cpu(config)
+    planned = dry_run(config)
+    notes = [] if notes is None else notes
+    if planned:  # no cluster is asked: the command's shape is the plan
+        device_cpu = config.trainer.get("device", "cuda") == "cpu"
+        on_cpu = device_cpu or (info is not None and not cpu.gpu_available())
+    else:
+        on_cpu = cpu.run_on_cpu(config)
     if on_cpu:
         apply_settings(config, cpu.CPU_SETTINGS, user_keys)
         if config.distillation.get("enabled", False):
@@ -147,18 +161,30 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
         from .integration.config import check_gpu_backends, gpu_rollout_settings
         from .integration.gpu import NO_FLASH_ATTN_SETTINGS, flash_attn_available
 
-        if not flash_attn_available() and apply_settings(config, NO_FLASH_ATTN_SETTINGS, user_keys):
-            print("[verl_eopd] flash-attn is not installed: attention sdpa on padded micro-batches "
-                  "(pip install 'verl[flash-attn-cu130torch211]==0.9.1' for verl's default)", flush=True)
+        install = "pip install 'verl[flash-attn-cu130torch211]==0.9.1'"
+        if not flash_attn_available() and planned:
+            notes.append(f"flash-attn is not importable here: the GPU nodes need it for verl's attention ({install});"
+                         " a launch without it runs sdpa on padded micro-batches")
+        elif not flash_attn_available() and apply_settings(config, NO_FLASH_ATTN_SETTINGS, user_keys):
+            print(f"[verl_eopd] flash-attn is not installed: attention sdpa on padded micro-batches "
+                  f"({install} for verl's default)", flush=True)
         # the rollout backend: vllm, else sglang, else refused with the install command (never CPU settings)
-        apply_settings(config, gpu_rollout_settings(config), user_keys)
+        apply_settings(config, gpu_rollout_settings(config, planned=planned), user_keys)
         if info is not None and OmegaConf.select(config, "actor_rollout_ref.rollout.name") == "hf":
             # the embedded default without vLLM: its hf rollout generates on the worker's CPU in the rollout dtype,
             # so the trainer recomputes the old log-probs on the GPU (no bypass mode)
             apply_settings(config, {"algorithm.rollout_correction.bypass_mode": False}, user_keys)
-        note = check_gpu_backends(config)
-        if note:
+        note = check_gpu_backends(config, planned=planned)
+        if note and planned:
+            notes.append(note)
+        elif note:
             print(f"[verl_eopd] {note}", flush=True)
+        from .dry_run import node_gpus, place_pools, pools
+
+        per_node = node_gpus(config, assume=False)[0]
+        if not planned and per_node:  # each pool's per-node group must fit one node of this machine's kind
+            spec = pools(config)
+            place_pools(spec, sum(count for _, _, count in spec.values()), per_node)
     if info is None:
         _user_model_settings(config, user_keys, on_cpu)
     if str(OmegaConf.select(config, "trainer.experiment_name")) == "auto":
@@ -167,6 +193,9 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
         with open_dict(config):
             config.trainer.experiment_name = run_name(config, algorithm)
     loss = check_run_config(config)
+    from .dry_run import check_parallelism
+
+    check_parallelism(config)  # verl asserts these in its workers, after Ray has started
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
 
@@ -222,6 +251,13 @@ def run(config, user_keys: Optional[Iterable[str]] = None, algorithm: Optional[s
     """`prepare`, then set this process up (environment, CPU platform), run verl's `run_ppo`, and print the
     summary of the run (verl_eopd/report.py)."""
     start = time.time()
+    if dry_run(config):  # every check, then the plan; nothing started, this process untouched
+        from .dry_run import format_plan, plan
+
+        notes: list = []
+        prepared = prepare(config, user_keys, algorithm, notes=notes)
+        print(format_plan(plan(config, prepared, notes), algorithm or _algorithm_name(config)), flush=True)
+        return
     _, env, on_cpu, embedded = prepare(config, user_keys, algorithm)
     from .report import header
 

@@ -405,6 +405,8 @@ def embedded_settings(info: dict, algorithm: str, ranks: int = 1, per_node: Opti
         "trainer.n_gpus_per_node": per_node or ranks,
         "trainer.nnodes": 1,
         "actor_rollout_ref.rollout.name": backend,
+        # one GPU per rollout replica (verl's default 2 would not tile one rank: its workers assert it)
+        "actor_rollout_ref.rollout.tensor_model_parallel_size": 1,
         "data.train_files": info["train"],
         "data.val_files": info["val"],
         "data.prompt_key": "prompt",

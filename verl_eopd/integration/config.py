@@ -371,15 +371,18 @@ def importable_backends() -> list[str]:
     return [name for name in GPU_ROLLOUT_BACKENDS if importlib.util.find_spec(name) is not None]
 
 
-def gpu_rollout_settings(config) -> dict:
+def gpu_rollout_settings(config, planned: bool = False) -> dict:
     """A GPU run: `actor_rollout_ref.rollout.name` when it is unset (verl 0.9.1 has no default and would raise
     inside Ray): vllm when importable, else sglang; neither is refused with the install command (the CPU-only `hf`
-    backend is never picked on GPUs)."""
+    backend is never picked on GPUs). `planned` (a dry run, trainer.dry_run=true): this machine need not be a GPU
+    node, so vllm is planned when neither imports here (check_gpu_backends notes that the nodes need it)."""
     from omegaconf import OmegaConf
 
     if not OmegaConf.is_missing(config.actor_rollout_ref.rollout, "name"):
         return {}
     found = importable_backends()
+    if not found and planned:
+        return {"actor_rollout_ref.rollout.name": GPU_ROLLOUT_BACKENDS[0]}
     if not found:
         raise ValueError(
             "actor_rollout_ref.rollout.name is not set and this GPU machine can import neither vllm nor sglang, the "
@@ -389,11 +392,12 @@ def gpu_rollout_settings(config) -> dict:
     return {"actor_rollout_ref.rollout.name": found[0]}
 
 
-def check_gpu_backends(config) -> Optional[str]:
+def check_gpu_backends(config, planned: bool = False) -> Optional[str]:
     """A GPU run's rollout backend and, on the server route (distillation.enabled), the teacher pool's: vllm or
-    sglang must be importable here (refused with the install command otherwise); the teacher pool never runs
-    `hf` on GPUs (verl accepts hf top-k teachers only through the CPU platform's patch). Returns a note for a
-    student rollout on `hf` set by the user (it runs, on the CPU of each rollout worker)."""
+    sglang must be importable here (refused with the install command otherwise; `planned`, a dry run: a note that
+    the GPU nodes need it); the teacher pool never runs `hf` on GPUs (verl accepts hf top-k teachers only through
+    the CPU platform's patch). Returns a note for a student rollout on `hf` set by the user (it runs, on the CPU of
+    each rollout worker)."""
     from omegaconf import OmegaConf
 
     found = importable_backends()
@@ -404,6 +408,10 @@ def check_gpu_backends(config) -> Optional[str]:
     note = None
     for key, name in names:
         name = str(name)
+        if name in GPU_ROLLOUT_BACKENDS and name not in found and planned:
+            need = f"{key}={name}: not importable on this machine; every GPU node needs it ({INSTALL[name]})"
+            note = f"{note}; {need}" if note else need
+            continue
         if name in GPU_ROLLOUT_BACKENDS and name not in found:
             other = [b for b in found if b != name]
             alt = f", or {key}={other[0]} (importable here)" if other else ""
@@ -416,8 +424,9 @@ def check_gpu_backends(config) -> Optional[str]:
                 f"{key}=hf: verl serves top-k teachers with vllm or sglang on GPUs (this package's hf backend is for "
                 f"CPUs; verl would refuse it after Ray has started). Fix: {key}={fix}{install}")
         if name == "hf":
-            note = (f"{key}=hf on a GPU machine: this package's CPU backend generates on each rollout worker's CPU "
-                    f"(slow); {INSTALL['vllm']} and {key}=vllm for GPU generation")
+            hf = (f"{key}=hf on a GPU machine: this package's CPU backend generates on each rollout worker's CPU "
+                  f"(slow); {INSTALL['vllm']} and {key}=vllm for GPU generation")
+            note = f"{note}; {hf}" if note else hf
     return note
 
 
