@@ -26,6 +26,7 @@ import torch
 
 U32 = 2.0 ** -24  # fp32 unit roundoff
 U16 = 2.0 ** -8  # bf16 unit roundoff
+U64 = 2.0 ** -53  # fp64 unit roundoff
 
 
 def gamma(n: int, u: float = U32) -> float:
@@ -108,14 +109,14 @@ def lm_head_logit_bound(model) -> float:
     return 2 * gamma(model.config.hidden_size) * model_logit_scale(model)
 
 
-def log_softmax_rounding(zmax: float, vocab: int) -> float:
+def log_softmax_rounding(zmax: float, vocab: int, u: float = U32) -> float:
     """|log p_i - log p_i*| for one fp32 log-softmax of a row of `vocab` logits with |z| <= zmax against the exact
     log-softmax of the same logits: s_j = z_j - m (u R, R <= 2 zmax), exp(s_j) (u R + 2u relative), S = sum_j exp(s_j)
     (V positive terms: gamma_V relative), log S (+ 2u ln V), s_i - log S (u |log p_i| <= u (R + ln V)); the other
     order, z_i - (m + log S), adds u |m| twice. In all u (8 zmax + 3 ln V + 2) + gamma_V."""
     import math
 
-    return U32 * (8 * zmax + 3 * math.log(vocab) + 2) + gamma(vocab)
+    return u * (8 * zmax + 3 * math.log(vocab) + 2) + gamma(vocab, u)
 
 
 def log_softmax_bound(zmax: float, vocab: int, dz: float = 0.0, *, sides: int = 2) -> float:
@@ -125,12 +126,12 @@ def log_softmax_bound(zmax: float, vocab: int, dz: float = 0.0, *, sides: int = 
     return 2 * dz + sides * log_softmax_rounding(zmax, vocab)
 
 
-def entropy_bound(eps: float, entropy: float, vocab: int, *, sides: int = 2) -> float:
+def entropy_bound(eps: float, entropy: float, vocab: int, *, sides: int = 2, u: float = U32) -> float:
     """|H_a - H_b| for entropies -sum_j p_j log p_j over `vocab` terms from log-probabilities within eps of each
     other (log_softmax_bound): dH = -sum_j p_j (log p_j + 1) d log p_j moves by at most eps (H + 1); each fp32 side
     rounds p_j = exp(log p_j) (2u), the product (u), and sums V positive terms (gamma_V): (3u + gamma_V) H.
     H <= `entropy` (ln V at most)."""
-    return eps * (1 + entropy) + sides * (3 * U32 + gamma(vocab)) * entropy
+    return eps * (1 + entropy) + sides * (3 * u + gamma(vocab, u)) * entropy
 
 
 def fp32_loss_bound(eps: float, lipschitz_mean: float, abs_mean: float, *, tokens: int, k: int,
