@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -234,7 +235,7 @@ def test_run_eval_scores_summarizes_and_resumes(tmp_path, fixtures):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("kwargs,match", [({"k": 0}, "--k"), ({"top_p": 0.0}, "--top-p"),
+@pytest.mark.parametrize("kwargs,match", [({"k": 0}, "--n"), ({"top_p": 0.0}, "--top-p"),
                                           ({"temperature": 0.0}, "greedy"), ({"max_tokens": 0}, "--max-tokens")])
 def test_eval_settings_are_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -260,8 +261,8 @@ def test_vllm_backend_maps_settings_and_outputs(monkeypatch):
 
         def generate(self, texts, params):
             calls["texts"], calls["params"] = texts, params
-            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"{t}#{j}") for j in range(params.n)])
-                    for t in texts]
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"{t}#{j}") for j in range(p.n)])
+                    for t, p in zip(texts, params, strict=True)]
 
     def SamplingParams(**kw):
         return types.SimpleNamespace(**kw)
@@ -272,7 +273,9 @@ def test_vllm_backend_maps_settings_and_outputs(monkeypatch):
     out = gen([[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]], s, seed=7)
     assert out == [["<chat>a#0", "<chat>a#1", "<chat>a#2"], ["<chat>b#0", "<chat>b#1", "<chat>b#2"]]
     assert calls["llm"] == ("some/model", 2)
-    assert vars(calls["params"]) == {"n": 3, "temperature": 1.0, "top_p": 0.8, "max_tokens": 100, "seed": 7}
+    # one SamplingParams per prompt, seeded seed + i: a prompt's samples do not depend on its batch or engine
+    assert [vars(x) for x in calls["params"]] == [{"n": 3, "temperature": 1.0, "top_p": 0.8, "max_tokens": 100,
+                                                   "seed": 7 + i} for i in range(2)]
     assert calls["template_kwargs"] == {"enable_thinking": False}
 
 
@@ -295,6 +298,34 @@ def test_evaluate_script_end_to_end_with_the_hf_backend(tmp_path, fixtures, tiny
     assert second.returncode == 0 and "4 already done, 0 to go" in second.stderr
     bad = subprocess.run(cmd[:-4] + ["--top-p", "0.5"], capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "top_p: stored 0.8 vs now 0.5" in bad.stderr
+
+
+def _evaluate_main():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_script", os.path.join(ROOT, "scripts", "evaluate.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("flags,match", [
+    (["--n", "4", "--pass-k", "1,8"], "--pass-k=1,8: Pass@k needs 1 <= k <= n = 4 .* got k = 8. Fix: --n 8"),
+    (["--k", "4", "--pass-k", "0,2"], "--pass-k=0,2: .* got k = 0"),
+    (["--pass-k", "1,x"], "--pass-k='1,x': expected comma-separated integers"),
+    (["--n", "4", "--k", "8"], "--n 4 and --k 8 disagree"),
+    (["--backend", "hf", "--tensor-parallel-size", "2"], "the HF backend runs one device per engine"),
+])
+def test_evaluate_refuses_bad_pass_k_before_loading(tmp_path, fixtures, no_model_loads, capsys, flags, match):
+    bench = _bench(tmp_path, fixtures)
+    argv = ["--model", "org/model", "--benchmarks", f"math500={bench['math500']}", "--output-dir",
+            str(tmp_path / "ev"), *flags]
+    with pytest.raises(SystemExit) as exit_:
+        _evaluate_main()(argv)
+    assert exit_.value.code == 2
+    assert re.search(match, capsys.readouterr().err), match
+    assert not (tmp_path / "ev").exists()
 
 
 # ---------------------------------------------------------------------------------------------- wiring

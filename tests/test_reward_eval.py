@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from verl_eopd.math.eval import markdown_table, pass_at_k, summarize
+from verl_eopd.math.eval import markdown_table, parse_pass_k, pass_at_k, summarize
 from verl_eopd.math.reward import compute_score, extract_answer, gold_answers, last_boxed
 
 pytestmark = pytest.mark.unit
@@ -182,3 +182,28 @@ def test_summarize_by_hand():
     assert table.splitlines()[-1].startswith("| mean | 5 |")
     with pytest.raises(ValueError, match="different sample counts"):
         summarize({"a": [[1, 0], [1]]}, ks=[1])
+
+
+def test_table_has_avg_at_n_and_every_requested_pass_at_k_by_hand():
+    """The paper's layout with --pass-k 1,2,4 on n = 4: the figures worked out by hand from 1 - C(n-c,k)/C(n,k)."""
+    scores = {"a": [[1, 0, 0, 0], [0, 0, 0, 0]], "b": [[1, 1, 1, 1], [0, 1, 0, 0], [0, 0, 0, 0]]}
+    table = markdown_table(summarize(scores, ks=range(1, 5)), ks=[1, 2, 4]).splitlines()
+    assert table[0] == "| benchmark | problems | Avg@4 | Pass@1 | Pass@2 | Pass@4 |"
+    # a: c = 1, 0 -> Avg 1/8; Pass@2 (1 - 3/6 + 0) / 2; Pass@4 1/2
+    assert table[2] == "| a | 2 | 12.50 | 12.50 | 25.00 | 50.00 |"
+    # b: c = 4, 1, 0 -> Avg 5/12; Pass@2 (1 + 1/2 + 0) / 3; Pass@4 2/3
+    assert table[3] == "| b | 3 | 41.67 | 41.67 | 50.00 | 66.67 |"
+    # mean of the two rows (not pooled over problems), as the paper averages benchmarks
+    assert table[4] == "| mean | 5 | 27.08 | 27.08 | 37.50 | 58.33 |"
+
+
+@pytest.mark.parametrize("text,n,expected", [("1,8,16", 16, [1, 8, 16]), ("8, 1,8", 8, [1, 8]), ("4", 4, [4])])
+def test_parse_pass_k(text, n, expected):
+    assert parse_pass_k(text, n) == expected
+
+
+@pytest.mark.parametrize("text,n,match", [("1,8,16", 8, r"--pass-k=1,8,16: .*n = 8 .*got k = 16\. Fix: --n 16"),
+                                          ("0", 4, "got k = 0"), ("a", 4, "comma-separated"), (",", 4, "at least one")])
+def test_parse_pass_k_refuses_k_above_n_naming_the_flags(text, n, match):
+    with pytest.raises(ValueError, match=match):
+        parse_pass_k(text, n)

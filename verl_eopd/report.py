@@ -2,18 +2,22 @@
 
     student held-out accuracy before -> after (verl's `val-core/*` validation metrics), the teacher's on the
     same problems (embedded default), gate fraction, student entropy and reverse KL (first -> last step),
-    where the checkpoint and the metrics are, and the command that plots them.
+    where the checkpoint and the metrics are, and the command that plots them; the last checkpoint verl saved
+    (its step read from verl's `latest_checkpointed_iteration.txt`) with the exact `python -m verl.model_merger`
+    command that exports it to a Hugging Face folder, and that folder. Works with any `trainer.logger` set.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Optional
 
 from omegaconf import OmegaConf
 
 from .math.curves import read_run
+from .math.eval import has_weights
 
 
 def metrics_path(config) -> Optional[str]:
@@ -26,6 +30,82 @@ def metrics_path(config) -> Optional[str]:
         return os.path.abspath(os.environ["VERL_FILE_LOGGER_PATH"])
     root = os.path.expanduser(os.environ.get("VERL_FILE_LOGGER_ROOT", "."))
     return os.path.abspath(os.path.join(root, config.trainer.project_name, f"{config.trainer.experiment_name}.jsonl"))
+
+
+TRACKER = "latest_checkpointed_iteration.txt"  # verl's ray_trainer writes the last saved step here
+
+
+def last_checkpoint(config) -> tuple[Optional[int], Path, str]:
+    """(step, global_step_N folder, note) of the last checkpoint verl finished saving, read from verl's tracker
+    file in trainer.default_local_dir (written after the actor's shards); step None with the reason otherwise."""
+    root = Path(os.path.abspath(os.path.expanduser(str(OmegaConf.select(config, "trainer.default_local_dir")))))
+    tracker = root / TRACKER
+    if not tracker.is_file():
+        async_save = OmegaConf.select(config, "actor_rollout_ref.actor.checkpoint.async_save")
+        why = ("actor.checkpoint.async_save=true: verl writes no tracker" if async_save
+               else "none saved; trainer.save_freq sets how often, and the last step always saves")
+        return None, root, f"(no {tracker}: {why})"
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        return None, root, f"({tracker} holds {text!r}, not a step number)"
+    step = int(text)
+    folder = root / f"global_step_{step}"
+    if not (folder / "actor").is_dir():
+        return step, folder, f"({tracker} names step {step}, but {folder / 'actor'} is missing: moved or deleted?)"
+    return step, folder, ""
+
+
+def merged_dir(config, step: int) -> Path:
+    """Where the printed merge command puts step `step`'s Hugging Face folder: beside the checkpoints, outside
+    the global_step_* folders that verl rotates away (trainer.max_actor_ckpt_to_keep)."""
+    root = Path(os.path.abspath(os.path.expanduser(str(OmegaConf.select(config, "trainer.default_local_dir")))))
+    return root / "hf" / f"global_step_{step}"
+
+
+def merge_command(actor_dir: Path, target: Path) -> str:
+    """verl 0.9.1's FSDP checkpoint -> Hugging Face folder command (verl/model_merger), ready to paste."""
+    return (f"python -m verl.model_merger merge --backend fsdp --local_dir {shlex.quote(str(actor_dir))} "
+            f"--target_dir {shlex.quote(str(target))}")
+
+
+def export_lines(config) -> list[str]:
+    """The summary's checkpoint / export / HF-folder lines (no metrics needed)."""
+    step, folder, note = last_checkpoint(config)
+    if step is None:
+        return [f"  checkpoint: {note}"]
+    lines = [f"  checkpoint: {folder} (step {step}, from {TRACKER}) {note}".rstrip()]
+    if note:
+        return lines
+    saved_hf = folder / "actor" / "huggingface"
+    if has_weights(saved_hf):  # actor.checkpoint.save_contents includes hf_model
+        lines.append(f"  HF folder:  {saved_hf} (saved with the checkpoint: save_contents has hf_model)")
+    else:
+        target = merged_dir(config, step)
+        lines.append(f"  export:     {merge_command(folder / 'actor', target)}")
+        lines.append(f"  HF folder:  {target} (after the export; for transformers, vLLM and "
+                     f"scripts/evaluate.py --model; docs/after_training.md)")
+    return lines
+
+
+def other_logger_lines(config, path: Optional[str]) -> list[str]:
+    """Where the metrics went when there is no metrics file to summarize (any trainer.logger set)."""
+    sel = lambda key: OmegaConf.select(config, key)  # noqa: E731
+    loggers = sel("trainer.logger") or []
+    loggers = [loggers] if isinstance(loggers, str) else list(loggers)
+    project, name = sel("trainer.project_name"), sel("trainer.experiment_name")
+    lines = []
+    if path is not None:
+        lines.append(f"  metrics:    file logger set, but {path} does not exist (the run wrote no step?)")
+    if "tensorboard" in loggers:
+        logdir = os.environ.get("TENSORBOARD_DIR") or os.path.abspath(f"tensorboard_log/{project}/{name}")
+        lines.append(f"  metrics:    TensorBoard: tensorboard --logdir {shlex.quote(logdir)} (verl writes it relative "
+                     "to the TaskRunner's working directory unless TENSORBOARD_DIR is set)")
+    for other in ("wandb", "mlflow", "swanlab"):
+        if other in loggers:
+            lines.append(f"  metrics:    {other}: project {project}, run {name}")
+    lines.append("  no summary of accuracy/gate/entropy: it is read from verl's file logger; add "
+                 "trainer.logger='[console,file]' (plus your loggers) next time")
+    return lines
 
 
 def header(config, algorithm: str, on_cpu: bool) -> str:
@@ -63,7 +143,8 @@ def summarize(config, seconds: float, teacher_accuracy: Optional[float] = None) 
     lines = [f"[verl_eopd] run finished in {seconds / 60:.1f} min"]
     path = metrics_path(config)
     if path is None or not Path(path).exists():
-        lines.append("  (no metrics file: add trainer.logger='[console,file]' for a summary and plots)")
+        lines.extend(export_lines(config))
+        lines.extend(other_logger_lines(config, path))
         return "\n".join(lines)
     series = read_run(path)
     val = {k: v for k, v in series.items() if k.startswith("val-core/") and v}
@@ -89,9 +170,7 @@ def summarize(config, seconds: float, teacher_accuracy: Optional[float] = None) 
             parts.append(f"{name} {a:.3f} -> {b:.3f}{unit}")
     if parts:
         lines.append("  first -> last step: " + "; ".join(parts))
-    ckpt_root = Path(str(config.trainer.default_local_dir))
-    ckpts = sorted(ckpt_root.glob("global_step_*"), key=lambda p: int(p.name.rsplit("_", 1)[-1])) if ckpt_root.is_dir() else []
-    lines.append(f"  checkpoint: {ckpts[-1] if ckpts else '(none saved; trainer.save_freq)'}")
+    lines.extend(export_lines(config))
     lines.append(f"  metrics:    {path}")
     label = OmegaConf.select(config, "trainer.experiment_name") or "run"
     lines.append(f"  plot:       python scripts/plot_metrics.py --run {label}={path} --out plots/")

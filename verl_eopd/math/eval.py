@@ -6,7 +6,9 @@ correct sample. `pass_at_k` is the unbiased estimator of Chen et al. (2021) for 
 are correct:  pass@k = 1 - C(n - c, k) / C(n, k)  (with n = k it is 1[c > 0]).
 
 `run_eval` generates with vLLM when it is importable (or `backend="vllm"`), else with Hugging Face
-`generate` (`backend="hf"`, works on CPU), scores every sample with `verl_eopd.math.reward.compute_score`, and
+`generate` (`backend="hf"`, works on CPU); `build_generator` puts one engine on each GPU of the node when the
+weights fit one GPU (data parallel: `DataParallelGenerator`, one spawned process per engine with its own
+CUDA_VISIBLE_DEVICES), else tensor-parallel groups. It scores every sample with `verl_eopd.math.reward.compute_score`, and
 appends one JSON line per problem to `<out>/samples.jsonl` as it goes, so an interrupted evaluation resumes
 where it stopped (the settings are stored in `<out>/settings.json`; resuming with different ones is an
 error). `scripts/evaluate.py` is its command line.
@@ -70,19 +72,87 @@ def summarize(scores: dict[str, list[list[float]]], ks: Sequence[int]) -> dict[s
     return out
 
 
-def markdown_table(summary: dict[str, dict[str, float]], columns: Optional[Sequence[str]] = None) -> str:
-    """The paper's layout: one row per benchmark, `Avg@n / Pass@n` cells; `columns` picks the metrics."""
+def parse_pass_k(text: str, n: int, flag: str = "--pass-k") -> list[int]:
+    """"1,8,16" -> [1, 8, 16] (sorted, unique); each k must be 1 <= k <= n (n samples per problem)."""
+    try:
+        ks = sorted({int(x) for x in str(text).replace(" ", "").split(",") if x})
+    except ValueError:
+        raise ValueError(f"{flag}={text!r}: expected comma-separated integers, e.g. {flag} 1,8,16") from None
+    if not ks:
+        raise ValueError(f"{flag}={text!r}: give at least one k, e.g. {flag} 1,{n}")
+    bad = [k for k in ks if not 1 <= k <= n]
+    if bad:
+        raise ValueError(f"{flag}={text}: Pass@k needs 1 <= k <= n = {n} samples per problem, got k = "
+                         f"{', '.join(map(str, bad))}. Fix: --n {max(ks)} (draw more samples) or drop those k")
+    return ks
+
+
+def markdown_table(summary: dict[str, dict[str, float]], ks: Optional[Sequence[int]] = None,
+                   columns: Optional[Sequence[str]] = None) -> str:
+    """The paper's layout: one row per benchmark then `mean`; columns Avg@n and Pass@k for each k in `ks`
+    (default: k = n). `columns` picks the metrics explicitly instead."""
     benches = [b for b in summary if b != "mean"] + (["mean"] if "mean" in summary else [])
     if columns is None:
         first = summary[benches[0]]
         n = next(int(k.split("@")[1]) for k in first if k.startswith("avg@"))
-        columns = [f"avg@{n}", f"pass@{n}"]
+        columns = [f"avg@{n}"] + [f"pass@{k}" for k in (ks or [n])]
     header = "| benchmark | problems | " + " | ".join(c.replace("avg", "Avg").replace("pass", "Pass") for c in columns) + " |"
     lines = [header, "|" + "---|" * (len(columns) + 2)]
     for b in benches:
         cells = [f"{summary[b][c]:.2f}" if c in summary[b] else "-" for c in columns]
         lines.append(f"| {b} | {int(summary[b]['problems'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+
+def has_weights(folder: Path) -> bool:
+    """True when `folder` holds weights transformers / vLLM load (*.safetensors or pytorch_model*.bin)."""
+    folder = Path(folder)
+    return folder.is_dir() and (any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin")))
+
+
+def merge_command(actor_dir: Path, target: Path) -> str:
+    """verl 0.9.1's FSDP checkpoint -> Hugging Face folder command (verl/model_merger), ready to paste."""
+    import shlex
+
+    return (f"python -m verl.model_merger merge --backend fsdp --local_dir {shlex.quote(str(actor_dir))} "
+            f"--target_dir {shlex.quote(str(target))}")
+
+
+def _actor_dir(path: Path) -> Optional[Path]:
+    """The verl FSDP actor checkpoint folder `path` points into (the checkpoint root, a global_step_N folder,
+    its actor/ folder or actor/huggingface/), None when `path` is none of those."""
+    tracker = path / "latest_checkpointed_iteration.txt"
+    if tracker.is_file() and tracker.read_text().strip().isdigit():
+        path = path / f"global_step_{tracker.read_text().strip()}"
+    for candidate in (path / "actor", path, path.parent):
+        if (candidate / "fsdp_config.json").is_file() or any(candidate.glob("model_world_size_*_rank_0.pt")):
+            return candidate
+    return None
+
+
+def check_model(model: str, flag: str = "--model") -> None:
+    """Refuse, before any engine starts, a model folder with no weights (verl's checkpoint folders hold FSDP
+    shards: its huggingface/ subfolder has the config and tokenizer only), naming the merge command."""
+    path = Path(os.path.expanduser(model))
+    if not path.exists():
+        if model.startswith((".", "/", "~")) or model.count("/") != 1:
+            raise FileNotFoundError(f"{flag} {model}: no such folder (a Hugging Face id looks like org/name)")
+        return  # a hub id
+    if has_weights(path):
+        return
+    actor = _actor_dir(path)
+    if actor is None:
+        raise FileNotFoundError(f"{flag} {model}: no model weights (*.safetensors or pytorch_model*.bin) in this "
+                                "folder. Fix: pass a Hugging Face model folder")
+    step_dir = actor.parent
+    target = step_dir.parent / "hf" / step_dir.name if step_dir.name.startswith("global_step_") else actor / "merged"
+    raise FileNotFoundError(
+        f"{flag} {model}: a verl FSDP checkpoint, not a Hugging Face model (no weights here: {actor} holds "
+        f"per-rank shards, its huggingface/ folder only the config and tokenizer). Fix: merge it first,\n  "
+        f"{merge_command(actor, target)}\nthen pass {flag} {target}")
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -103,7 +173,7 @@ class EvalSettings:
 
     def check(self) -> None:
         if self.k < 1:
-            raise ValueError(f"--k={self.k}: need at least one sample per problem")
+            raise ValueError(f"--n={self.k}: need at least one sample per problem")
         if self.temperature < 0:
             raise ValueError(f"--temperature={self.temperature}: must be >= 0")
         if not 0 < self.top_p <= 1:
@@ -111,7 +181,7 @@ class EvalSettings:
         if self.max_tokens < 1:
             raise ValueError(f"--max-tokens={self.max_tokens}: must be >= 1")
         if self.k > 1 and self.temperature == 0:
-            raise ValueError(f"--k={self.k} with --temperature=0: greedy samples are identical. Fix: --k=1 or T > 0")
+            raise ValueError(f"--n={self.k} with --temperature=0: greedy samples are identical. Fix: --n=1 or T > 0")
 
 
 Generator = Callable[[list[list[dict]], EvalSettings, int], list[list[str]]]
@@ -159,7 +229,8 @@ def hf_generator(model_path: str, batch_size: int = 16, device: Optional[str] = 
 
 
 def vllm_generator(model_path: str, tensor_parallel_size: int = 1, **llm_kwargs: Any) -> Generator:
-    """vLLM offline engine: k samples per prompt in one `generate` call (n = k)."""
+    """vLLM offline engine: k samples per prompt in one `generate` call (n = k); prompt i is seeded seed + i,
+    so a prompt draws the same samples whichever engine (data-parallel shard) it lands on."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model_path, tensor_parallel_size=tensor_parallel_size, **llm_kwargs)
@@ -167,7 +238,8 @@ def vllm_generator(model_path: str, tensor_parallel_size: int = 1, **llm_kwargs:
 
     def generate(prompts: list[list[dict]], s: EvalSettings, seed: int) -> list[list[str]]:
         texts = _chat_texts(tok, prompts, s)
-        params = SamplingParams(n=s.k, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=seed)
+        params = [SamplingParams(n=s.k, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens,
+                                 seed=seed + i) for i in range(len(texts))]
         results = llm.generate(texts, params)
         return [[o.text for o in r.outputs] for r in results]
 
@@ -188,6 +260,185 @@ def make_generator(model_path: str, backend: str = "auto", **kwargs: Any) -> Gen
     if backend == "vllm":
         return vllm_generator(model_path, **{k: v for k, v in kwargs.items() if k == "tensor_parallel_size"})
     return hf_generator(model_path, **{k: v for k, v in kwargs.items() if k in ("batch_size", "device")})
+
+
+def shard_bounds(total: int, parts: int) -> list[tuple[int, int]]:
+    """`parts` contiguous [start, end) ranges covering range(total), sizes differing by at most one."""
+    base, extra = divmod(total, parts)
+    bounds, start = [], 0
+    for j in range(parts):
+        end = start + base + (1 if j < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def _serve(conn, factory: Callable[[], Generator], devices: Optional[str]) -> None:
+    """One data-parallel engine process: sees only `devices` (CUDA_VISIBLE_DEVICES, set before anything
+    touches CUDA), builds its generator, then answers (prompts, settings, seed) requests until None."""
+    import traceback
+
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices
+    try:
+        generate = factory()
+        conn.send(("ready", None))
+        while True:
+            request = conn.recv()
+            if request is None:
+                break
+            conn.send(("ok", generate(*request)))
+    except Exception:  # reported to the parent, which raises it
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+class DataParallelGenerator:
+    """Several engines, one process each (spawned, each with its own CUDA_VISIBLE_DEVICES group), behind the
+    `Generator` interface: a call cuts the prompts into contiguous shards, one per engine, runs them at once
+    and returns the responses in prompt order. Shard j gets seed + its first prompt's offset, so with
+    per-prompt seeds (the vLLM generator) a prompt draws the same samples on any number of engines.
+
+    factory: a picklable zero-argument callable returning a Generator (e.g. functools.partial(make_generator,
+    model, "vllm", tensor_parallel_size=tp)); device_groups: one CUDA_VISIBLE_DEVICES string per engine
+    ("0", "1", ... or "0,1" for tensor parallel 2; None leaves the variable alone, e.g. CPU engines).
+    """
+
+    def __init__(self, factory: Callable[[], Generator], device_groups: Sequence[Optional[str]]):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")  # a fresh interpreter: no CUDA state inherited from this process
+        self.workers = []
+        for devices in device_groups:
+            parent, child = ctx.Pipe()
+            # not daemonic: vLLM starts processes of its own (engine core, tensor-parallel workers)
+            proc = ctx.Process(target=_serve, args=(child, factory, devices), daemon=False)
+            proc.start()
+            child.close()
+            self.workers.append((proc, parent, devices))
+        try:
+            for worker in self.workers:
+                self._receive(worker)  # "ready": every engine loaded before the first request
+        except Exception:
+            self.close()
+            raise
+
+    @staticmethod
+    def _receive(worker) -> Any:
+        proc, conn, devices = worker
+        while not conn.poll(1.0):
+            if not proc.is_alive():
+                raise RuntimeError(f"evaluation engine on devices {devices!r} exited with code {proc.exitcode} "
+                                   "(out of memory? its output is above)")
+        try:
+            status, payload = conn.recv()
+        except EOFError:
+            proc.join()
+            raise RuntimeError(f"evaluation engine on devices {devices!r} exited with code {proc.exitcode}") from None
+        if status == "error":
+            raise RuntimeError(f"evaluation engine on devices {devices!r} failed:\n{payload}")
+        return payload
+
+    @property
+    def engines(self) -> int:
+        return len(self.workers)
+
+    def __call__(self, prompts: list[list[dict]], s: EvalSettings, seed: int) -> list[list[str]]:
+        bounds = shard_bounds(len(prompts), len(self.workers))
+        busy = []
+        for (start, end), worker in zip(bounds, self.workers):
+            if end > start:
+                worker[1].send((prompts[start:end], s, seed + start))
+                busy.append(worker)
+        out: list[list[str]] = []
+        for worker in busy:
+            out.extend(self._receive(worker))
+        if len(out) != len(prompts):
+            raise RuntimeError(f"data-parallel engines returned {len(out)} responses for {len(prompts)} prompts")
+        return out
+
+    def close(self) -> None:
+        for proc, conn, _ in self.workers:
+            try:
+                conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for proc, conn, _ in self.workers:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+            conn.close()
+        self.workers = []
+
+
+WEIGHT_SHARE = 0.5  # the weights may take this share of one GPU's memory; the rest is KV cache for k long samples
+
+
+def model_bytes(model: str) -> int:
+    """Bytes of a local model folder's weight files (0 for a hub id: unknown)."""
+    path = Path(os.path.expanduser(model))
+    if not path.is_dir():
+        return 0
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "pytorch_model*.bin") for f in path.glob(pattern))
+
+
+def plan_devices(visible: Sequence[str], weights: int, gpu_memory: int, tensor_parallel: Optional[int] = None,
+                 data_parallel: Optional[int] = None) -> tuple[int, int]:
+    """(engines, tensor_parallel) for the visible GPUs: data-parallel (one engine per GPU) when the weights fit
+    one GPU (weights <= WEIGHT_SHARE x its memory), else the smallest power-of-two tensor parallel size that
+    fits, with GPUs // tp engines. An explicit tensor_parallel / data_parallel wins; they must fit the GPUs."""
+    n = len(visible)
+    if n == 0:
+        return (data_parallel or 1), 1
+    if tensor_parallel is None:
+        tensor_parallel = 1
+        while gpu_memory and weights / tensor_parallel > WEIGHT_SHARE * gpu_memory and tensor_parallel * 2 <= n:
+            tensor_parallel *= 2
+    if tensor_parallel < 1 or tensor_parallel > n:
+        raise ValueError(f"--tensor-parallel-size={tensor_parallel}: {n} GPUs are visible (CUDA_VISIBLE_DEVICES)")
+    engines = data_parallel or n // tensor_parallel
+    if engines < 1 or engines * tensor_parallel > n:
+        raise ValueError(f"--data-parallel-size={engines} x --tensor-parallel-size={tensor_parallel} needs "
+                         f"{engines * tensor_parallel} GPUs, {n} are visible. Fix: lower one of them")
+    return engines, tensor_parallel
+
+
+def visible_gpus() -> list[str]:
+    """The GPU ids this process may use (CUDA_VISIBLE_DEVICES, else every GPU torch sees)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def build_generator(model: str, backend: str = "auto", *, tensor_parallel_size: Optional[int] = None,
+                    data_parallel_size: Optional[int] = None, batch_size: int = 64,
+                    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> Generator:
+    """The evaluation's engines on this node: plan_devices over the visible GPUs, then one engine in this
+    process, or a DataParallelGenerator of engines (each on its own GPU group; CPU: HF engines, no group)."""
+    from functools import partial
+
+    gpus = visible_gpus()
+    memory = 0
+    if gpus:
+        import torch
+
+        memory = torch.cuda.get_device_properties(0).total_memory
+    weights = model_bytes(model)
+    engines, tp = plan_devices(gpus, weights, memory, tensor_parallel_size, data_parallel_size)
+    why = (f"weights {weights / 2**30:.1f} GiB, one GPU {memory / 2**30:.0f} GiB" if gpus and weights
+           else "CPU" if not gpus else "model size unknown")
+    log(f"[eval] {engines} engine{'s' if engines > 1 else ''} x tensor-parallel {tp} on "
+        f"{len(gpus) or 'no'} GPU{'s' if len(gpus) != 1 else ''} ({why})")
+    factory = partial(make_generator, model, backend, tensor_parallel_size=tp, batch_size=batch_size)
+    if engines == 1:
+        return factory()
+    groups = [",".join(gpus[j * tp:(j + 1) * tp]) for j in range(engines)] if gpus else [None] * engines
+    return DataParallelGenerator(factory, groups)
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -243,7 +494,8 @@ def run_eval(benchmarks: dict[str, str], out_dir: str, settings: EvalSettings, g
              chunk: int = 64, max_problems: Optional[int] = None, ks: Optional[Sequence[int]] = None,
              score_fn: Optional[Callable[..., float]] = None,
              log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
-    """Evaluate every benchmark (name -> prepared parquet); returns and writes the summary.
+    """Evaluate every benchmark (name -> prepared parquet); returns and writes the summary (Avg@n and
+    Pass@1..n per benchmark and `mean`); `ks`: the Pass@k columns of results.md (default k = n).
 
     Writes `<out_dir>/samples.jsonl` (one line per problem: responses, extracted answers, scores),
     `summary.json`, `results.md`. Problems already in samples.jsonl are not generated again. `score_fn`
@@ -261,7 +513,10 @@ def run_eval(benchmarks: dict[str, str], out_dir: str, settings: EvalSettings, g
     check_resume(out_dir, settings)
     samples = out / "samples.jsonl"
     done = _read_done(samples)
-    ks = list(ks or range(1, settings.k + 1))
+    table_ks = list(ks) if ks else [settings.k]  # the columns of results.md (summary.json has every Pass@1..n)
+    if any(not 1 <= k <= settings.k for k in table_ks):
+        raise ValueError(f"--pass-k={','.join(map(str, table_ks))}: every k must be in 1..n = {settings.k} samples. "
+                         f"Fix: --n {max(table_ks)} or smaller k")
     data = {name: load_benchmark(path)[:max_problems] for name, path in benchmarks.items()}
     todo = sum(1 for name, rows in data.items() for r in rows if (name, r["index"]) not in done)
     log(f"[eval] {sum(len(r) for r in data.values())} problems in {len(data)} benchmarks, "
@@ -288,9 +543,9 @@ def run_eval(benchmarks: dict[str, str], out_dir: str, settings: EvalSettings, g
                 log(f"[eval] {name}: {start + len(part)}/{len(pending)} new problems; overall {finished}/{todo}, "
                     f"ETA {(todo - finished) / rate:.0f} s")
     scores = {name: [done[(name, r["index"])] for r in rows] for name, rows in data.items()}
-    summary = summarize(scores, ks)
+    summary = summarize(scores, range(1, settings.k + 1))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "results.md").write_text(markdown_table(summary) + "\n")
+    (out / "results.md").write_text(markdown_table(summary, table_ks) + "\n")
     return summary
 
 
