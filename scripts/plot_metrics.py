@@ -10,14 +10,40 @@ event file (`trainer.logger='[console,tensorboard]'`). Runs given the same label
 setting: the plot shows their mean and a +- std band. Writes one PNG per metric and `metrics.png` with
 all panels. Metrics a run did not log are skipped for that run (an OPD run logs the gated FKL too: the
 forward KL is measured on every run, only its weight is 0).
+
+Next to the training panels, one panel per validation benchmark: verl's validation accuracy
+`val-core/<data_source>/acc/mean@N` (N = the validation samples per problem, actor_rollout_ref.rollout.val_kwargs.n;
+`reward/mean@N` when the reward gives no `acc`), logged every trainer.test_freq steps and at step 0 with
+trainer.val_before_train. `--no-validation` leaves them out; `--metric` replaces every default panel.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from typing import Iterable
 
-from verl_eopd.math.curves import plot, read_run
+from verl_eopd.math.curves import PANELS, plot, read_run
+
+# verl's validation metrics (trainer_base._validate): val-core/<data_source>/<var>/<metric>, the core var being
+# `acc` when the reward returns one, else `reward`; mean@N is the mean over the N samples of each problem
+VAL_KEY = re.compile(r"^val-core/(?P<source>.+)/(?P<var>acc|reward)/mean@(?P<n>\d+)$")
+
+
+def validation_panels(keys: Iterable[str]) -> dict[str, str]:
+    """{panel title: key} for each benchmark's validation accuracy in `keys` (`acc` preferred over `reward` for a
+    data_source, then the largest N), sorted by data_source."""
+    best: dict[str, tuple[bool, int, str]] = {}
+    for key in keys:
+        m = VAL_KEY.match(key)
+        if m:
+            rank = (m["var"] == "acc", int(m["n"]), key)
+            best[m["source"]] = max(best.get(m["source"], rank), rank)
+    panels = {}
+    for source, (is_acc, n, key) in sorted(best.items()):
+        panels[f"validation {'accuracy' if is_acc else 'reward'}: {source} (mean@{n})"] = key
+    return panels
 
 
 def main(argv=None) -> int:
@@ -29,6 +55,7 @@ def main(argv=None) -> int:
                    help="plot these metrics instead of the default EOPD panels")
     p.add_argument("--smooth", type=float, default=0.0, help="EMA weight in [0, 1)")
     p.add_argument("--title", default="")
+    p.add_argument("--no-validation", action="store_true", help="leave out the validation accuracy panels")
     args = p.parse_args(argv)
     if not 0 <= args.smooth < 1:
         p.error(f"--smooth={args.smooth}: must be in [0, 1)")
@@ -46,6 +73,9 @@ def main(argv=None) -> int:
             if not sep:
                 p.error(f"--metric {item!r}: expected TITLE=KEY")
             panels[t] = k
+    elif not args.no_validation:
+        keys = {k for runs in groups.values() for run in runs for k in run}
+        panels = {**PANELS, **validation_panels(keys)}
     for path in plot(groups, args.out, panels, args.smooth, args.title):
         print(path)
     return 0
