@@ -16,6 +16,11 @@ Schemas (public dataset cards and the preprocessing code that reads them):
   dapo_math      open-r1/DAPO-Math-17k-Processed             en                   train  prompt     solution (the answer)
                  (or BytedTsinghua-SIA/DAPO-Math-17k: templated chat prompt, reward_model.ground_truth,
                  the 17,917 rows repeated 100 times; template stripped, deduplicated, English kept)
+  deepmath       zwhe99/DeepMath-103K                        default              train  question   final_answer
+                 (103,022 rows in 10 parquet shards; the other fields, difficulty (float) and topic, go to extra_info;
+                 r1_solution_1..3, three R1 solutions, are not read: final_answer is the verifiable answer. Fields
+                 as on the card of DeepMath-103K's copies (e.g. xiaoyuanliu/DeepMath-10K): question, final_answer,
+                 difficulty, topic, r1_solution_1..3; trl-lib/DeepMath-103K's chat `prompt` + `solution` also reads)
   math500        HuggingFaceH4/MATH-500                      default              test   problem    answer
   amc23          math-ai/amc23                               -                    test   question   answer (numeric)
   minerva        math-ai/minervamath                         -                    test   question   answer
@@ -50,7 +55,8 @@ DAPO_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
 
 PROBLEM_KEYS = ("problem", "question", "Problem", "Question", "prompt")
 ANSWER_KEYS = ("answer", "Answer", "final_answer", "solution", "Solution", "reward_model")
-EXTRA_KEYS = ("level", "type", "subject", "unique_id", "id", "ID", "url", "year", "subfield", "answer_type", "unit")
+EXTRA_KEYS = ("level", "type", "subject", "unique_id", "id", "ID", "url", "year", "subfield", "answer_type", "unit",
+              "difficulty", "topic")
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]")
 
 
@@ -71,6 +77,7 @@ DATASETS: dict[str, DatasetSpec] = {s.name: s for s in (
     DatasetSpec("math_train", "DigitalLearningGmbH/MATH-lighteval", "default", "train", "train", "problem", "solution"),
     DatasetSpec("dapo_math", "open-r1/DAPO-Math-17k-Processed", "en", "train", "train", "prompt", "solution",
                 dedupe=True, english_only=True),
+    DatasetSpec("deepmath", "zwhe99/DeepMath-103K", None, "train", "train", "question", "final_answer", dedupe=True),
     DatasetSpec("math500", "HuggingFaceH4/MATH-500", None, "test", "eval", "problem", "answer"),
     DatasetSpec("amc23", "math-ai/amc23", None, "test", "eval", "question", "answer"),
     DatasetSpec("minerva", "math-ai/minervamath", None, "test", "eval", "question", "answer"),
@@ -80,6 +87,9 @@ DATASETS: dict[str, DatasetSpec] = {s.name: s for s in (
     DatasetSpec("aime25", "math-ai/aime25", None, "test", "eval", "problem", "answer"),
 )}
 TRAIN_SETS = tuple(n for n, s in DATASETS.items() if s.role == "train")
+# what prepare_data.py writes when no --datasets is given: the paper's training sets and benchmarks (DeepMath-103K,
+# about 2.1 GB with its R1 solutions, only when asked for)
+DEFAULT_SETS = tuple(n for n in DATASETS if n != "deepmath")
 EVAL_SETS = tuple(n for n, s in DATASETS.items() if s.role == "eval")
 
 
