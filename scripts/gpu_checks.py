@@ -165,6 +165,12 @@ class Run:
                                          "reason": f"still running at the global deadline ({self.deadline:.0f} s "
                                                    f"+ {HARD_STOP_GRACE_S:.0f} s): stopped by the watchdog"}
             checks = doc["checks"]
+            for c in CHECKS:  # not reached (the watchdog stopped the run first)
+                checks.setdefault(c.name, {"kind": c.kind, "gating": c.gating, "budget_s": c.budget_s,
+                                           "sizes": c.tiny if self.args.tiny else c.sizes, "what": c.what,
+                                           "status": "skipped", "ok": None,
+                                           "reason": "not reached: the run was stopped before it"})
+            doc["checks"] = checks = {c.name: checks[c.name] for c in CHECKS}
             doc["failed"] = [n for n, c in checks.items() if c.get("status") in ("fail", "error") and c.get("gating")]
             doc["skipped"] = [n for n, c in checks.items() if c.get("status") == "skipped"]
             doc["passed"] = [n for n, c in checks.items() if c.get("status") == "pass"]

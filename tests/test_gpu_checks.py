@@ -188,3 +188,25 @@ def test_no_gpu_is_refused_with_the_fix(tmp_path):
     with pytest.raises(SystemExit, match="--device cpu --tiny"):
         _run_inprocess(["--device", "cuda"], tmp_path / "g.json")
     assert not (tmp_path / "g.json").exists()
+
+
+def test_the_watchdog_writes_the_json_and_stops_a_check_that_overruns(tmp_path):
+    """A check that never returns (here: blocked on an event nobody sets) is stopped by the watchdog after the
+    global deadline + grace (shortened here): the JSON is written with that check marked, the exit status is 3."""
+    out = tmp_path / "g.json"
+    code = ("import importlib.util, sys, threading\n"
+            f"spec = importlib.util.spec_from_file_location('g', {SCRIPT!r})\n"
+            "m = sys.modules['g'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            "m.HARD_STOP_GRACE_S = 0.5\n"
+            "m.CHECKS[1].budget_s = 0.1\n"
+            "m.CHECKS[1].fn = lambda *a: threading.Event().wait()\n"
+            f"sys.exit(m.main(['--device', 'cpu', '--tiny', '--deadline-s', '3', '--out', {str(out)!r}]))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 3, p.stdout + p.stderr
+    doc = json.loads(out.read_text())
+    stopped = doc["checks"][NAMES[1]]
+    assert stopped["status"] == "skipped" and "watchdog" in stopped["reason"]
+    assert doc["checks"]["env"]["status"] == "info" and doc["skipped"] == NAMES[1:]
+    assert list(doc["checks"]) == NAMES and "not reached" in doc["checks"][NAMES[2]]["reason"]
+    assert all({"kind", "gating", "budget_s", "sizes", "ok"} <= set(c) for c in doc["checks"].values())
+    assert "global deadline reached" in p.stdout
