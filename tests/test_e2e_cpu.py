@@ -199,6 +199,13 @@ def test_default_run_validates_at_both_ends_and_distils(tmp_path):
     teacher = float(out.split("    teacher ")[1].split("%")[0])
     assert teacher >= 85.0, out[-2000:]
     assert f"checkpoint: {tmp_path / 'checkpoints' / 'verl-eopd' / 'tiny_eopd' / f'global_step_{SHORT_STEPS}'}" in out
+    # after the run (issue 26): the summary's export line pasted, evaluate.py --pass-k 1,8 on the folder it names,
+    # then the transformers snippet of docs/after_training.md, each as printed
+    from after_training import export_evaluate_use
+
+    done = export_evaluate_use(out, tmp_path, embedded.embedded_pair()["val"])
+    assert done["target"] == tmp_path / "checkpoints" / "verl-eopd" / "tiny_eopd" / "hf" / f"global_step_{SHORT_STEPS}"
+    assert done["evaluate"].stdout.splitlines()[0] == "| benchmark | problems | Avg@8 | Pass@1 | Pass@8 |"
     assert f"metrics:    {path}" in out
     # the console a person reads: the header, one compact line per step, no every-metric line
     assert "[verl_eopd] algorithm=eopd on CPU (1 rank), rollout hf" in out
