@@ -83,8 +83,13 @@ def test_the_eopd_terms_keep_their_gradient_under_verls_in_place_cross_entropy(m
     assert (bug_h - ref_h).abs().max() > 1e-2 * ref_h.abs().max(), "the stand-in no longer overwrites the logits"
     with monkeypatch.context() as m:
         got_h, got_w = _step(m, flash=True, fix=True)
-    torch.testing.assert_close(got_h, ref_h, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got_w, ref_w, rtol=1e-5, atol=1e-6)
+    # two fp32 backward passes (verl's log_softmax + gather, the copied in-place path) through the same [n, V] logits
+    # and the 16-wide head: 2 gamma_{n+V+16} n max|g| per tensor (tests/tolerances.py); observed 4.8e-7 (max|g| 10.4)
+    # and 2.4e-7 (max|g| 16.9)
+    from tolerances import assert_grads_close
+
+    n = ref_h.shape[0]
+    assert_grads_close({"hidden": got_h, "head": got_w}, {"hidden": ref_h, "head": ref_w}, tokens=n, vocab=V, hidden=16)
 
 
 def test_the_copy_is_made_only_on_the_in_place_path(monkeypatch):
