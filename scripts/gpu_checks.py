@@ -1023,6 +1023,7 @@ def check_env(run: Run, sizes: dict, dev, budget: Budget) -> dict:
            "verl": _dist_version("verl"),
            "verl_eopd": getattr(verl_eopd, "__version__", None), "verl_eopd_from": os.path.dirname(verl_eopd.__file__),
            "host": platform.node(), "device": str(dev)}
+    env["core_sha1"] = _core_sha1()
     try:
         env["git_commit"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True,
                                            timeout=10).stdout.strip() or None
@@ -1040,6 +1041,21 @@ def check_env(run: Run, sizes: dict, dev, budget: Budget) -> dict:
         env.update(device_name=platform.processor() or platform.machine(), cpu_threads=torch.get_num_threads())
     run.doc["env"] = env
     return {"ok": None, "figures": env}
+
+
+def _core_sha1() -> str:
+    """First 10 hex digits of the SHA-1 of verl_eopd/core/*.py as imported (the kernels checked; the device
+    machine's copy of the tree may have no .git), as scripts/bench_loss.py records it."""
+    import hashlib
+
+    import verl_eopd.core as core
+
+    h = hashlib.sha1()
+    for name in sorted(os.listdir(os.path.dirname(core.__file__))):
+        if name.endswith(".py"):
+            with open(os.path.join(os.path.dirname(core.__file__), name), "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:10]
 
 
 def _driver() -> Optional[str]:

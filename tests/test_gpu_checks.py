@@ -93,7 +93,7 @@ def _check_schema(doc, ran):
     assert set(doc) >= {"started_utc", "finished_utc", "wall_s", "mode", "env", "checks", "failed", "skipped",
                         "passed", "exit_code"}
     assert doc["env"]["torch"] == torch.__version__ and doc["env"]["device"] == "cpu"
-    assert "cuda" in doc["env"] and "device_name" in doc["env"]
+    assert "cuda" in doc["env"] and "device_name" in doc["env"] and len(doc["env"]["core_sha1"]) == 10
     assert list(doc["checks"]) == NAMES  # every check has an entry, run or skipped
     for name, c in doc["checks"].items():
         assert c["status"] in STATUSES, (name, c)
