@@ -249,3 +249,28 @@ def test_bad_inputs_are_reported_by_their_own_messages_at_the_read(reads):
         out = rows(hidden, weight)
         eopd_distillation_loss(*cfg, _as_model_output({k: v.unsqueeze(0) for k, v in out.items()}, td), td)
     assert reads == [True]
+
+
+def test_a_tensor_temperature_gives_the_float_temperatures_values_and_gradients():
+    """verl's per-sample temperatures (a device tensor, all equal) and its host number give the same loss, metrics
+    and gradients on the from_hidden path (the kernel divides by the 0-d tensor instead of the number)."""
+    from verl.utils import tensordict_utils as tu
+
+    from verl_eopd.integration.loss import eopd_distillation_loss
+
+    res = {}
+    for kind in ("float", "tensor"):
+        td = _micro_batch(exact_teacher=False)
+        if kind == "tensor":
+            td["temperature"] = torch.full((td["input_ids"].offsets().numel() - 1,), 0.7)
+        else:
+            tu.assign_non_tensor(td, temperature=0.7)
+        rows, hidden, weight, fn = _hidden_rows(td, use_rmpad=True)
+        out = rows(hidden, weight)
+        model_output = _as_model_output({k: v.unsqueeze(0) for k, v in out.items()}, td)
+        per_token, metrics = eopd_distillation_loss(fn.keywords["config"], fn.keywords["distillation_config"],
+                                                    model_output, td)
+        per_token.sum().backward()
+        res[kind] = per_token.detach(), metrics, hidden.grad, weight.grad
+    (a, ma, ha, wa), (b, mb, hb, wb) = res["float"], res["tensor"]
+    assert torch.equal(a, b) and ma == mb and torch.equal(ha, hb) and torch.equal(wa, wb)
