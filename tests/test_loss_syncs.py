@@ -26,7 +26,7 @@ import torch
 from test_kernels_gpu_sizing import CountOps
 from verl_eopd.core import kernels
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 
 from rank_error_worker import CASES
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HANG_GUARD_S = 300  # generous: only turns a hang into a failure (imports on a loaded 2-core host take ~30 s)
