@@ -57,6 +57,20 @@ def test_a_deepmath_shaped_file_converts_with_its_own_data_source_and_final_answ
     assert compute_score("math500", "\\boxed{999}", rows[0]["reward_model"]["ground_truth"]) == 0.0
 
 
+@pytest.mark.integration
+def test_the_trl_lib_copy_of_deepmath_reads_too(tmp_path):
+    """trl-lib/DeepMath-103K: a chat `prompt` (one user turn) and the short final answer in `solution`."""
+    raw = tmp_path / "trl.jsonl"
+    raw.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": [{"role": "user", "content": "Evaluate $2^{10}$."}], "solution": "1024"},
+        {"prompt": [{"role": "user", "content": "Find $x$ with $x^2 = 4$, $x > 0$."}], "solution": "$2$"},
+    ]) + "\n")
+    prepare(["deepmath"], str(tmp_path / "out"), sources={"deepmath": str(raw)}, log=lambda *_: None)
+    rows = pd.read_parquet(tmp_path / "out" / "deepmath.parquet").to_dict("records")
+    assert [(r["extra_info"]["problem"], r["reward_model"]["ground_truth"], r["data_source"]) for r in rows] == [
+        ("Evaluate $2^{10}$.", "1024", "deepmath"), ("Find $x$ with $x^2 = 4$, $x > 0$.", "2", "deepmath")]
+
+
 @pytest.mark.unit
 def test_deepmath_is_a_training_set_read_from_the_hub_id_and_opt_in():
     spec = DATASETS["deepmath"]
