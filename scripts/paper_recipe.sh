@@ -5,7 +5,8 @@
 #     SETTING  qwen3-0.6b-math | qwen3-1.7b-math | qwen3-4b-dapo   (student, and its default dataset)
 #     ALGO     opd | eopd | eopd_grpo | eopd_server
 #     DATASET  math_train | dapo_math | deepmath (files of scripts/prepare_data.py in DATA_DIR), or a path to a
-#              verl RL parquet file; default: the setting's (math_train for *-math, dapo_math for *-dapo).
+#              verl RL parquet file (relative: to the directory you run this in); default: the setting's
+#              (math_train for *-math, dapo_math for *-dapo).
 #              A dataset other than the setting's goes into the run name (<setting>_<algo>_<dataset>; a file:
 #              <file stem>-<8 hex of its absolute path>), so its checkpoints never mix with another run's.
 #
@@ -29,6 +30,7 @@
 # file: 1, not a paper setting; trainer.total_epochs=N after the names overrides it) and parallelism.
 # eopd_grpo (not in the paper): 8 rollouts per prompt, GRPO on the math reward plus the EOPD term.
 set -euo pipefail
+CALLER_DIR="$PWD"  # a relative DATASET file is taken from here (DATA_DIR, CKPT_DIR: from the repository root)
 cd "$(dirname "$0")/.."
 PY="$(bash scripts/setup_env.sh | tail -n 1)"  # the project's environment, not whatever `python` is first
 SETTING="${1:?usage: paper_recipe.sh SETTING ALGO [overrides]}"
@@ -50,7 +52,7 @@ case "$DATASET" in
   dapo_math)  EPOCHS=2; TAG=$DATASET; TRAIN_FILE="$DATA_DIR/$DATASET.parquet" ;;
   deepmath)   EPOCHS=1; TAG=$DATASET; TRAIN_FILE="$DATA_DIR/$DATASET.parquet" ;;
   *.parquet)
-    EPOCHS=1; TRAIN_FILE="$(realpath -m "$DATASET")"
+    EPOCHS=1; TRAIN_FILE="$(cd "$CALLER_DIR" && realpath -m "$DATASET")"
     STEM="$(basename "$TRAIN_FILE" .parquet | tr -c 'A-Za-z0-9_.\n-' '-')"
     TAG="${STEM}-$(printf '%s' "$TRAIN_FILE" | sha256sum | cut -c1-8)" ;;
   *) echo "paper_recipe.sh: unknown DATASET '$DATASET' (math_train | dapo_math | deepmath, or a .parquet file from scripts/prepare_data.py)" >&2; exit 2 ;;

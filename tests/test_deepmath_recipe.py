@@ -131,6 +131,8 @@ def test_a_recipe_run_on_new_data_gets_its_own_run_name_and_checkpoint_folder(tm
         assert got["data.train_files"] == str(path)
         names.add(got["trainer.experiment_name"])
     assert len(names) == 2
+    relative = _printed("qwen3-1.7b-math", "eopd", "mine/x.parquet", data_dir=data)  # from the caller's directory
+    assert relative["data.train_files"] == os.path.join(os.getcwd(), "mine", "x.parquet")
     assert default["trainer.logger"] == "[console,file,tensorboard]"
     with_key = _recipe("qwen3-1.7b-math", "eopd", PRINT="1", DATA_DIR=str(data), WANDB_API_KEY="x")
     assert "trainer.logger=[console,file,tensorboard,wandb]" in with_key.stdout.splitlines()
