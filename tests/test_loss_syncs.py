@@ -32,6 +32,11 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def reads(monkeypatch):
     """The calls of HostChecks.read (the one host read of a pass), appended to the returned list."""
+    from verl_eopd.integration import loss as loss_module
+
+    # a processor call of an earlier test whose loss never ran leaves its checks pending; the next micro-batch
+    # reads them first (micro_batch_checks), which would count here: each test starts with none pending
+    monkeypatch.setattr(loss_module, "_PENDING", [])
     calls = []
     real = kernels.HostChecks.read
 
