@@ -66,7 +66,8 @@ def _composed(algorithm: str, overrides: list[str]):
     cfg = copy.deepcopy(_BASE[algorithm])
     for item in overrides:
         key, value = item.split("=", 1)
-        assert OmegaConf.select(cfg, key, default="<absent>") != "<absent>" or key.startswith("+"), key
+        parent, _, leaf = key.rpartition(".")
+        assert key.startswith("+") or leaf in (OmegaConf.select(cfg, parent) if parent else cfg).keys(), key  # `???` too
         OmegaConf.update(cfg, key.lstrip("+"), yaml.safe_load(value), force_add=key.startswith("+"))
     return cfg
 
@@ -163,6 +164,60 @@ def test_eopd_grpo_and_from_hidden_plan(models, dry, extra):
         assert plan["batches"]["responses_per_step"] == plan["batches"]["prompts_per_step"] * 8
     else:
         assert plan["loss"]["from_hidden"] is True
+
+
+def _recipe(models, tmp_path, setting: str, algo: str, **env) -> list[str]:
+    """`PRINT=1 bash scripts/paper_recipe.sh SETTING ALGO`'s hydra overrides, with DATA_DIR holding the local data
+    under the recipe's file names, TEACHER the local teacher, and the setting's Qwen student replaced by the local
+    one (no hub here): everything else exactly as the script prints it."""
+    import os
+    import shutil
+
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    for name in ("math_train", "dapo_math", "deepmath"):
+        shutil.copy(models["train"], data / f"{name}.parquet")
+    shutil.copy(models["val"], data / "math500.parquet")
+    env = {**os.environ, "PRINT": "1", "DATA_DIR": str(data), "TEACHER": models["teacher"],
+           "CKPT_DIR": str(tmp_path / "ckpt"), **env}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "paper_recipe.sh"), setting, algo], capture_output=True,
+                         text=True, env=env, timeout=300, check=True).stdout.splitlines()
+    assert out[1:3] == ["-m", "verl_eopd.main"], out[:3]
+    args = out[3:]
+    student = [a for a in args if a.startswith("actor_rollout_ref.model.path=")]
+    assert student == [f"actor_rollout_ref.model.path=Qwen/{setting.split('-')[0].capitalize()}-"
+                       f"{setting.split('-')[1].upper()}-Base"], student
+    return [f"actor_rollout_ref.model.path={models['student']}" if a in student else a for a in args]
+
+
+RECIPE_STEPS = {"qwen3-0.6b-math": 3, "qwen3-1.7b-math": 3, "qwen3-4b-dapo": 2}  # epochs: 400 rows // 128 = 3 batches
+
+
+@pytest.mark.parametrize("algo", ["opd", "eopd", "eopd_grpo", "eopd_server"])
+@pytest.mark.parametrize("setting", list(RECIPE_STEPS))
+def test_each_paper_recipe_setting_and_algorithm_plans(models, dry, tmp_path, setting, algo):
+    """Every `scripts/paper_recipe.sh` setting x algorithm on one 8-GPU node: the launch passes every check and the
+    plan is the recipe's (vllm, FSDP2, dynamic batches, the setting's epochs, its checkpoint folder; eopd_server:
+    4 trainer + 4 teacher GPUs on the node)."""
+    plan, text = dry(_recipe(models, tmp_path, setting, algo))
+    assert plan["device"] == "cuda" and plan["strategy"] == {"actor": "fsdp2", "ref": "fsdp2"}
+    assert plan["rollout"]["name"] == "vllm" and plan["micro_batches"]["dynamic"] is True
+    assert plan["data"]["steps"] == 3 * RECIPE_STEPS[setting]
+    assert plan["checkpoints"]["dir"] == str(tmp_path / "ckpt") and plan["checkpoints"]["save_freq"] == 50
+    if algo == "eopd_server":
+        assert sorted(plan["placement"][0]) == [("global_pool", 4), ("teacher_pool", 4)]
+        assert plan["teacher"]["route"] == "server"
+    else:
+        assert plan["placement"] == [[("global_pool", 8)]]
+    assert plan["loss"]["use_task_rewards"] is (algo == "eopd_grpo")
+
+
+def test_the_paper_recipe_on_two_nodes_plans_both(models, dry, tmp_path):
+    """NNODES=2: eopd on 16 trainer GPUs; eopd_server with the teacher pool on both nodes (4 + 4 each)."""
+    plan, _ = dry(_recipe(models, tmp_path, "qwen3-1.7b-math", "eopd", NNODES="2"))
+    assert plan["placement"] == [[("global_pool", 8)]] * 2 and plan["ranks"]["data_parallel"] == 16
+    plan, _ = dry(_recipe(models, tmp_path, "qwen3-1.7b-math", "eopd_server", NNODES="2"))
+    assert [sorted(node) for node in plan["placement"]] == [[("global_pool", 4), ("teacher_pool", 4)]] * 2
 
 
 @pytest.mark.parametrize("override, key", [
