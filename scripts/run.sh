@@ -8,6 +8,11 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 PY="$(bash "$ROOT/scripts/setup_env.sh" | tail -n 1)"
 case "$PY" in /*) ;; *) PY="$ROOT/$PY" ;; esac
-export WANDB_MODE="${WANDB_MODE:-disabled}" TOKENIZERS_PARALLELISM=false
+export TOKENIZERS_PARALLELISM=false
+# wandb without a key would stop the run at a login prompt: offline-safe unless you set WANDB_API_KEY or WANDB_MODE
+if [ -z "${WANDB_API_KEY:-}" ] && [ -z "${WANDB_MODE:-}" ]; then
+  export WANDB_MODE=disabled
+  case " $* " in *wandb*) echo "run.sh: WANDB_MODE=disabled (no WANDB_API_KEY): wandb logs nothing. Set WANDB_API_KEY, or WANDB_MODE=offline to keep a local copy" >&2 ;; esac
+fi
 if [ "$#" -eq 0 ]; then set -- algorithm=eopd; fi
 exec "$PY" -m verl_eopd.main "$@"

@@ -301,3 +301,18 @@ def test_place_pools_by_hand():
     with pytest.raises(ValueError, match=r"^distillation.n_gpus_per_node=3: .* Fix: distillation.n_gpus_per_node=2 "
                                          r"distillation.nnodes=3"):
         place_pools({"b": spec["b"]}, 3, 2)
+
+
+def test_the_plan_names_verls_tensorboard_folder(models, dry, monkeypatch, tmp_path):
+    """verl's tracking.py writes to TENSORBOARD_DIR as given (not joined with project/experiment), else to
+    tensorboard_log/<project>/<experiment> under the launch directory; a runtime_env value wins over this process's
+    (it is what Ray's processes see)."""
+    command = _generic(models) + ["trainer.n_gpus_per_node=8", "trainer.logger=[console,file,tensorboard]",
+                                  "trainer.experiment_name=e"]
+    plan, _ = dry(command)
+    assert plan["loggers"]["tensorboard"] == str(tmp_path / "tensorboard_log" / "verl-eopd" / "e")  # cwd: tmp_path
+    monkeypatch.setenv("TENSORBOARD_DIR", "/tb/mine")
+    plan, _ = dry(command)
+    assert plan["loggers"]["tensorboard"] == "/tb/mine"
+    plan, _ = dry(command + ["+ray_kwargs.ray_init.runtime_env.env_vars.TENSORBOARD_DIR=/tb/ray"])
+    assert plan["loggers"]["tensorboard"] == "/tb/ray"

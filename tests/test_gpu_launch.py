@@ -96,6 +96,13 @@ def test_the_generic_command_is_the_papers_run_on_gpus(tiny_models, no_model_loa
     assert trainer.default_local_dir.endswith(f"checkpoints/verl-eopd/{trainer.experiment_name}")
     assert Path(trainer.default_local_dir).is_absolute()
     assert env["VERL_FILE_LOGGER_PATH"].endswith(f"verl-eopd/{trainer.experiment_name}.jsonl")
+    assert cfg.ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH == env["VERL_FILE_LOGGER_PATH"]
+    if nnodes == 2:  # a path the user exported reaches every node's processes too, made absolute
+        monkeypatch.setenv("VERL_FILE_LOGGER_PATH", "logs/mine.jsonl")
+        cfg, (_, env, _, _) = _prepare(
+            _generic(tiny_models, algorithm) + ["trainer.n_gpus_per_node=8", f"trainer.nnodes={nnodes}"])
+        assert env["VERL_FILE_LOGGER_PATH"] == str(Path("logs/mine.jsonl").resolve())
+        assert cfg.ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH == env["VERL_FILE_LOGGER_PATH"]
     if algorithm == "eopd_server":
         assert loss.teacher_route == "server" and cfg.distillation.enabled
         assert cfg.distillation.teacher_models.teacher_model.inference.name == "vllm"

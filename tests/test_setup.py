@@ -65,3 +65,25 @@ def test_the_gpu_extras_are_verls_and_the_docs_state_their_pins():
     for pin in ("torch==2.11.0", "vllm==0.24.0", "transformers==5.9.0", "sglang==0.5.12",
                 f"flash-attn=={_verl_extra('flash-attn-cu130torch211')['flash-attn']}"):
         assert pin in doc, pin
+
+
+@pytest.mark.parametrize("env, mode, says", [
+    ({}, "disabled", True),  # no key: a wandb login prompt would stop the run; said on stderr when wandb is asked
+    ({"WANDB_API_KEY": "k"}, "", False),  # a key: wandb logs as you asked
+    ({"WANDB_MODE": "offline"}, "offline", False),  # your mode is kept
+])
+def test_run_sh_leaves_wandb_to_a_key_or_your_mode_and_says_when_it_turns_it_off(tmp_path, env, mode, says):
+    """scripts/run.sh with a stand-in environment (EOPD_VENV: a `python` that prints WANDB_MODE and its arguments, the
+    set-up's stamp current, so nothing installs)."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text('#!/bin/sh\necho "WANDB_MODE=${WANDB_MODE:-} $*"\n')
+    (venv / "bin" / "python").chmod(0o755)
+    kind = "gpu" if subprocess.run(["bash", "-c", "nvidia-smi -L"], capture_output=True).returncode == 0 else "cpu"
+    (venv / ".verl-eopd-installed").write_text(f"{kind} [{'test,vllm' if kind == 'gpu' else 'test'}]\n")
+    base = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "run.sh"), "trainer.logger=[console,wandb]"],
+                         capture_output=True, text=True, timeout=60, env={**base, "EOPD_VENV": str(venv), **env})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"WANDB_MODE={mode} -m verl_eopd.main trainer.logger=[console,wandb]\n"
+    assert ("WANDB_MODE=disabled (no WANDB_API_KEY)" in out.stderr) is says, out.stderr

@@ -237,14 +237,12 @@ def plan(config, prepared, notes: list[str]) -> dict:
                    "epochs": epochs}
     out["checkpoints"] = {"dir": sel("trainer.default_local_dir"), "save_freq": sel("trainer.save_freq"),
                           "keep": sel("trainer.max_actor_ckpt_to_keep"), "resume_mode": sel("trainer.resume_mode")}
-    from .report import metrics_path
+    from .report import metrics_path, tensorboard_dir
 
     loggers = _loggers(config)
     out["loggers"] = {"names": loggers, "file": prepared.env.get("VERL_FILE_LOGGER_PATH") or metrics_path(config)}
     if "tensorboard" in loggers:
-        out["loggers"]["tensorboard"] = os.path.join(os.environ.get("TENSORBOARD_DIR", "tensorboard_log"),
-                                                     str(config.trainer.project_name),
-                                                     str(config.trainer.experiment_name))
+        out["loggers"]["tensorboard"] = tensorboard_dir(config)
     return out
 
 

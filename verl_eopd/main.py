@@ -234,8 +234,8 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
         env.update(VERL_PLATFORM="cpu", TOKENIZERS_PARALLELISM=os.environ.get("TOKENIZERS_PARALLELISM", "false"))
     from .report import metrics_path
 
-    metrics = metrics_path(config)
-    if metrics and not os.environ.get("VERL_FILE_LOGGER_PATH"):
+    metrics = metrics_path(config)  # yours (VERL_FILE_LOGGER_PATH, made absolute) or ours; Ray's processes get it
+    if metrics:
         env["VERL_FILE_LOGGER_PATH"] = metrics
     from .integration.config import check_resume
 

@@ -32,6 +32,16 @@ def metrics_path(config) -> Optional[str]:
     return os.path.abspath(os.path.join(root, config.trainer.project_name, f"{config.trainer.experiment_name}.jsonl"))
 
 
+def tensorboard_dir(config) -> str:
+    """Where verl's tensorboard logger writes: TENSORBOARD_DIR as given (runtime_env's env_vars first, as Ray's
+    processes see it, then this process's), else tensorboard_log/<project>/<experiment> (verl's tracking.py),
+    made absolute from the launch directory (the TaskRunner's working directory)."""
+    given = OmegaConf.select(config, "ray_kwargs.ray_init.runtime_env.env_vars.TENSORBOARD_DIR") or \
+        os.environ.get("TENSORBOARD_DIR")
+    project, name = OmegaConf.select(config, "trainer.project_name"), OmegaConf.select(config, "trainer.experiment_name")
+    return os.path.abspath(str(given) if given else f"tensorboard_log/{project}/{name}")
+
+
 TRACKER = "latest_checkpointed_iteration.txt"  # verl's ray_trainer writes the last saved step here
 
 
@@ -97,7 +107,7 @@ def other_logger_lines(config, path: Optional[str]) -> list[str]:
     if path is not None:
         lines.append(f"  metrics:    file logger set, but {path} does not exist (the run wrote no step?)")
     if "tensorboard" in loggers:
-        logdir = os.environ.get("TENSORBOARD_DIR") or os.path.abspath(f"tensorboard_log/{project}/{name}")
+        logdir = tensorboard_dir(config)
         lines.append(f"  metrics:    TensorBoard: tensorboard --logdir {shlex.quote(logdir)} (verl writes it relative "
                      "to the TaskRunner's working directory unless TENSORBOARD_DIR is set)")
     for other in ("wandb", "mlflow", "swanlab"):
