@@ -133,6 +133,12 @@ def _run(tiny_models, *overrides):
     return prepare(_tiny_cfg(tiny_models, *overrides), user_keys=[o.split("=", 1)[0].lstrip("+~") for o in overrides])
 
 
+def _run_prepare(cfg):
+    from verl_eopd.main import prepare
+
+    return prepare(cfg, user_keys=[])
+
+
 def _tiny_cfg(tiny_models, *overrides):
     return _compose("algorithm=eopd", f"actor_rollout_ref.model.path={tiny_models['student']}",
                    f"data.train_files={tiny_models['train']}", f"data.val_files={tiny_models['val']}",
@@ -354,6 +360,56 @@ def test_embedded_default_picks_a_rollout_backend_and_one_rank_on_any_machine(mo
     assert CPU_SETTINGS["actor_rollout_ref.rollout.name"] == "hf"  # applied after the embedded settings on CPU
 
 
+FP32_KEYS = ("actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype",
+             "actor_rollout_ref.ref.fsdp_config.mixed_precision.param_dtype",
+             "distillation.distillation_loss.teacher_param_dtype")
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ((), ("fp32", "fp32", "fp32")),
+    # a user's leaf wins over the CPU default
+    (("++actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=bf16",), ("bf16", "fp32", "fp32")),
+    # so does a user's node above the default's key: the whole node is the user's (verl fills reduce/buffer dtypes)
+    (("++actor_rollout_ref.ref.fsdp_config.mixed_precision={param_dtype:bf16}",
+      "distillation.distillation_loss.teacher_param_dtype=bf16"), ("fp32", "bf16", "bf16")),
+])
+def test_cpu_runs_compute_in_fp32_unless_the_user_says_otherwise(tiny_models, no_model_loads, overrides, expected):
+    """On CPU the actor and the teacher (ref) engines compute in fp32, not verl's bf16 default (bf16 matmuls are
+    4-5x slower on CPUs without bf16 units: docs/cpu.md), and verl's own engine config reads the value."""
+    from omegaconf import OmegaConf
+    from verl.utils.config import omega_conf_to_dataclass
+
+    from verl_eopd.main import prepare
+
+    cfg = _tiny_cfg(tiny_models, "trainer.device=cpu", *overrides)
+    assert prepare(cfg, user_keys=["trainer.device"] + [o.split("=", 1)[0].lstrip("+~") for o in overrides]).on_cpu
+    assert tuple(OmegaConf.select(cfg, k) for k in FP32_KEYS) == expected
+    for role, dtype in zip(("actor", "ref"), expected):
+        engine = omega_conf_to_dataclass(cfg.actor_rollout_ref[role].fsdp_config)
+        assert engine.mixed_precision["param_dtype"] == dtype  # what verl's FSDP engine builds its policy from
+
+
+def test_the_algorithm_choice_does_not_hide_the_embedded_defaults_below_algorithm(tiny_models, no_model_loads,
+                                                                                  monkeypatch):
+    """`algorithm=eopd` on the command line is a config-group choice (verl_eopd.main._cli_keys lists it as
+    "algorithm"): the embedded default's `algorithm.rollout_correction.bypass_mode` and the CPU fp32 engines still
+    apply, while a value the user set below `algorithm` wins (a node-above rule that counted the group choice
+    recomputed the old log-probs in the default run, 1.8 s per step)."""
+    from verl_eopd.cpu import embedded
+    from verl_eopd.main import prepare
+
+    info = {**{k: tiny_models[k] for k in ("student", "teacher", "train", "val")}, "root": "/x", "task": embedded.ADD}
+    monkeypatch.setattr(embedded, "embedded_pair", lambda task=embedded.ADD: info)
+    monkeypatch.setattr(embedded, "default_rollout_backend", lambda: "hf")
+    cfg = _compose("algorithm=eopd", "trainer.device=cpu")
+    prepare(cfg, user_keys=["algorithm", "trainer.device"])
+    assert cfg.algorithm.rollout_correction.bypass_mode is True
+    assert tuple(cfg.actor_rollout_ref[r].fsdp_config.mixed_precision.param_dtype for r in ("actor", "ref")) == ("fp32",) * 2
+    cfg = _compose("algorithm=eopd", "trainer.device=cpu", "algorithm.rollout_correction.bypass_mode=false")
+    prepare(cfg, user_keys=["algorithm", "trainer.device", "algorithm.rollout_correction.bypass_mode"])
+    assert cfg.algorithm.rollout_correction.bypass_mode is False
+
+
 @pytest.mark.parametrize("override,key,message", [
     ("data.train_files=/nonexistent/train.parquet", "data.train_files", "no such file"),
     ("data.val_files=[/nonexistent/val.parquet]", "data.val_files", "no such file"),
@@ -451,7 +507,9 @@ def test_resuming_a_checkpoint_trained_with_other_eopd_settings_is_refused_befor
     ckpt = tmp_path / "ckpt"
     (ckpt / "global_step_7").mkdir(parents=True)
     (ckpt / "latest_checkpointed_iteration.txt").write_text("7")
-    saved = settings_record(_tiny_cfg(tiny_models))
+    prepared = _tiny_cfg(tiny_models)  # what a run records: its config after prepare (the CPU settings applied)
+    _run_prepare(prepared)
+    saved = settings_record(prepared)
     saved.update(fkl_coef=0.5, entropy_threshold=1.2, logits_chunk_mb=1)  # chunk size: speed only, never a change
     (ckpt / "global_step_7" / "eopd_settings.json").write_text(json.dumps(saved))
     where = f"trainer.default_local_dir={ckpt}"

@@ -32,13 +32,30 @@ from .integration.env import TASK_RUNNER_ENV, TOKEN_COLUMN_ENV, external_modules
 logger = logging.getLogger("verl_eopd")
 
 
+def _config_groups() -> frozenset:
+    """The config groups of verl_eopd/conf (`algorithm=eopd` picks a preset: it sets no value of the node)."""
+    from pathlib import Path
+
+    conf = Path(__file__).parent / "conf"
+    return frozenset(d.name for d in conf.iterdir() if d.is_dir() and not d.name.startswith("_"))
+
+
+def _user_set(key: str, user_keys: set) -> bool:
+    """True when the user set `key` or a node above it (`a.b={c: 1}` sets `a.b.c` too); a config-group choice
+    (`algorithm=eopd`) is not a value of the node it shares its name with."""
+    parts = key.split(".")
+    above = {".".join(parts[:i]) for i in range(1, len(parts))} - _config_groups()
+    return key in user_keys or bool(above & user_keys)
+
+
 def apply_settings(config, settings: dict, user_keys: Iterable[str]) -> list[str]:
-    """Set each key of `settings` the user did not override; returns the keys set."""
+    """Set each key of `settings` the user did not override (neither the key nor a node above it); returns the
+    keys set."""
     user_keys = set(user_keys)
     applied = []
     with open_dict(config):
         for key, value in settings.items():
-            if key not in user_keys:
+            if not _user_set(key, user_keys):
                 OmegaConf.update(config, key, value, force_add=True)
                 applied.append(key)
     return applied

@@ -300,6 +300,14 @@ CPU_SETTINGS = {
     "actor_rollout_ref.actor.fsdp_config.strategy": "fsdp2",
     "actor_rollout_ref.ref.fsdp_config.use_torch_compile": False,
     "actor_rollout_ref.ref.fsdp_config.strategy": "fsdp2",
+    # fp32 compute in the actor and the teacher/ref engine (verl's FSDP default is bf16 param_dtype under autocast):
+    # CPUs without bf16 matrix units (no AVX512_BF16/AMX, e.g. the 2-core CI hosts) run bf16 matmuls 4-5x slower
+    # than fp32 (the student's forward+backward on a 256 x 48 micro-batch: ~1.1 s bf16, ~0.23 s fp32); the default
+    # run's update 8.0 -> 3.0 s, teacher pass 1.7 -> 0.7 s per step (docs/cpu.md). The actor then computes in the
+    # dtype of the fp32 `hf` rollout whose log-probs serve as old log-probs (bypass mode)
+    "actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype": "fp32",
+    "actor_rollout_ref.ref.fsdp_config.mixed_precision.param_dtype": "fp32",
+    "distillation.distillation_loss.teacher_param_dtype": "fp32",  # the teacher's stored weights unrounded too
     # 4 MiB chunks fit this class of CPU's cache: fastest in the chunk sweep of docs/benchmarks.md
     "distillation.distillation_loss.logits_chunk_mb": 4,
     "reward.num_workers": 1,
