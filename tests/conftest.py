@@ -167,8 +167,14 @@ LAYERS = ("unit", "integration", "e2e")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every test carries exactly one layer marker (pyproject.toml registers them)."""
+    """Every test carries exactly one layer marker (pyproject.toml registers them). Under pytest-xdist
+    (`scripts/test.sh` runs `-n 2 --dist loadgroup`) the e2e tests form one group: they run one after another on one
+    worker (a trainer launch takes both cores' worth of Ray processes; two at once would only contend), while the
+    other worker takes the rest."""
     bad = [f"{item.nodeid}: {[m for m in LAYERS if item.get_closest_marker(m)]}" for item in items
            if sum(1 for m in LAYERS if item.get_closest_marker(m)) != 1]
     if bad:
         raise pytest.UsageError("tests need exactly one of the markers " + ", ".join(LAYERS) + ":\n" + "\n".join(bad))
+    for item in items:
+        if item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.xdist_group("e2e"))
