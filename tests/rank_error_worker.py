@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 
-CASES = ("clean", "nan", "token_column", "temperature")
+CASES = ("clean", "nan", "token_column", "temperature", "teacher")
 
 
 def _micro_batch(case: str, bad: bool):
@@ -59,14 +59,32 @@ def prepare(case: str, bad: bool):
     hidden = torch.randn(1, nnz, 16, generator=g, requires_grad=True)
     weight = (torch.randn(V, 16, generator=g) * 0.3).requires_grad_(True)
     logits = torch.randn(1, nnz, V, generator=g, requires_grad=True)
-    if bad and case == "nan":
+    if bad and case in ("nan", "teacher"):
         logits.data[0, 5, 3] = float("nan")
     return partial(_run, case, td, fn, offsets, hidden, weight, logits)
+
+
+def _teacher_pass(td, logits) -> None:
+    """The teacher worker's pass (EOPDTeacherEngine.prepare_model_outputs, called on a stand-in engine: no SP, no
+    padding) on logits [1, nnz, V] at top-k 4, then the next collective."""
+    import torch.distributed as dist
+    from verl.utils import tensordict_utils as tu
+
+    from verl_eopd.integration.teacher import _teacher_engine_class
+
+    engine = types.SimpleNamespace(eopd_from_hidden=False, _gather_and_unpad_packed=lambda v, pad_size: v)
+    tu.assign_non_tensor(td, eopd_topk=4, use_remove_padding=True)
+    output_args = {"input_ids_rmpad_rolled": torch.roll(td["input_ids"].values(), -1)[None], "pad_size": 0}
+    out = _teacher_engine_class().prepare_model_outputs(engine, types.SimpleNamespace(logits=logits.detach()),
+                                                        output_args, td, None)
+    dist.all_reduce(out["teacher_entropy"].values().sum())
 
 
 def _run(case, td, fn, offsets, hidden, weight, logits) -> None:
     from verl_eopd.integration.loss import eopd_distillation_loss
 
+    if case == "teacher":
+        return _teacher_pass(td, logits)
     if case == "temperature":
         from verl_eopd.integration.hidden import actor_engine_class
 

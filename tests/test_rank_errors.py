@@ -1,8 +1,8 @@
 """An error on one rank stops the run (issue 23, item 4): 2 gloo ranks (tests/rank_error_worker.py, file
 rendezvous) run EOPD micro-batches where only rank 1's input is bad (a NaN logit row, a wrong sampled-token column,
-mixed temperatures on the from_hidden path). The micro-batch's one read is an all-reduce of the check codes, so
-both ranks raise at that read: rank 1 its check's own message, rank 0 an error naming rank 1 and the check. Neither
-waits in the next collective. Without the all-reduce, rank 0 passes its read and waits in the next collective for
+mixed temperatures on the from_hidden path, a NaN row in the teacher worker's logits). The micro-batch's one read
+is an all-reduce of the check codes, so both ranks raise at that read: rank 1 its check's own message, rank 0 an
+error naming rank 1 and the check. Neither waits in the next collective. Without the all-reduce, rank 0 passes its read and waits in the next collective for
 rank 1 (whose process stays, as a Ray actor does), and the hang guard fails the test.
 """
 
@@ -71,13 +71,15 @@ def test_a_bad_input_on_one_rank_stops_every_rank(tmp_path):
            "token_column": r"ValueError: teacher_ids\[\.\.\., 8\] \(the sampled-token column\) holds token \d+ at "
                            r"packed row 7",
            "temperature": r"ValueError: distillation.distillation_loss.from_hidden=true needs one temperature per "
-                          r"micro-batch, got \[0.5, 0.75\]"}
+                          r"micro-batch, got \[0.5, 0.75\]",
+           "teacher": r"ValueError: teacher_logits holds NaN or \+inf logits at row 5"}
     check = {"nan": "NaN or +inf logits in student_logits",
              "token_column": "teacher_ids[..., 8] (the sampled-token column) equal to the next tokens",
-             "temperature": "one temperature per micro-batch (from_hidden)"}
+             "temperature": "one temperature per micro-batch (from_hidden)",
+             "teacher": "NaN or +inf logits in teacher_logits"}
     import re
 
-    for case in ("nan", "token_column", "temperature"):
+    for case in ("nan", "token_column", "temperature", "teacher"):
         r0, r1 = by_case[case]
         assert re.match(f"{case} ERROR {own[case]}", r1), r1  # rank 1: its check's own message
         assert r0 == (f"{case} ERROR RankStopped: rank 1 failed its check: {check[case]}; this rank stops too (its "

@@ -25,14 +25,14 @@ from __future__ import annotations
 import contextlib
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import torch
 
 from .settings import DEFAULT_LOGITS_CHUNK_MB
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "ChunkSizing", "HostChecks", "RankStopped", "chunk_sizing", "collect_checks",
-           "host_checks", "teacher_stats",
+           "host_checks", "read_across_ranks", "teacher_stats",
            "teacher_stats_from_hidden", "student_logprobs_at", "student_logprobs_at_from_hidden"]
 
 DEFAULT_CHUNK_BYTES = DEFAULT_LOGITS_CHUNK_MB * 2**20
@@ -268,6 +268,18 @@ def collect_checks(checks: HostChecks):
     finally:
         if token is not None:
             _SCOPE.reset(token)
+
+
+def read_across_ranks(fn: Callable[..., Any], *args, **kwargs) -> Any:
+    """fn(*args, **kwargs) as one pass whose checks (the kernels' `host_checks`) are read once, across ranks
+    (`HostChecks(across_ranks=True)`): a bad input on one rank stops every rank at that read (its own error there,
+    `RankStopped` on the others) instead of leaving them waiting in the next collective. Used by the teacher
+    worker's passes; every rank makes the same number of them (FSDP's forwards are collective too)."""
+    checks = HostChecks(across_ranks=True)
+    with collect_checks(checks):
+        out = fn(*args, **kwargs)
+    checks.read()
+    return out
 
 
 def _check_rows(checks: HostChecks, name: str, first_col: torch.Tensor) -> None:

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from ..core.eos import map_teacher_eos_in_topk, remap_first_eos
-from ..core.kernels import teacher_stats
+from ..core.kernels import read_across_ranks, teacher_stats
 from ..core.settings import DEFAULT_LOGITS_CHUNK_MB
 
 TEACHER_MODEL_TYPE = "eopd_teacher"
@@ -133,7 +133,9 @@ def _teacher_engine_class():
             use_rmpad = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True)
             h = packed_rows(hidden, micro_batch, use_rmpad)
             labels = output_args["input_ids_rmpad_rolled"].reshape(-1).clamp(0, weight.shape[0] - 1)
-            return teacher_stats_from_hidden(h, weight, labels, int(k), chunk_bytes=chunk_mb * 2**20)
+            # one read, across ranks: a NaN row on one rank stops every rank there
+            return read_across_ranks(teacher_stats_from_hidden, h, weight, labels, int(k),
+                                     chunk_bytes=chunk_mb * 2**20)
 
         def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
             k = tu.get_non_tensor_data(data=micro_batch, key="eopd_topk", default=None)
@@ -153,7 +155,8 @@ def _teacher_engine_class():
                 # packed [(nnz / sp) + pad, V] (or [nnz, V] from padded [B, S, V]), raw logits: temperature 1
                 logits = packed_rows(logits, micro_batch, use_rmpad)
                 labels = labels.clamp(0, logits.shape[-1] - 1)  # padding rows only
-                stats = teacher_stats(logits, labels, int(k), chunk_bytes=chunk_mb * 2**20)
+                # one read, across ranks: a NaN row on one rank stops every rank there
+                stats = read_across_ranks(teacher_stats, logits, labels, int(k), chunk_bytes=chunk_mb * 2**20)
             out = {
                 "teacher_ids": stats["topk_ids"].to(torch.int32),
                 "teacher_logprobs": stats["topk_logprobs"],
