@@ -16,6 +16,8 @@ import pytest
 import torch
 
 from verl_eopd import EOPDSettings, eopd_loss
+from tolerances import (U32, U64, assert_within, fp32_loss_bound, fp32_mean_bound, gamma, log_softmax_rounding,
+                        ppo_rkl_fp32_bound, topk_entropy_estimate_bound, topk_logprob_rounding)
 
 pytestmark = pytest.mark.unit
 
@@ -47,8 +49,9 @@ def _bounds(p, n_vocab):
 
 
 def _hand_loss(entropy, sampled, n_vocab, tau):
-    """L = (1/2) sum_t [max(-r A, -clip(r, 0.8, 1.2) A) + 1[H_t > tau] FKL_t] in Python floats; returns (L, gates)."""
-    total, gates = 0.0, []
+    """L = (1/2) sum_t [max(-r A, -clip(r, 0.8, 1.2) A) + 1[H_t > tau] FKL_t] in Python floats; returns (L, gates,
+    bound): bound = fp32_loss_bound of eopd_loss's fp32 L against this float64 one (see _loss_bound)."""
+    total, gates, lip, mag, old_max = 0.0, [], 0.0, 0.0, 0.0
     for t in range(2):
         logq = _log_softmax(LOGITS[0, t].double().tolist())
         p = TOPK_P[t]
@@ -64,7 +67,18 @@ def _hand_loss(entropy, sampled, n_vocab, tau):
         g = 1.0 if entropy[t] > tau else 0.0
         gates.append(g)
         total += rkl + g * fkl
-    return total / 2, gates
+        # |dl/d inputs|: the RKL's r |A| (logp) + r (|A| + 1) (old) + r (t_tok); the gated FKL's 1 (log q, the p~
+        # sum to 1) + 2 max |log p~ - log q| (the teacher's log-probs, through p~ and its renormalisation)
+        gap = max(abs(math.log(q) - logq[i]) for q, i in zip(pt, ids))
+        lip += 2 * r * (abs(A) + 1) + g * (1 + 2 * gap)
+        mag += r * abs(A) + g * (math.log(len(p)) + max(abs(logq[i]) for i in ids))
+        old_max = max(old_max, abs(old))
+    # every log-prob input within eps of its exact value: the student's fp32 log-softmax (V = 20 terms), the
+    # teacher's fp32 top-k log-probs and tail (worst token), log pi_old rounded once to fp32
+    eps = (log_softmax_rounding(float(LOGITS.abs().max()), V)
+           + max(topk_logprob_rounding(ps, n_vocab) for ps in TOPK_P) + U32 * old_max)
+    bound = fp32_loss_bound(eps, lip / 2, mag / 2, tokens=2, k=3, sides=1)
+    return total / 2, gates, bound
 
 
 def _ours(sampled, **settings):
@@ -79,6 +93,12 @@ def _ours(sampled, **settings):
 TAU = 1.85
 
 
+def _entropy_bounds(n_vocab):
+    """Per token, how far eopd_loss's fp32 top-k entropy estimates may lie from _bounds' float64 ones
+    (topk_entropy_estimate_bound: 7e-6 .. 1e-5 here, from the fp32 top-k log-probs and the tail's cancellation)."""
+    return [topk_entropy_estimate_bound(p, n_vocab, _bounds(p, n_vocab)[1]) for p in TOPK_P]
+
+
 def test_entropy_estimator_gates_on_the_chosen_bound():
     """tau = 1.85 lies between A's lower bound and midpoint, and between B's midpoint and upper bound: `lower`
     gates neither token, `midpoint` gates A, `upper` gates both; each loss equals the hand computation."""
@@ -87,15 +107,24 @@ def test_entropy_estimator_gates_on_the_chosen_bound():
     estimates = {"lower": (loA, loB), "midpoint": ((loA + hiA) / 2, (loB + hiB) / 2), "upper": (hiA, hiB)}
     want_gates = {"lower": [0.0, 0.0], "midpoint": [1.0, 0.0], "upper": [1.0, 1.0]}
     losses = {}
+    e_bound = _entropy_bounds(V)
+    mean_bound = lambda vals: fp32_mean_bound(e_bound, torch.tensor(vals))  # noqa: E731
     for estimator, entropy in estimates.items():
-        want, gates = _hand_loss(entropy, [7, 9], V, TAU)
+        # the gates cannot flip by rounding: every estimate lies > 100x its derived bound from tau (margins >= 0.04)
+        assert all(abs(h - TAU) > 100 * b for h, b in zip(entropy, e_bound))
+        want, gates, bound = _hand_loss(entropy, [7, 9], V, TAU)
         assert gates == want_gates[estimator]
         got, stats = _ours([7, 9], entropy_estimator=estimator, entropy_threshold=TAU)
-        assert got == pytest.approx(want, abs=1e-6), estimator
-        assert stats["gate_frac"] == sum(gates) / 2
-        assert stats["teacher_entropy_mean"] == pytest.approx(sum(entropy) / 2, abs=1e-6)
-        assert stats["teacher_entropy_lower_mean"] == pytest.approx((loA + loB) / 2, abs=1e-6)
-        assert stats["teacher_entropy_upper_mean"] == pytest.approx((hiA + hiB) / 2, abs=1e-6)
+        # loss: fp32_loss_bound (3e-5 .. 7e-5; observed 4.6e-7 .. 7.3e-7); the estimators' losses differ by >= 0.6
+        assert_within(torch.tensor(got), torch.tensor(want), bound, f"loss {estimator}")
+        assert stats["gate_frac"] == sum(gates) / 2  # k/2, exact in fp32
+        # entropy means: topk_entropy_estimate_bound per token + the mean's rounding (observed <= 1.9e-7)
+        assert_within(torch.tensor(stats["teacher_entropy_mean"]), torch.tensor(sum(entropy) / 2),
+                      mean_bound(list(entropy)), "teacher_entropy_mean")
+        assert_within(torch.tensor(stats["teacher_entropy_lower_mean"]), torch.tensor((loA + loB) / 2),
+                      mean_bound([loA, loB]), "teacher_entropy_lower_mean")
+        assert_within(torch.tensor(stats["teacher_entropy_upper_mean"]), torch.tensor((hiA + hiB) / 2),
+                      mean_bound([hiA, hiB]), "teacher_entropy_upper_mean")
         losses[estimator] = got
     assert len(set(losses.values())) == 3
 
@@ -110,13 +139,18 @@ def test_teacher_vocab_size_sets_the_tail_of_the_topk_estimates():
     for t_vocab in (None, 40):
         n_vocab = V if t_vocab is None else t_vocab
         (loA, hiA), (loB, hiB) = _bounds(TOPK_P[0], n_vocab), _bounds(TOPK_P[1], n_vocab)
-        want, gates = _hand_loss([(loA + hiA) / 2, (loB + hiB) / 2], [7, 2], n_vocab, tau)
+        mids, e_bound = [(loA + hiA) / 2, (loB + hiB) / 2], _entropy_bounds(n_vocab)
+        assert all(abs(h - tau) > 100 * b for h, b in zip(mids, e_bound))  # no gate flips by rounding
+        want, gates, bound = _hand_loss(mids, [7, 2], n_vocab, tau)
         got, stats = _ours([7, 2], teacher_vocab_size=t_vocab, entropy_threshold=tau)
-        assert got == pytest.approx(want, abs=1e-6), t_vocab
-        assert stats["teacher_entropy_upper_mean"] == pytest.approx((hiA + hiB) / 2, abs=1e-6)
-        results[t_vocab] = (got, gates)
+        # fp32_loss_bound (~3e-5), as in the estimator test; the two vocab sizes' losses differ by far more
+        assert_within(torch.tensor(got), torch.tensor(want), bound, f"loss teacher_vocab_size={t_vocab}")
+        assert_within(torch.tensor(stats["teacher_entropy_upper_mean"]), torch.tensor((hiA + hiB) / 2),
+                      fp32_mean_bound(e_bound, torch.tensor([hiA, hiB])), "teacher_entropy_upper_mean")
+        results[t_vocab] = (got, gates, bound)
     assert results[None][1] == [0.0, 0.0] and results[40][1] == [1.0, 0.0]
-    assert results[40][0] != pytest.approx(results[None][0], abs=1e-3)
+    # the tail's size moves the loss by far more than both sides' bounds (a statement of effect, not of rounding)
+    assert abs(results[40][0] - results[None][0]) > 100 * (results[40][2] + results[None][2])
 
 
 @pytest.mark.parametrize("estimator", ["lower", "midpoint", "upper"])
@@ -138,9 +172,14 @@ def test_the_server_routes_processor_uses_the_estimator_and_the_teacher_vocab_si
     out = eopd_logits_processor(cfg, dcfg, data, logits)
     pick = {"lower": lambda lo, hi: lo, "upper": lambda lo, hi: hi, "midpoint": lambda lo, hi: (lo + hi) / 2}[estimator]
     want = [pick(*_bounds(p, 40)) for p in TOPK_P]
-    assert out["eopd_teacher_entropy"][0, :2].tolist() == pytest.approx(want, abs=1e-6)
-    want_tok = [math.log(0.15), math.log(0.35 / 38)]
-    assert out["eopd_teacher_token_logprob"][0, :2].tolist() == pytest.approx(want_tok, abs=1e-6)
+    # topk_entropy_estimate_bound per token (~1e-5; observed <= 2e-7)
+    assert_within(out["eopd_teacher_entropy"][0, :2], torch.tensor(want), torch.tensor(_entropy_bounds(40)),
+                  "eopd_teacher_entropy")
+    # A's y = 7 is in the top-k: the payload's own fp32 value, gathered (exact); B's y = 2 takes the uniform tail
+    # ln(0.35 / 38), within topk_logprob_rounding of the float64 value
+    assert out["eopd_teacher_token_logprob"][0, 0].item() == TOPK_LP[0, 0, 1].item()
+    assert_within(out["eopd_teacher_token_logprob"][0, 1], torch.tensor(math.log(0.35 / 38)),
+                  topk_logprob_rounding(TOPK_P[1], 40), "tail token log-prob")
     assert out["eopd_token_fallback"][0, :2].tolist() == [0.0, 1.0]
 
 
@@ -203,6 +242,17 @@ def _hand(h, w=None):
     return w * rkl, clipped, per_token, g
 
 
+def _token_bounds(h, w=None):
+    """([2, 3] float64 bounds) the fp32 RKL term (ppo_rkl_fp32_bound: the batch's log-probs are fp32 roundings of
+    the float64 ones) and the per-token loss w RKL + g FKL: plus the FKL's rounding to fp32 (u |FKL|; g is 0 or 1)
+    and the addition (u (|w RKL| + |FKL|))."""
+    logp, old = h["logp"], h["old"]
+    rkl_bound = ppo_rkl_fp32_bound(logp, old, old + h["adv"], w)
+    r, fkl = h["shift"].exp(), h["fkl"].double()
+    wa = (torch.ones_like(r) if w is None else w.double()).abs() * torch.maximum(r, r.clamp(0.8, 1.2)) * h["adv"].abs()
+    return rkl_bound, rkl_bound + U32 * fkl + U32 * (wa + fkl)
+
+
 def _config():
     from verl_eopd.integration.config import EOPDLossConfig
 
@@ -217,13 +267,22 @@ def test_rkl_surrogate_mean_and_pg_clipfrac_by_hand():
     m = h["mask"]
     assert clipped[m].tolist() == [True, True, False, False, False]  # the clip acts on 2 of the 5 valid tokens
     loss, metrics = eopd_distillation_loss(*_config(), model_output, data)
-    torch.testing.assert_close(loss.double(), per_token, atol=1e-6, rtol=1e-6)
-    # by hand: RKL = (-1.2 * 1.0, -0.8 * -2.0, 0.5 e^0.5, -0.7, -0.4 e^-0.1) on the valid tokens
+    rkl_bound, tok_bound = _token_bounds(h)
+    assert_within(loss.detach(), per_token, tok_bound, "per-token loss")  # bound <= 1.5e-6, observed 1.1e-7
+    # by hand: RKL = (-1.2 * 1.0, -0.8 * -2.0, 0.5 e^0.5, -0.7, -0.4 e^-0.1) on the valid tokens (both float64:
+    # the same values by two float64 routes, within a few u64 of each other)
     want_rkl = [-1.2, 1.6, 0.5 * math.exp(0.5), -0.7, -0.4 * math.exp(-0.1)]
-    assert rkl[m].tolist() == pytest.approx(want_rkl)
-    assert metrics["eopd/rkl_surrogate_mean"] == pytest.approx(sum(want_rkl) / 5, abs=1e-6)
-    assert metrics["eopd/pg_clipfrac"] == pytest.approx(2 / 5, abs=1e-7)
-    assert metrics["eopd/rkl_mean"] == pytest.approx(float(-h["adv"][m].mean()), abs=1e-6)
+    assert_within(rkl[m], torch.tensor(want_rkl, dtype=torch.float64), 8 * U64 * rkl[m].abs(), "hand RKL")
+    # the mean over the 5 valid tokens: ppo_rkl_fp32_bound per token + gamma_5 mean|RKL| (~1e-6; observed 5.5e-8)
+    assert_within(torch.tensor(metrics["eopd/rkl_surrogate_mean"]), torch.tensor(sum(want_rkl) / 5),
+                  fp32_mean_bound(rkl_bound[m], rkl[m]), "rkl_surrogate_mean")
+    # a boolean mean over 5 tokens: 2 / 5 rounded once to fp32 (the count is exact), compared exactly
+    assert metrics["eopd/pg_clipfrac"] == torch.tensor(2 / 5, dtype=torch.float32).item()
+    # mean of log pi_old - log pi_T: each input rounded (u |x|), the subtraction (u |A|), the 5-term mean
+    # (gamma_5 mean |A|): ~2e-7, observed 3.2e-8
+    a_bound = U32 * (h["old"].abs() + (h["old"] + h["adv"]).abs() + h["adv"].abs())
+    assert_within(torch.tensor(metrics["eopd/rkl_mean"]), -h["adv"][m].mean(),
+                  fp32_mean_bound(a_bound[m], h["adv"][m]), "rkl_mean")
 
 
 def test_rollout_is_weights_scale_the_reverse_kl_term_only():
@@ -238,17 +297,24 @@ def test_rollout_is_weights_scale_the_reverse_kl_term_only():
     data, model_output, h = _verl_batch(w_nested)
     rkl_w, _, per_token, g = _hand(h, w)
     loss, metrics = eopd_distillation_loss(*_config(), model_output, data)
-    torch.testing.assert_close(loss.double(), per_token, atol=1e-6, rtol=1e-6)
-    assert metrics["eopd/rkl_surrogate_mean"] == pytest.approx(float(rkl_w[h["mask"]].mean()), abs=1e-6)
+    rkl_bound, tok_bound = _token_bounds(h, w)
+    assert_within(loss.detach(), per_token, tok_bound, "per-token loss")  # bound <= 2.9e-6, observed 4.8e-8
+    # ppo_rkl_fp32_bound per token + the 5-term mean (~2e-6; observed 5.7e-9)
+    assert_within(torch.tensor(metrics["eopd/rkl_surrogate_mean"]), rkl_w[h["mask"]].mean(),
+                  fp32_mean_bound(rkl_bound[h["mask"]], rkl_w[h["mask"]]), "rkl_surrogate_mean")
     (loss * h["mask"]).sum().backward()
     rows = torch.tensor([1, 2, 3, 5, 6, 7])  # the response rows of the packed batch (prompts of 2 and 1 tokens)
     grad_fkl = model_output["eopd_fkl"].grad[rows].reshape(2, 3).double()
-    torch.testing.assert_close(grad_fkl, torch.where(h["mask"], g, 0.0))  # the FKL's gradient: g, not w g
+    # the FKL's gradient: g, not w g; exact (products of 1 by the 0/1 mask and gate)
+    assert torch.equal(grad_fkl, torch.where(h["mask"], g, 0.0))
     r = h["shift"].exp()
     unclipped = (-r.clamp(0.8, 1.2) * h["adv"]) <= (-r * h["adv"])
     grad_logp = model_output["eopd_logp"].grad[rows].reshape(2, 3).double()
     want = torch.where(h["mask"] & unclipped, -w.double() * r * h["adv"], 0.0)  # d(-w r A)/dlogp = -w r A
-    torch.testing.assert_close(grad_logp, want, atol=1e-6, rtol=1e-6)
+    # -w r A by the same fp32 roundings as the forward term: ppo_rkl_fp32_bound (<= 2.6e-6 per entry; observed
+    # 4.8e-8); |w r A| >= 0.07 on the checked entries, so a dropped weight or sign is far outside it
+    assert_within(grad_logp, want, torch.where(h["mask"] & unclipped, rkl_bound, 0.0), "d loss / d logp")
     data0, model_output0, _ = _verl_batch()  # no weights: the plain objective
     loss0, _ = eopd_distillation_loss(*_config(), model_output0, data0)
-    assert not torch.allclose(loss0, loss)
+    # the weights' effect (>= 0.3 on some token) is far above both sides' bounds (<= 2.9e-6)
+    assert float((loss0 - loss).abs().max()) > 1e4 * float(tok_bound.max())

@@ -158,3 +158,68 @@ def assert_within(got: torch.Tensor, want: torch.Tensor, bound, what: str) -> fl
     assert bool((diff <= bound_t).all()), (f"{what}: |diff| {float(diff.flatten()[worst]):.3g} at flat index {worst} > "
                                            f"derived bound {float(bound_t.flatten()[worst]):.3g}")
     return float(diff.max()) if diff.numel() else 0.0
+
+
+# ------------------------------------------------------------------------------- top-k estimates and the PPO term
+# Hand-computed float64 references on fp32 inputs: each input is rounded once to fp32 (u |x|), then each fp32 op
+# rounds its result (u relative; exp and log 2u). First order, the error of a result is the sum over inputs and
+# intermediate results y of |d result / d y| times y's rounding.
+
+
+def fp32_mean_bound(elem_bound, values: torch.Tensor) -> float:
+    """|mean_fp32(a) - mean(b)| over T entries with |a_t - b_t| <= elem_bound_t: mean(elem_bound) plus the fp32
+    sum of T terms and the division, gamma_T mean |b| (T - 1 additions and one division: T roundings)."""
+    v = torch.as_tensor(values).double().flatten()
+    e = torch.as_tensor(elem_bound, dtype=torch.float64).expand_as(torch.as_tensor(values)).flatten()
+    return float(e.mean()) + gamma(v.numel()) * float(v.abs().mean())
+
+
+def topk_tail_rounding(p: list, u: float = U32) -> float:
+    """Relative error of the top-k tail mass r = 1 - sum_j exp(lp_j) computed in fp32 from lp_j = fl(log p_j)
+    (each within u |log p_j|): each exp within (u |log p_j| + 2u) relative, the k-term sum gamma_k, so the sum lies
+    within (1 - r)(u max|log p| + 2u + gamma_k) of 1 - r; the subtraction adds u r. Relative to r:
+    (1 - r) / r (u max|log p| + 2u + gamma_k) + u (it grows as the tail r shrinks: cancellation)."""
+    import math
+
+    r = 1 - sum(p)
+    return (1 - r) / r * (u * max(abs(math.log(x)) for x in p) + 2 * u + gamma(len(p), u)) + u
+
+
+def topk_logprob_rounding(p: list, n_vocab: int, u: float = U32) -> float:
+    """Largest error of any log-mass the top-k estimates take from fp32 top-k log-probs of masses p (k = len(p)):
+    a top-k log-prob itself (u |log p_j|), a renormalised one log(p_j / sum p) (+ gamma_{k+2}: the sum and the
+    division, then the log), or the uniform-tail log-prob log(r / (n_vocab - k)) (topk_tail_rounding, then the
+    division u and the log 2u |log|)."""
+    import math
+
+    r = 1 - sum(p)
+    tail = topk_tail_rounding(p, u) + u + 2 * u * abs(math.log(r / (n_vocab - len(p))))
+    top = u * max(abs(math.log(x)) for x in p) + gamma(len(p) + 2, u)
+    return max(tail, top)
+
+
+def topk_entropy_estimate_bound(p: list, n_vocab: int, upper: float, u: float = U32) -> float:
+    """|H_fp32 - H| for a top-k entropy estimate (lower, upper bound or midpoint; docs/topk_route.md) from fp32 top-k
+    log-probs of masses p against its float64 value. Every term is x ln(1/x) of a mass x (the p_j, the tail r and
+    its pieces) or r ln n (n = n_vocab - k): with each mass's log within eps = topk_logprob_rounding, the x ln x terms
+    move by eps (1 + H) (as in entropy_bound) and r ln n by eps r ln n <= eps H, all terms positive and summing to
+    at most `upper` (the upper bound, H_K + r ln(n / r)); the estimate's own rounding over <= k + 4 terms:
+    (3u + gamma_{k+4}) upper."""
+    eps = topk_logprob_rounding(p, n_vocab, u)
+    return eps * (1 + 2 * upper) + (3 * u + gamma(len(p) + 4, u)) * upper
+
+
+def ppo_rkl_fp32_bound(logp, old, t_tok, w=None, clip: tuple = (0.8, 1.2), u: float = U32) -> torch.Tensor:
+    """Per token, |w max(-r A, -clip(r) A)| computed in fp32 from fp32-rounded log pi_theta, log pi_old, log pi_T
+    against float64 (r = exp(logp - old), A = t_tok - old; the clip's edges are constants). With rho = max(r,
+    clip(r)) (the largest factor either branch applies): partials d/dlogp = -w r A, d/dold <= w rho (|A| + 1),
+    d/dt_tok <= w rho; intermediates: d (|d| u, factor w r |A|), exp (2u), A (u |A|, factor w rho), the products
+    r A, clip(r) A and w x (u each, factor 1):
+        u w rho [|A| (|logp| + |old| + |d| + 5) + |old| + |t_tok| + |A|].
+    Also bounds the fp32 gradient w.r.t. logp on an unclipped token, -w r A (same roundings). Float64 in, [same shape]."""
+    logp, old, t_tok = (torch.as_tensor(x).double() for x in (logp, old, t_tok))
+    w = torch.ones_like(logp) if w is None else torch.as_tensor(w).double()
+    d, A = logp - old, t_tok - old
+    r = d.exp()
+    r = torch.maximum(r, r.clamp(*clip))
+    return u * w.abs() * r * (A.abs() * (logp.abs() + old.abs() + d.abs() + 5) + old.abs() + t_tok.abs() + A.abs())
