@@ -18,6 +18,7 @@ from tolerances import (
     gamma,
     log_softmax_bound,
     log_softmax_rounding,
+    topk_entropy_estimate_bound,
 )
 from dense_reference import dense_eopd_loss, dense_gate, dense_teacher, dense_topk_entropy, dense_topk_token_logprob
 from verl_eopd import core as L
@@ -140,20 +141,26 @@ def test_entropy_bounds_are_exact_when_topk_covers_the_vocabulary():
     logp = torch.log_softmax(torch.randn(5, 12, dtype=torch.float64), -1)
     exact = -(logp.exp() * logp).sum(-1)
     est, lo, hi = entropy_from_topk(logp, 12)
-    torch.testing.assert_close(lo.double(), exact, atol=1e-5, rtol=0)
-    torch.testing.assert_close(hi.double(), exact, atol=1e-5, rtol=0)
+    # no tail: both bounds are H_K = -sum p log p in fp32 from the float64 log-probs rounded once (u |log p|):
+    # entropy_bound over the 12 terms (3.3e-6), observed 2.8e-7
+    bound = entropy_bound(U32 * float(logp.abs().max()), float(exact.max()), 12, sides=1)
+    assert_within(lo, exact, bound, "lower")
+    assert_within(hi, exact, bound, "upper")
 
 
 def test_entropy_bounds_hand_computed_case():
     # top-2 = {0.5, 0.3}, tail r = 0.2 over V - K = 8 tokens, each <= 0.3:
     # H_K = -(0.5 ln 0.5 + 0.3 ln 0.3); upper adds 0.2 ln(8 / 0.2); lower: cap = min(0.3, 0.2) = 0.2 ->
     # one tail token of 0.2, adds -0.2 ln 0.2.
-    topk = torch.log(torch.tensor([[0.5, 0.3]]))
+    topk = torch.log(torch.tensor([[0.5, 0.3]], dtype=torch.float64)).float()  # fl(log p): u |log p|
     est, lo, hi = entropy_from_topk(topk, 10)
     h_k = -(0.5 * math.log(0.5) + 0.3 * math.log(0.3))
-    assert lo.item() == pytest.approx(h_k - 0.2 * math.log(0.2), abs=1e-6)
-    assert hi.item() == pytest.approx(h_k + 0.2 * math.log(8 / 0.2), abs=1e-6)
-    assert est.item() == pytest.approx((lo.item() + hi.item()) / 2, abs=1e-6)
+    want_hi = h_k + 0.2 * math.log(8 / 0.2)
+    bound = topk_entropy_estimate_bound([0.5, 0.3], 10, want_hi)  # 7.8e-6; observed 5.9e-8
+    assert_within(lo, torch.tensor([h_k - 0.2 * math.log(0.2)]), bound, "lower")
+    assert_within(hi, torch.tensor([want_hi]), bound, "upper")
+    # the midpoint of the two fp32 values: one fp32 addition (x 0.5 is exact): u |est|; observed 0
+    assert_within(est, (lo.double() + hi.double()) / 2, U32 * est.abs(), "midpoint")
 
 
 def test_entropy_bounds_hand_computed_case_with_a_split_tail():
@@ -172,8 +179,13 @@ def test_entropy_bounds_hand_computed_case_with_a_split_tail():
     for estimator, want in (("midpoint", [(lo1 + hi1) / 2, (lo2 + hi2) / 2]), ("lower", [lo1, lo2]),
                             ("upper", [hi1, hi2])):
         got, lo, hi = L.estimated_entropy(topk, 20, estimator)
-        assert got.tolist() == pytest.approx(want, abs=1e-6), estimator
-        assert lo.tolist() == pytest.approx([lo1, lo2], abs=1e-6) and hi.tolist() == pytest.approx([hi1, hi2], abs=1e-6)
+        # the kernel rounds the float64 top-k log-probs to fp32 (u |log p|): topk_entropy_estimate_bound per row
+        # (7.3e-6, 9.0e-6; observed <= 2.4e-7); the estimators differ by >= 0.25
+        bound = torch.tensor([topk_entropy_estimate_bound(p, 20, h) for p, h in
+                              (([0.4, 0.15, 0.1], hi1), ([0.45, 0.2], hi2))])
+        assert_within(got, torch.tensor(want), bound, estimator)
+        assert_within(lo, torch.tensor([lo1, lo2]), bound, "lower")
+        assert_within(hi, torch.tensor([hi1, hi2]), bound, "upper")
 
     def H(p):
         return -sum(x * math.log(x) for x in p if x > 0)
@@ -287,12 +299,20 @@ def test_fkl_is_nonnegative(K, scale, tscale, seed):
 
 
 def test_fkl_renormalises_teacher_and_not_student():
-    t = torch.log(torch.tensor([[0.4, 0.2]]))  # teacher top-2 mass 0.6 -> p~ = (2/3, 1/3)
-    q = torch.log(torch.tensor([[0.1, 0.3]]))  # student full-vocabulary probs at those ids
+    # inputs: the float64 logs rounded once to fp32 (u |log x|)
+    t = torch.log(torch.tensor([[0.4, 0.2]], dtype=torch.float64)).float()  # teacher top-2 mass 0.6 -> p~ = (2/3, 1/3)
+    q = torch.log(torch.tensor([[0.1, 0.3]], dtype=torch.float64)).float()  # student probs at those ids
     fkl, mass = fkl_topk(q, t)
     expected = (2 / 3) * math.log((2 / 3) / 0.1) + (1 / 3) * math.log((1 / 3) / 0.3)
-    assert fkl.item() == pytest.approx(expected, abs=1e-6)
-    assert mass.item() == pytest.approx(0.6, abs=1e-6)
+    # FKL = sum p~ (log p~ - log q): log q within u max|log q|, log p~ = log p - log sum p within u max|log p| +
+    # gamma_4 (the 2-term sum, the log); Lipschitz 1 in log q, 2 max|log p~ - log q| in log p; the 2-term sum's
+    # rounding (fp32_loss_bound, one token): 3.4e-6, observed 1.5e-7; a p~ left unnormalised (x 0.6) moves FKL by 0.6
+    eps = U32 * math.log(10) + gamma(4)
+    gap = max(abs(math.log(2 / 3 / 0.1)), abs(math.log(1 / 3 / 0.3)))
+    bound = fp32_loss_bound(eps, 1 + 2 * gap, math.log(2) + math.log(10), tokens=1, k=2, sides=1)
+    assert_within(fkl, torch.tensor([expected]), bound, "fkl")
+    # mass = sum exp(lp): each exp within u |log p| + 2u relative, the 2-term sum gamma_2: 2.0e-7, observed 2.4e-8
+    assert_within(mass, torch.tensor([0.6]), 0.6 * (U32 * math.log(5) + 2 * U32 + gamma(2)), "mass")
 
 
 # ------------------------------------------------------------------------------------------------ objective
