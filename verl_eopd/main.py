@@ -18,6 +18,7 @@ imports the plugin through VERL_USE_EXTERNAL_MODULES (failures raise instead of 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -32,6 +33,7 @@ from .integration.env import TASK_RUNNER_ENV, TOKEN_COLUMN_ENV, external_modules
 logger = logging.getLogger("verl_eopd")
 
 
+@functools.lru_cache(maxsize=None)
 def _config_groups() -> frozenset:
     """The config groups of verl_eopd/conf (`algorithm=eopd` picks a preset: it sets no value of the node)."""
     from pathlib import Path
