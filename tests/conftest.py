@@ -172,7 +172,7 @@ LAYERS = ("unit", "integration", "e2e")
 # the other worker takes the rest. E2E_NO_RAY: e2e tests that run the plain loop, free to run beside them. A new e2e
 # test file must be put in one of the two (checked at collection).
 E2E_SERIAL = ("test_e2e_cpu.py", "test_faults.py", "test_embedded_tasks.py")
-E2E_NO_RAY = ("test_plots_mini_repro.py",)
+E2E_NO_RAY = ("test_plots_mini_repro.py", "test_prereg.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -51,6 +51,7 @@ class LoopConfig:
     distillation_coef: float = 1.0  # verl's distillation_loss_coef: weight of EOPD next to the GRPO loss
     clip_ratio: float = 0.2  # GRPO's PPO clip (verl's clip_ratio_low = clip_ratio_high)
     clip_ratio_c: float = 3.0  # GRPO's dual clip for negative advantages (verl's clip_ratio_c)
+    random_gate: bool = False  # the random-gate control: see `random_gate_entropy` (needs settings.gate "hard")
 
 
 def grpo_advantages(scores: torch.Tensor, group: int, eps: float = 1e-6) -> torch.Tensor:
@@ -171,6 +172,34 @@ def teacher_statistics(teacher, prompts: list[list[int]], responses: list[list[i
     return ts
 
 
+def response_mask(responses: list[list[int]]) -> torch.Tensor:
+    """[B, R] bool, True on each response's tokens (R = the longest response; the layout of `_response_logits`)."""
+    mask = torch.zeros(len(responses), max(len(r) for r in responses), dtype=torch.bool)
+    for b, r in enumerate(responses):
+        mask[b, :len(r)] = True
+    return mask
+
+
+def random_gate_seed(seed: int, step: int) -> int:
+    """The random gate's generator seed for a run's seed and step (distinct for every (seed, step) pair with
+    0 <= step < 1,000,003)."""
+    return seed * 1_000_003 + step
+
+
+def random_gate_entropy(teacher_entropy: torch.Tensor, mask: torch.Tensor, tau: float,
+                        generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """The random-gate control: a stand-in teacher entropy [B, R] under which the hard gate 1[H > tau] opens on
+    exactly n = #{valid t : H_t > tau} tokens (the count the entropy-aware gate opens in this batch), drawn
+    uniformly at random without replacement among the valid tokens: tau + 1 there, 0 elsewhere. Returns
+    (stand-in entropy, n). teacher_entropy [B, R] nats, mask [B, R] bool."""
+    valid = mask.bool().reshape(-1).nonzero().squeeze(-1)
+    n_open = int(((teacher_entropy > tau) & mask.bool()).sum())
+    chosen = valid[torch.randperm(valid.numel(), generator=generator)[:n_open]]
+    stand_in = torch.zeros(teacher_entropy.numel(), dtype=torch.float32)
+    stand_in[chosen] = float(tau) + 1.0
+    return stand_in.view(teacher_entropy.shape), n_open
+
+
 def _norm(grads) -> float:
     return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None)))
 
@@ -185,6 +214,9 @@ def distill(student, teacher, train_prompts: list[list[int]], cfg: LoopConfig, *
         raise ValueError(f"LoopConfig.batch ({cfg.batch}) must be a multiple of rollouts_per_prompt ({n})")
     if cfg.task_rewards and reward is None:
         raise ValueError("LoopConfig.task_rewards needs distill(..., reward=...)")
+    if cfg.random_gate and cfg.settings.gate != "hard":
+        raise ValueError(f"LoopConfig.random_gate matches the hard gate's token count, but settings.gate is "
+                         f"{cfg.settings.gate!r}. Fix: use EOPDSettings(gate='hard') with random_gate=True")
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -205,11 +237,16 @@ def distill(student, teacher, train_prompts: list[list[int]], cfg: LoopConfig, *
                              temperature=cfg.temperature)
         ts = teacher_statistics(teacher, batch, responses, topk=cfg.topk, student_eos=student_eos,
                                 teacher_eos=teacher_eos, pad_id=pad_id)
-        task = {}
+        gate_entropy, task = ts["entropy"], {}
+        if cfg.random_gate:  # one draw per rollout batch, the same tokens for every PPO epoch
+            valid = response_mask(responses)
+            gen = torch.Generator().manual_seed(random_gate_seed(cfg.seed, step))
+            gate_entropy, n_open = random_gate_entropy(ts["entropy"], valid, cfg.settings.entropy_threshold, gen)
+            task["hard_gate_frac"] = n_open / max(1, int(valid.sum()))
         if cfg.task_rewards:
             scores = torch.tensor([float(reward(i, r)) for i, r in zip(picked, responses)])
             adv = grpo_advantages(scores, n)
-            task = {"score": float(scores.mean())}
+            task["score"] = float(scores.mean())
         student.train()
         old = None
         for _ in range(cfg.ppo_epochs):
@@ -217,7 +254,7 @@ def distill(student, teacher, train_prompts: list[list[int]], cfg: LoopConfig, *
             if old is None:  # log pi_old: the policy that sampled, before this batch's first update
                 old = torch.log_softmax(s_logits.detach().float(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
             loss, stats = eopd_loss(s_logits, ids, old, ts["topk_ids"], ts["topk_logprobs"], mask, cfg.settings,
-                                    teacher_entropy=ts["entropy"], teacher_token_logprobs=ts["token_logprobs"])
+                                    teacher_entropy=gate_entropy, teacher_token_logprobs=ts["token_logprobs"])
             if cfg.task_rewards:
                 logp = torch.log_softmax(s_logits.float(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
                 pg = ppo_policy_loss(logp, old, adv, mask, cfg.clip_ratio, cfg.clip_ratio_c)

@@ -1,0 +1,48 @@
+"""The preregistered experiment of docs/preregistration.md (issue 25): OPD, EOPD and the random-gate control on
+the multiples pair (26 seeds), the sums retest (18 seeds), then the tau sweep and quantile arm as the budget
+rule allows; the tests, plots and report.
+
+    python scripts/prereg.py                       # the run; writes docs/prereg_run/ (refuses a dirty tree)
+    python scripts/prereg.py --workers 2           # two single-thread worker processes
+    python scripts/prereg.py --analyse             # redo summary.json, results.md and the plots from the run files
+    python scripts/prereg.py --quick --out /tmp/p  # smoke run (tiny shapes; never analysed)
+
+Resumable: each run is its own file, kept when it names this commit and config; a rerun does the rest.
+What runs and what is measured: verl_eopd/math/prereg.py and prereg_run.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from verl_eopd.math.prereg_run import ROOT, Design, report, run_all
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "docs" / "prereg_run"))
+    p.add_argument("--workers", type=int, default=1, help="worker processes (each gets cpus / workers threads)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cpus / workers)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 steps of 32, 8 samples on 30 + 10 problems")
+    p.add_argument("--analyse", action="store_true", help="only redo the report from the run files in --out")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out)
+    if args.workers < 1 or (args.threads is not None and args.threads < 1):
+        p.error(f"--workers and --threads must be >= 1, got {args.workers} and {args.threads}")
+    if args.quick and out.resolve().is_relative_to(ROOT / "docs"):
+        p.error("--quick writes smoke results: pass --out outside docs/")
+    if not args.analyse:
+        run_all(out, Design.quick() if args.quick else Design(), args.workers, args.threads)
+    summary = report(out)
+    for row in summary["primary"] + summary["secondary"]:
+        lo, hi = row["ci95"]
+        print(f"[prereg] {row['name']}: {row['mean_diff']:+.4g} [{lo:+.4g}, {hi:+.4g}], p (Holm) "
+              f"{row['p_holm']:.3g}: {row['verdict']}")
+    print(f"[prereg] report: {out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

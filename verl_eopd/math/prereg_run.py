@@ -1,0 +1,522 @@
+"""The runner of docs/preregistration.md (scripts/prereg.py is its command line): references, the timing runs and
+budget rule (section 7), the tiers of per-run jobs on one or more worker processes, resumable per-run files
+with provenance (section 9), then the tests (sections 2 and 5), the exploratory contrasts (section 6), plots
+and a report.
+
+Layout of the output folder:
+    references.json   token set (H2), teacher and untrained-student measures, set hashes
+    budget.json       t_m, t_s, T0, n3 and the worker configuration (fixed before any analysed run)
+    runs/<task>/<arm>/seed<NN>.json   one per run, written atomically: provenance, config and measures
+    summary.json, results.md, *.png   the analysis (redone from the run files by --analyse)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ..core.settings import EOPDSettings
+from ..cpu.embedded import ADD, MULTIPLE
+from . import prereg as P
+from .loop import LoopConfig, distill
+from .stats import t_quantile
+
+ROOT = Path(__file__).resolve().parents[2]
+ARMS: dict[str, tuple[EOPDSettings, bool]] = {  # arm -> (settings, random gate); section 1
+    "opd": (EOPDSettings(fkl_coef=0.0), False),
+    "eopd": (EOPDSettings(), False),
+    "random": (EOPDSettings(), True),
+    "quantile": (EOPDSettings(gate="quantile", gate_quantile=0.25), False),
+    "eopd_tau0.4": (EOPDSettings(entropy_threshold=0.4), False),
+    "eopd_tau1.2": (EOPDSettings(entropy_threshold=1.2), False),
+}
+TIER1, TIER2, TIER3 = ("opd", "eopd", "random"), ("opd", "eopd"), ("quantile", "eopd_tau0.4", "eopd_tau1.2")
+TIMING_SEED = 1000  # never analysed
+
+
+@dataclass(frozen=True)
+class Design:
+    """Everything a run's result depends on (hashed into every run file). The defaults are the preregistration's;
+    `quick()` is a smoke-test shape."""
+    steps: int = 60
+    batch: int = 512
+    ppo_epochs: int = 4
+    samples: int = P.SAMPLES
+    h_size: int = P.H_SIZE  # a prefix of H (the novel-key problems come first)
+    x_size: int = P.X_SIZE
+    ab_prompts: int = 200  # fixed prompts of H for the all-token entropy and FKL(H > 0.8) (E3, E5)
+    seeds1: int = 26
+    seeds2: int = 18
+    cap3: int = 26
+    floor3: int = 10
+    budget_s: float = 7200.0
+
+    def loop(self, seed: int, arm: str) -> LoopConfig:
+        settings, rg = ARMS[arm]
+        return LoopConfig(steps=self.steps, batch=self.batch, ppo_epochs=self.ppo_epochs, lr=1e-3, weight_decay=0.01,
+                          grad_clip=1.0, topk=16, max_new_tokens=16, seed=seed, settings=settings, random_gate=rg)
+
+    @staticmethod
+    def quick() -> "Design":
+        return Design(steps=2, batch=32, ppo_epochs=1, samples=8, h_size=30, x_size=10, ab_prompts=16, seeds1=2,
+                      seeds2=2, cap3=2, floor3=1, budget_s=1e9)
+
+
+# -- provenance ----------------------------------------------------------------------------------------------------
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
+def provenance(out: Path) -> dict:
+    """Commit, clean-tree flag (ignoring the run's own output folder), command, versions, CPUs and threads."""
+    import transformers
+
+    spec = ["."]
+    if out.resolve().is_relative_to(ROOT):
+        spec.append(f":(exclude){out.resolve().relative_to(ROOT)}")
+    dirty = git("status", "--porcelain", "--untracked-files=all", "--", *spec).rstrip("\n")
+    return {"commit": git("rev-parse", "HEAD").strip(), "clean": not dirty, "dirty_files": dirty.splitlines()[:20],
+            "command": [Path(sys.executable).name, *sys.argv], "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
+
+
+def refuse_dirty_docs(out: Path, prov: dict) -> None:
+    if out.resolve().is_relative_to(ROOT / "docs") and not prov["clean"]:
+        raise SystemExit(f"refusing to write results into {out} from a dirty tree ({len(prov['dirty_files'])}+ "
+                         f"changed files, e.g. {prov['dirty_files'][:3]}). Fix: commit first, or pass --out outside docs/")
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomic: a crash leaves the old file or none, never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_config(design: Design, refs_key: dict, task: str, arm: str, seed: int) -> dict:
+    """A run's whole config: the loop's fields (with the arm's settings), the design, and the sets' hashes."""
+    return {"task": task, "arm": arm, "seed": seed, "loop": asdict(design.loop(seed, arm)), "design": asdict(design),
+            "sampling": {"temperature": 1.0, "top_p": P.TOP_P, "max_new_tokens": 16, "chunk": P.CHUNK,
+                         "seed": 1000 + seed}, **refs_key}
+
+
+def run_path(out: Path, task: str, arm: str, seed: int) -> Path:
+    return out / "runs" / task / arm / f"seed{seed:02d}.json"
+
+
+def existing(path: Path, commit: str, config: dict) -> Optional[dict]:
+    """The run file's result when it names this commit and config; None when absent; refuses a mismatch."""
+    if not path.exists():
+        return None
+    rec = json.loads(path.read_text())
+    if rec.get("provenance", {}).get("commit") != commit or rec.get("config_sha256") != sha(config):
+        raise SystemExit(f"refusing to resume over {path}: it was written by commit "
+                         f"{rec.get('provenance', {}).get('commit')} with config {rec.get('config_sha256')}, this is "
+                         f"{commit} with {sha(config)}. Fix: pass a new --out (or move that folder away)")
+    return rec["result"]
+
+
+# -- the work of one process ---------------------------------------------------------------------------------------
+
+class Context:
+    """Both embedded pairs, the sets and H2's token set, loaded once per process."""
+
+    def __init__(self, design: Design, token_set: Optional[dict] = None, token_set_x: Optional[dict] = None):
+        from .repro import _Pair
+        from ..cpu.embedded import embedded_pair
+
+        self.design = design
+        self.mult, self.sums = _Pair(embedded_pair(task=MULTIPLE)), _Pair(embedded_pair(task=ADD))
+        H, X, novel = P.heldout_sets()
+        self.H, self.X, self.n_novel = H[:design.h_size], X[:design.x_size], min(len(novel), design.h_size)
+        tok = self.mult.tok
+        self.h_prompts = [P.chat_prompt_ids(tok, p) for p in self.H]
+        self.x_prompts = [P.chat_prompt_ids(tok, p) for p in self.X]
+        self.ab_prompts = random.Random(0).sample(self.h_prompts, min(design.ab_prompts, len(self.h_prompts)))
+        self.token_set = P.TokenSet(**token_set) if token_set else None
+        self.token_set_x = P.TokenSet(**token_set_x) if token_set_x else None
+
+    def decode(self, ids: list[int]) -> str:
+        return self.mult.tok.decode(ids, skip_special_tokens=True)
+
+    def sampled(self, model, seed: int, eos_id: int) -> tuple[dict, list]:
+        """Pass@k, D_8 and the distinct-answer measures on H, its novel-key part and X (one stream: H, then X)."""
+        samples = P.sample_responses(model, self.h_prompts + self.x_prompts, n=self.design.samples, seed=seed,
+                                     eos_id=eos_id, pad_id=self.mult.pad)
+        per = [P.problem_measures(p, [self.decode(r) for r in rs]) for p, rs in zip(self.H + self.X, samples)]
+        nh = len(self.H)
+        out = {"H": P.set_measures(per[:nh]), "novel": P.set_measures(per[:self.n_novel]),
+               "X": P.set_measures(per[nh:]),
+               "per_problem": [[r["c"], *r["counts"]] for r in per]}  # H then X: c, then c_a per correct answer
+        return out, samples[:nh]
+
+    def multiples_measures(self, student, seed: int) -> dict:
+        pair = self.mult
+        out, h_samples = self.sampled(student, 1000 + seed, pair.student_eos)
+        out.update(P.deciding_entropies(student, pair.tok, lambda i: self.h_prompts[i], self.token_set, pair.pad,
+                                        novel=self.n_novel))
+        out["deciding_entropy_X"] = P.deciding_entropies(student, pair.tok, lambda i: self.x_prompts[i],
+                                                         self.token_set_x, pair.pad)["deciding_entropy"]
+        out["own_deciding_entropy"], out["own_deciding_n"] = P.own_deciding_entropy(
+            student, pair.tok, self.h_prompts, h_samples, pair.pad, pair.student_eos)
+        out.update(pair.claims_ab(student, self.ab_prompts, seed=2000))  # all-token entropy, FKL on H > 0.8
+        return out
+
+    def run(self, task: str, arm: str, seed: int) -> dict:
+        """Train one student (the loop) and measure it; returns the run's result."""
+        pair = self.mult if task == MULTIPLE else self.sums
+        student = pair.load(pair.info["student"])
+        t0 = time.time()
+        history = distill(student, pair.teacher, pair.train, self.design.loop(seed, arm), student_eos=pair.student_eos,
+                          teacher_eos=pair.teacher_eos, pad_id=pair.pad, log=lambda m: None)
+        t_train = time.time() - t0
+        student.eval()
+        if task == MULTIPLE:
+            measures = self.multiples_measures(student, seed)
+        else:
+            measures = {"greedy_acc": 100 * pair.greedy_accuracy(student)}
+        train = {k: [h[k] for h in history if k in h]
+                 for k in ("gate_frac", "hard_gate_frac", "student_entropy_mean", "rkl_mean", "fkl_high_entropy_mean")}
+        return {"task": task, "arm": arm, "seed": seed, "train_seconds": t_train, "seconds": time.time() - t0,
+                "measures": measures, "train": {k: v for k, v in train.items() if v}}
+
+
+_CTX: Optional[Context] = None
+
+
+def _init(design: Design, token_set: dict, token_set_x: dict, threads: int) -> None:
+    global _CTX
+    torch.set_num_threads(threads)
+    _CTX = Context(design, token_set, token_set_x)
+
+
+def _job(task: str, arm: str, seed: int, path: Optional[str], meta: Optional[dict]) -> dict:
+    """A worker's job: one run; written to `path` (atomically, with `meta`) unless it is a timing run."""
+    start = time.time()
+    result = _CTX.run(task, arm, seed)
+    result["wall"] = [start, time.time()]  # for the timing runs: wall time without the worker's start-up
+    if path is not None:
+        write_json(Path(path), {**meta, "result": result})
+    return result
+
+
+def progress_line(r: dict) -> str:
+    m = r["measures"]
+    what = (f"greedy {m['greedy_acc']:.1f}%" if r["task"] == ADD else
+            f"H1 Pass@{P.K_PRIMARY} {m['H']['pass'][P.K_PRIMARY - 1]:.2f}%  H2 H_dec {m['deciding_entropy']:.4f}  "
+            f"H3 D_{P.D_K} {m['H']['d8']:.3f}")
+    return f"[prereg] {r['task']} {r['arm']} seed {r['seed']}: {r['seconds']:.0f} s  {what}"
+
+
+# -- references, budget, tiers --------------------------------------------------------------------------------------
+
+def references(ctx: Context) -> dict:
+    """H2's token set, the sets' hashes, and the reference measures (teacher, untrained student; reported only)."""
+    m = ctx.mult
+    ts = P.teacher_token_set(m.teacher, m.teacher_tok, ctx.H, ctx.h_prompts, teacher_eos=m.teacher_eos, pad_id=m.pad)
+    ts_x = P.teacher_token_set(m.teacher, m.teacher_tok, ctx.X, ctx.x_prompts, teacher_eos=m.teacher_eos, pad_id=m.pad,
+                               seed=P.TOKEN_SET_SEED + 1)  # E2's H2 on X (the preregistered set is H's)
+    ctx.token_set, ctx.token_set_x = ts, ts_x
+    student0 = m.load(m.info["student"])
+    ref = {}
+    for name, model, eos in (("teacher", m.teacher, m.teacher_eos), ("student_before", student0, m.student_eos)):
+        sampled, _ = ctx.sampled(model, 4000, eos)
+        ref[name] = {s: {"pass@4": sampled[s]["pass"][P.K_PRIMARY - 1], "d8": sampled[s]["d8"]} for s in ("H", "X")}
+        for s, prompts, probs in (("H", ctx.h_prompts, ctx.H), ("X", ctx.x_prompts, ctx.X)):
+            texts = P.generate(model, prompts, max_new_tokens=16, eos_id=eos, pad_id=m.pad, greedy=True)
+            ref[name][s]["greedy_acc"] = 100 * sum(P.compute_score(MULTIPLE, ctx.decode(r), p.ground_truth())
+                                                   for r, p in zip(texts, probs)) / len(probs)
+    ref["student_before"]["deciding_entropy"] = P.deciding_entropies(student0, m.tok, lambda i: ctx.h_prompts[i], ts,
+                                                                     m.pad)["deciding_entropy"]
+    s = ctx.sums
+    ref["sums"] = {"student_before_greedy": 100 * s.greedy_accuracy(s.load(s.info["student"])),
+                   "teacher_greedy": 100 * s.greedy_accuracy(s.teacher, teacher=True)}
+    return {"token_set": asdict(ts), "token_set_kept": len(ts.j), "token_set_sha256": ts.sha256(),
+            "token_set_x": asdict(ts_x), "token_set_x_kept": len(ts_x.j), "token_set_x_sha256": ts_x.sha256(),
+            "H_sha256": P.problems_sha256(ctx.H), "X_sha256": P.problems_sha256(ctx.X), "novel": ctx.n_novel,
+            "references": ref}
+
+
+def schedule(design: Design, n3: int) -> list[tuple[str, str, int]]:
+    """Section 7's order: tier 1 seed-major, tier 2, tier 3 seed-major (a stopped run leaves complete pairs)."""
+    jobs = [(MULTIPLE, a, s) for s in range(design.seeds1) for a in TIER1]
+    jobs += [(ADD, a, s) for s in range(design.seeds2) for a in TIER2]
+    jobs += [(MULTIPLE, a, s) for s in range(n3) for a in TIER3]
+    return jobs
+
+
+def run_all(out: Path, design: Design, workers: int, threads: Optional[int] = None, log: Callable = print) -> dict:
+    """Everything up to the analysis; resumable (completed runs of this commit and config are kept). `threads`:
+    torch threads per worker (default cpus // workers; more threads than cores in all makes torch's tiny ops
+    wait on descheduled threads, tens of times slower)."""
+    t_start = time.time()
+    prov = provenance(out)
+    refuse_dirty_docs(out, prov)
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(threads)
+    ref_path, budget_path = out / "references.json", out / "budget.json"
+    ctx = None
+    if ref_path.exists():
+        refs = json.loads(ref_path.read_text())
+        existing_prov = refs["provenance"]
+        if existing_prov["commit"] != prov["commit"] or refs["design"] != asdict(design):
+            raise SystemExit(f"refusing to resume over {ref_path}: written by commit {existing_prov['commit']} with "
+                             f"another design or commit. Fix: pass a new --out")
+    else:
+        ctx = Context(design)
+        refs = {"provenance": prov, "design": asdict(design), **references(ctx)}
+        write_json(ref_path, refs)
+        log(f"[prereg] references: token set {refs['token_set_kept']} of {design.h_size * P.TOKEN_SET_SAMPLES} teacher "
+            f"responses kept ({time.time() - t_start:.0f} s)")
+    refs_key = {k: refs[k] for k in ("H_sha256", "X_sha256", "token_set_sha256", "token_set_x_sha256")}
+    ctx_args = (design, refs["token_set"], refs["token_set_x"], threads)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init,
+                             initargs=ctx_args) as pool:
+        if budget_path.exists():
+            budget = json.loads(budget_path.read_text())
+        else:  # timing runs: seed 1000, never analysed (neither printed nor written)
+            timing = {}
+            for task in (MULTIPLE, ADD):  # one run per worker at once: effective s/run = wall / runs in parallel
+                walls = [r["wall"] for r in pool.map(_job, [task] * workers, ["eopd"] * workers,
+                                                     [TIMING_SEED] * workers, [None] * workers, [None] * workers)]
+                timing[task] = (max(w[1] for w in walls) - min(w[0] for w in walls)) / workers
+            t0_total = time.time() - t_start
+            n3 = P.budget_n3(timing[MULTIPLE], timing[ADD], t0_total, cap=design.cap3, floor=design.floor3,
+                             budget_s=design.budget_s, tier1=len(TIER1) * design.seeds1,
+                             tier2=len(TIER2) * design.seeds2)
+            budget = {"t_m": timing[MULTIPLE], "t_s": timing[ADD], "T0": t0_total, "n3": n3, "workers": workers,
+                      "threads_per_worker": threads, "commit": prov["commit"]}
+            write_json(budget_path, budget)
+        log(f"[prereg] budget: t_m {budget['t_m']:.1f} s, t_s {budget['t_s']:.1f} s, T0 {budget['T0']:.0f} s -> "
+            f"n3 = {budget['n3']} ({budget['workers']} worker(s) x {budget['threads_per_worker']} thread(s))")
+        futures, done = [], 0
+        jobs = schedule(design, budget["n3"])
+        for task, arm, seed in jobs:
+            config = run_config(design, refs_key, task, arm, seed)
+            path = run_path(out, task, arm, seed)
+            if existing(path, prov["commit"], config) is not None:
+                done += 1
+                continue
+            meta = {"provenance": prov, "config": config, "config_sha256": sha(config), "budget": budget}
+            futures.append(pool.submit(_job, task, arm, seed, str(path), meta))
+        log(f"[prereg] {len(jobs)} runs: {done} already done, {len(futures)} to run")
+        for f in futures:  # in submission order: the progress lines follow the schedule
+            log(progress_line(f.result()))
+    return {"provenance": prov, "seconds": time.time() - t_start}
+
+
+# -- analysis -----------------------------------------------------------------------------------------------------
+
+def load_runs(out: Path) -> dict[str, dict[str, list[dict]]]:
+    runs: dict[str, dict[str, list[dict]]] = {}
+    for path in sorted((out / "runs").glob("*/*/seed*.json")):
+        r = json.loads(path.read_text())["result"]
+        runs.setdefault(r["task"], {}).setdefault(r["arm"], []).append(r)
+    for arms in runs.values():
+        for rs in arms.values():
+            rs.sort(key=lambda r: r["seed"])
+    return runs
+
+
+MEASURES: dict[str, Callable[[dict], float]] = {  # a multiples run's scalar measures (exploratory tables)
+    "Pass@4 (H, %)": lambda m: m["H"]["pass"][P.K_PRIMARY - 1],
+    "H_dec (nats)": lambda m: m["deciding_entropy"],
+    "D_8 (H)": lambda m: m["H"]["d8"],
+    "Pass@1 = Avg@64 (H, %)": lambda m: m["H"]["pass"][0],
+    "Pass@8 (H, %)": lambda m: m["H"]["pass"][7],
+    "Pass@64 (H, %)": lambda m: m["H"]["pass"][-1],
+    "distinct correct of 64 (H)": lambda m: m["H"]["distinct"],
+    "coverage (H)": lambda m: m["H"]["coverage"],
+    "distinct among solved (H)": lambda m: m["H"]["distinct_solved"],
+    "Pass@4 (novel keys, %)": lambda m: m["novel"]["pass"][P.K_PRIMARY - 1],
+    "D_8 (novel keys)": lambda m: m["novel"]["d8"],
+    "H_dec (novel keys, nats)": lambda m: m["deciding_entropy_novel"],
+    "H_dec (X, nats)": lambda m: m["deciding_entropy_X"],
+    "Pass@4 (X, %)": lambda m: m["X"]["pass"][P.K_PRIMARY - 1],
+    "D_8 (X)": lambda m: m["X"]["d8"],
+    "H_dec, own samples (nats)": lambda m: m["own_deciding_entropy"],
+    "entropy over the deciding digits (nats)": lambda m: m["deciding_digits_entropy"],
+    "phrasing-token entropy (nats)": lambda m: m["phrasing_entropy"],
+    "all-token entropy (nats)": lambda m: m["student_entropy"],
+    "FKL on H_T > 0.8": lambda m: m["fkl_high_entropy"],
+}
+
+
+def paired(runs: dict, a: str, b: str, fn: Callable[[dict], float], task: str = MULTIPLE):
+    """Per-seed values of arms a and b on their common seeds (the paired design)."""
+    ra, rb = {r["seed"]: r for r in runs[task][a]}, {r["seed"]: r for r in runs[task][b]}
+    seeds = sorted(set(ra) & set(rb))
+    return [fn(ra[s]["measures"]) for s in seeds], [fn(rb[s]["measures"]) for s in seeds]
+
+
+def mean_ci(values: list[float]) -> tuple[float, float, float]:
+    """Mean and its 95% t interval over seeds."""
+    n = len(values)
+    mu = sum(values) / n
+    if n < 2:
+        return mu, float("nan"), float("nan")
+    half = t_quantile(0.975, n - 1) * math.sqrt(sum((v - mu) ** 2 for v in values) / (n - 1) / n)
+    return mu, mu - half, mu + half
+
+
+def analyse(out: Path) -> dict:
+    """Primaries (section 2), the secondary family (section 5) and the exploratory contrasts (section 6)."""
+    runs = load_runs(out)
+    mult = runs.get(MULTIPLE, {})
+    primary = []
+    if {"opd", "eopd"} <= set(mult):
+        for name, fn in (("H1: Pass@4, EOPD > OPD", MEASURES["Pass@4 (H, %)"]),
+                         ("H2: entropy at the deciding token, EOPD > OPD", MEASURES["H_dec (nats)"]),
+                         ("H3: D_8 distinct correct answers, EOPD > OPD", MEASURES["D_8 (H)"])):
+            primary.append(P.contrast(name, *paired(runs, "eopd", "opd", fn), "one"))
+        P.family(primary)
+        for row in primary:
+            row["verdict"] = "holds" if row["passed"] else "not shown"
+    secondary = []
+    plan = [("S1: Pass@4, EOPD > random gate", "eopd", "random", "Pass@4 (H, %)", "one"),
+            ("S2: H_dec, EOPD > random gate", "eopd", "random", "H_dec (nats)", "one"),
+            ("S3: Pass@4, random gate - OPD", "random", "opd", "Pass@4 (H, %)", "two"),
+            ("S5: Pass@4, quantile 0.25 > OPD", "quantile", "opd", "Pass@4 (H, %)", "one"),
+            ("S6: Pass@4, tau 0.4 > OPD", "eopd_tau0.4", "opd", "Pass@4 (H, %)", "one"),
+            ("S7: Pass@4, tau 1.2 > OPD", "eopd_tau1.2", "opd", "Pass@4 (H, %)", "one")]
+    for name, a, b, key, sided in plan:
+        if a in mult and b in mult and len(paired(runs, a, b, MEASURES[key])[0]) >= 2:
+            secondary.append(P.contrast(name, *paired(runs, a, b, MEASURES[key]), sided))
+    sums = runs.get(ADD, {})
+    if {"opd", "eopd"} <= set(sums):
+        secondary.insert(3, P.contrast("S4: sums greedy accuracy, EOPD - OPD", *paired(
+            runs, "eopd", "opd", lambda m: m["greedy_acc"], task=ADD), "two"))
+    P.family(secondary)
+    for row in secondary:
+        row["verdict"] = "shown (secondary)" if row["passed"] else "not shown"
+    exploratory = []
+    for a, b in (("eopd", "opd"), ("random", "eopd"), ("quantile", "eopd"), ("random", "opd")):
+        if a in mult and b in mult:
+            for key, fn in MEASURES.items():
+                x, y = paired(runs, a, b, fn)
+                if len(x) >= 2 and all(math.isfinite(v) for v in x + y):
+                    row = P.contrast(f"{a} - {b}: {key}", x, y, "two")
+                    exploratory.append({k: row[k] for k in ("name", "n", "mean_diff", "ci95")})
+    per_arm = {arm: {key: mean_ci([fn(r["measures"]) for r in rs]) for key, fn in MEASURES.items()}
+               for arm, rs in mult.items()}
+    for arm, rs in sums.items():
+        per_arm[f"sums {arm}"] = {"greedy acc (%)": mean_ci([r["measures"]["greedy_acc"] for r in rs])}
+    gates = {arm: mean_ci([sum(r["train"][k]) / len(r["train"][k]) for r in rs])
+             for arm, rs in mult.items() for k in (("hard_gate_frac",) if arm == "random" else ("gate_frac",))}
+    return {"primary": primary, "secondary": secondary, "exploratory": exploratory, "per_arm": per_arm,
+            "train_gate_frac": gates, "seeds": {t: {a: [r["seed"] for r in rs] for a, rs in arms.items()}
+                                                for t, arms in runs.items()}}
+
+
+def figures(out: Path) -> list[str]:
+    """Pass@k curves with 95% intervals, distinct-answer histograms, the deciding-token entropy per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mult = load_runs(out).get(MULTIPLE, {})
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm, rs in mult.items():
+        n = len(rs[0]["measures"]["H"]["pass"])
+        band = [mean_ci([r["measures"]["H"]["pass"][k] for r in rs]) for k in range(n)]
+        ks = list(range(1, n + 1))
+        ax.plot(ks, [b[0] for b in band], label=f"{arm} (n={len(rs)})")
+        if len(rs) > 1:
+            ax.fill_between(ks, [b[1] for b in band], [b[2] for b in band], alpha=0.2)
+    ax.set(xscale="log", xlabel="k", ylabel="Pass@k on H (%)", title="Pass@k, mean over seeds, 95% intervals")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(str(out / "pass_at_k.png"))
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.8 / max(1, len(mult))
+    for i, (arm, rs) in enumerate(mult.items()):
+        hist = [sum(r["measures"]["H"]["distinct_hist"][c] for r in rs) for c in range(6)]
+        total = sum(hist)
+        ax.bar([c + i * width for c in range(6)], [h / total for h in hist], width=width, label=arm)
+    ax.set(xlabel="distinct correct answers among 64 samples", ylabel="fraction of (problem, seed)",
+           title="Distinct correct answers per problem (H)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(str(out / "distinct_answers.png"))
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (arm, rs) in enumerate(mult.items()):
+        vals = [r["measures"]["deciding_entropy"] for r in rs]
+        ax.scatter([i] * len(vals), vals, s=10, alpha=0.6)
+        mu, lo, hi = mean_ci(vals)
+        ax.errorbar([i + 0.2], [mu], yerr=[[mu - lo], [hi - mu]] if len(vals) > 1 else None, fmt="o", capsize=4)
+    ax.set_xticks(range(len(mult)), list(mult), fontsize=8)
+    ax.set(ylabel="student entropy at the deciding token (nats)", title="H2's measure per seed, mean and 95% interval")
+    fig.tight_layout()
+    written.append(str(out / "deciding_entropy.png"))
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    return written
+
+
+def _row(v: dict) -> str:
+    lo, hi = v["ci95"]
+    return (f"| {v['name']} | {v['mean_diff']:+.4g} [{lo:+.4g}, {hi:+.4g}] | {v['t']:.2f} ({v['df']}) | "
+            f"{v['sided']} | {v['p']:.3g} | {v['p_holm']:.3g} | {v['verdict']} |")
+
+
+def markdown(summary: dict, refs: dict, budget: dict) -> str:
+    head = "| test | mean difference [95% CI] | t (df) | sided | p | p (Holm) | verdict |\n|---|---|---|---|---|---|---|"
+    lines = [f"Commit {refs['provenance']['commit']} (clean tree: {refs['provenance']['clean']}). Budget: t_m "
+             f"{budget['t_m']:.1f} s, t_s {budget['t_s']:.1f} s, T0 {budget['T0']:.0f} s, n3 = {budget['n3']}, "
+             f"{budget['workers']} worker(s) x {budget['threads_per_worker']} thread(s).", "",
+             f"H2's token set: {refs['token_set_kept']} of {refs['token_set']['drawn']} teacher responses kept on H "
+             f"(X, exploratory: {refs['token_set_x_kept']} of {refs['token_set_x']['drawn']}).", "",
+             "## Primary (one-sided, Holm over the 3)", "", head, *[_row(v) for v in summary["primary"]], "",
+             "## Secondary (Holm within the family)", "", head, *[_row(v) for v in summary["secondary"]], "",
+             "## Per arm (mean [95% CI] over seeds)", "", "| arm | measure | mean [95% CI] |", "|---|---|---|"]
+    for arm, ms in summary["per_arm"].items():
+        lines += [f"| {arm} | {k} | {mu:.4g} [{lo:.4g}, {hi:.4g}] |" for k, (mu, lo, hi) in ms.items()]
+    lines += ["", "## Exploratory contrasts (no verdicts)", "", "| contrast | n | mean difference [95% CI] |",
+              "|---|---|---|"]
+    lines += [f"| {v['name']} | {v['n']} | {v['mean_diff']:+.4g} [{v['ci95'][0]:+.4g}, {v['ci95'][1]:+.4g}] |"
+              for v in summary["exploratory"]]
+    lines += ["", "Training gate fraction (random: the hard gate's count it matched): " + ", ".join(
+        f"{a} {mu:.3f}" for a, (mu, _, _) in summary["train_gate_frac"].items()), "",
+        "References: " + json.dumps(refs["references"])]
+    return "\n".join(lines) + "\n"
+
+
+def report(out: Path) -> dict:
+    refs = json.loads((out / "references.json").read_text())
+    budget = json.loads((out / "budget.json").read_text())
+    summary = {"provenance": provenance(out), "design": refs["design"], "budget": budget,
+               "arms": {a: {"settings": asdict(s), "random_gate": rg} for a, (s, rg) in ARMS.items()},
+               **{k: refs[k] for k in ("H_sha256", "X_sha256", "token_set_sha256", "token_set_x_sha256")},
+               **analyse(out),
+               "figures": [Path(f).name for f in figures(out)]}
+    write_json(out / "summary.json", summary)
+    (out / "results.md").write_text(markdown(summary, refs, budget))
+    return summary
