@@ -320,6 +320,9 @@ def test_the_runner_end_to_end_on_the_smoke_shape_resumes_and_recomputes(tmp_pat
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "16 runs: 16 already done, 0 to run" in again.stdout, again.stdout[-2000:]
     assert json.loads((out / "summary.json").read_text())["primary"] == summary["primary"]
+    other = subprocess.run(cmd[:-4] + ["--threads", "2", "--out", str(out)], capture_output=True, text=True,
+                           timeout=600)
+    assert other.returncode != 0 and "resume with --workers 1 --threads 1" in other.stderr
     rec = json.loads(files[0].read_text())
     rec["config_sha256"] = "0" * 64
     files[0].write_text(json.dumps(rec))

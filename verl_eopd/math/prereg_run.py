@@ -295,6 +295,11 @@ def run_all(out: Path, design: Design, workers: int, threads: Optional[int] = No
                              initargs=ctx_args) as pool:
         if budget_path.exists():
             budget = json.loads(budget_path.read_text())
+            if (budget["workers"], budget["threads_per_worker"]) != (workers, threads):
+                raise SystemExit(f"{budget_path} was timed with {budget['workers']} worker(s) x "
+                                 f"{budget['threads_per_worker']} thread(s); float reductions depend on the thread "
+                                 f"count. Fix: resume with --workers {budget['workers']} --threads "
+                                 f"{budget['threads_per_worker']}")
         else:  # timing runs: seed 1000, never analysed (neither printed nor written)
             timing = {}
             for task in (MULTIPLE, ADD):  # one run per worker at once: effective s/run = wall / runs in parallel
