@@ -22,6 +22,8 @@ imply, plus the rounding of the update itself.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 U32 = 2.0 ** -24  # fp32 unit roundoff
@@ -223,3 +225,78 @@ def ppo_rkl_fp32_bound(logp, old, t_tok, w=None, clip: tuple = (0.8, 1.2), u: fl
     r = d.exp()
     r = torch.maximum(r, r.clamp(*clip))
     return u * w.abs() * r * (A.abs() * (logp.abs() + old.abs() + d.abs() + 5) + old.abs() + t_tok.abs() + A.abs())
+
+
+def _xlnx_neg(x: torch.Tensor) -> torch.Tensor:
+    """h(x) = -x ln x (0 at 0), float64."""
+    return -torch.special.xlogy(x, x)
+
+
+def topk_entropy_bounds_error(topk_logprobs: torch.Tensor, n_vocab: int, eps, u: float = U32) -> tuple:
+    """(d_lower, d_upper, d_mid) [...]: how far core.topk.entropy_from_topk's lower bound, upper bound and midpoint,
+    computed with unit roundoff u from inputs within eps [..., K] (or a float) of the top-k log-probs lp
+    `topk_logprobs` [..., K] (float64, -inf = padding), can lie from the same formulas at lp. First order in u and
+    eps, except the tail terms, which use h(x) = -x ln x's modulus |h(a) - h(b)| <= h(delta) for |a - b| <= delta
+    <= 1/e (Fannes; h increasing there), so they stay small when the tail r shrinks (topk_tail_rounding's relative
+    error grows as 1/r there). With p = e^lp (each within dp = p (eps + 2u), plus fp32's denormal spacing), m = sum
+    p, r = 1 - m over n = V - k tail tokens, H_K = -sum p lp:
+      H_K:    sum_k p_k ((eps_k + 3u) |lp_k| + eps_k) + gamma_K H_K
+      r:      dr = (sum_k dp_k + gamma_K m)(1 + u) + u r
+      upper:  U = r ln n + h(r): (1 + 4u)(dr ln n + h(dr)) + 4u U (ln n, ln r, the difference, the product)
+      lower:  G = j h(c) + h(rho), c = min(p_min, r), j = floor(r / c): c within dc = dp_min = p_min max_k (eps_k +
+              2u) when p_min + dp_min < r - dr (c = p_min on both sides), else max(dp_min, dr); rho within
+              D = dr + (j + 1) dc + 3u (r + dr + c); while D + dc <= c / 2 the computed j is j or j +- 1, and G
+              (continuous across the floor's steps) moves by j |h(c') - h(c)| + 2 h(D + dc) (D max|h'| near rho when
+              rho is farther than D + dc from 0 and c: j cannot step), plus 5u G (the xlogx's and the sum); when
+              r + dr < p_min - dc, c = r on both sides and G = h(r) moves by dr max|h'|; otherwise (a tail below the
+              rounding) 0 <= G, G' <= max(U, U'): U + dU. The kernel's min(lower tail, upper tail) keeps the larger
+              of the two errors.
+    The sums H_K + tail add u |result|, the midpoint u |result| more."""
+    lp = torch.as_tensor(topk_logprobs).double()
+    valid = torch.isfinite(lp)
+    eps = torch.as_tensor(eps, dtype=torch.float64).expand_as(lp).where(valid, torch.zeros_like(lp))
+    lpv = lp.where(valid, torch.zeros_like(lp))
+    p = lpv.exp().where(valid, torch.zeros_like(lp))
+    k = lp.shape[-1]
+    e = eps + 2 * u
+    dp = p * e + 2.0 ** -149  # fp32 exp below the normal range: absolute spacing 2^-149
+    m, hk = p.sum(-1), -(p * lpv).sum(-1)
+    dh = (p * ((eps + 3 * u) * lpv.abs() + eps)).sum(-1) + gamma(k, u) * hk
+    r = (1 - m).clamp_min(0.0)
+    dr = (dp.sum(-1) + gamma(k, u) * m) * (1 + u) + u * r
+    assert bool((dr <= 1 / math.e).all()), "topk_entropy_bounds_error: input error too large for the tail bound"
+    n = (n_vocab - valid.sum(-1)).double()
+    tail = n > 0
+    lnn = n.clamp_min(1.0).log()
+    U = (r * lnn + _xlnx_neg(r)).where(tail, torch.zeros_like(r))
+    dU = ((1 + 4 * u) * (dr * lnn + _xlnx_neg(dr)) + 4 * u * U).where(tail, torch.zeros_like(r))
+    pmin = p.where(valid, torch.full_like(p, math.inf)).amin(-1)
+    c = torch.minimum(pmin, r)
+    safe_c = c.where(c > 0, torch.ones_like(c))
+    j = torch.floor(r / safe_c).where(c > 0, torch.zeros_like(c))
+    rho = (r - j * c).clamp_min(0.0)
+    G = j * _xlnx_neg(c) + _xlnx_neg(rho)
+    dpmin = pmin.where(valid.any(-1), torch.zeros_like(c)) * e.where(valid, torch.zeros_like(e)).amax(-1)
+    dc = torch.where(pmin + dpmin < r - dr, dpmin, torch.maximum(dpmin, dr))  # c = p_min on both sides: p_min's error
+    D = dr + (j + 1) * dc + 3 * u * (r + dr + c)
+    lo_c = (c - dc).clamp_min(1e-300)
+    mvt = dc * torch.maximum((lo_c.log() + 1).abs(), ((c + dc).log() + 1).abs())
+    dhc = torch.minimum(_xlnx_neg(dc.clamp_max(1 / math.e)), torch.where(c > dc, mvt, torch.full_like(c, math.inf)))
+    regular = tail & (c > 0) & (D + dc <= c / 2) & (D + dc <= 1 / math.e)
+    # rho's term: away from 0 and c (by more than D + dc) the computed j is j, and h(rho) moves by D max|h'|;
+    # near them j may step by one, and the two h terms it trades move by at most h(D + dc) each
+    interior = (rho > D + dc) & (rho + D + dc < c)
+    rho_mvt = D * torch.maximum(((rho - D).clamp_min(1e-300).log() + 1).abs(), ((rho + D).log() + 1).abs())
+    rho_term = torch.where(interior, rho_mvt, 2 * _xlnx_neg((D + dc).clamp_max(1 / math.e)))
+    moved = j * dhc + rho_term
+    # r below p_min on both sides: c = r, j = r / r = 1 and rho = 0 exactly in IEEE arithmetic, G = h(r)
+    whole = (r + dr < pmin - dc) & (r > dr)
+    moved = torch.where(whole, dr * torch.maximum(((r - dr).clamp_min(1e-300).log() + 1).abs(),
+                                                  ((r + dr).log() + 1).abs()), moved)
+    dG = torch.where(regular | (whole & tail), moved + 5 * u * (G + moved), U + dU)
+    dG = torch.maximum(dG, dU).where(tail, torch.zeros_like(r))
+    lower, upper = hk + G.where(tail, torch.zeros_like(r)), hk + U
+    d_lower = dh + dG + u * (lower + dh + dG)
+    d_upper = dh + dU + u * (upper + dh + dU)
+    d_mid = (d_lower + d_upper) / 2 + u * ((lower + upper) / 2 + (d_lower + d_upper) / 2)
+    return d_lower, d_upper, d_mid
