@@ -33,6 +33,14 @@ def pytest_configure(config):
     for name in ("VERL_PLATFORM", "VERL_USE_EXTERNAL_MODULES", "VERL_ENGINE_DEVICE", "RANK", "WORLD_SIZE",
                  "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(name, None)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if os.environ.get("PYTEST_XDIST_WORKER") and workers > 1:
+        # each xdist worker's own torch ops get cores / workers threads: with more threads than cores in all,
+        # torch's many tiny ops wait at every parallel region for a descheduled thread (several times slower);
+        # the subprocesses that tests launch (the trainer through Ray, scripts) keep their own thread counts
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 # variables that would point a test at the user's files, cluster or console instead of its own
