@@ -116,12 +116,11 @@ def _response_logits(model, prompts: list[list[int]], responses: list[list[int]]
     logits = model(input_ids=ids, attention_mask=attn).logits  # [B, L, V]
     L = ids.shape[1]
     resp_ids = torch.full((len(seqs), R), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), R, dtype=torch.bool)
+    mask = response_mask(responses)
     rows = torch.zeros(len(seqs), R, dtype=torch.long)
     for b, r in enumerate(responses):
         start = L - len(r)  # left padding: the response ends at the last column
         resp_ids[b, :len(r)] = torch.tensor(r)
-        mask[b, :len(r)] = True
         rows[b, :len(r)] = torch.arange(start - 1, L - 1)
         rows[b, len(r):] = L - 2
     gathered = logits.gather(1, rows.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
