@@ -197,14 +197,33 @@ def pytest_collection_modifyitems(config, items):
                                 "through Ray) nor E2E_NO_RAY:\n" + "\n".join(loose))
 
 
+def _shares_module_setup(path: Path) -> bool:
+    """A test file whose tests share a module-scoped set-up (a `scope="module"` fixture of its own, or verl_cpu's
+    process group and CPU platform): split over both xdist workers, each would build it once."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return False
+    return 'scope="module"' in text or "verl_cpu" in text
+
+
 def pytest_xdist_make_scheduler(config, log):
-    """xdist's load-scope scheduling with one scope for the E2E_SERIAL files and one per test elsewhere (xdist's
-    `loadgroup` cannot be used: it renames items through `_nodeid`, which pytest 9 no longer reads). Scopes go out
-    largest first (`--loadscope-reorder`, xdist's default), so the trainer launches start at once on one worker."""
+    """xdist's load-scope scheduling with one scope for the E2E_SERIAL files, one per file for the files whose
+    tests share a module-scoped set-up (built once, not once per worker), and one per test elsewhere (xdist's
+    `loadgroup` cannot be used: it renames items through `_nodeid`, which pytest 9 no longer reads). Scopes go
+    out largest first (`--loadscope-reorder`, xdist's default), so the trainer launches start at once on one
+    worker."""
+    from functools import lru_cache
+
     from xdist.scheduler import LoadScopeScheduling
+
+    shares = lru_cache(maxsize=None)(lambda file: _shares_module_setup(config.rootpath / file))
 
     class TrainerLaunchesTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "e2e-serial" if nodeid.split("::", 1)[0].rsplit("/", 1)[-1] in E2E_SERIAL else nodeid
+            file = nodeid.split("::", 1)[0]
+            if file.rsplit("/", 1)[-1] in E2E_SERIAL:
+                return "e2e-serial"
+            return file if shares(file) else nodeid
 
     return TrainerLaunchesTogether(config, log)

@@ -22,17 +22,20 @@ pytestmark = pytest.mark.e2e
 
 DESIGN_METRICS = ("teacher_entropy_mean", "gate_frac", "fkl_mean", "fkl_gated_mean", "rkl_mean",
                   "student_entropy_mean", "student_entropy_gated_mean", "teacher_topk_mass_mean")
-STEPS = 6
+STEPS = 4
 
 
 # The shipped student (600 SFT steps) is already close to the teacher's format and its remaining reverse KL
 # sits on the digits, which 6 steps do not move reliably. These mechanics tests use the shipped teacher and data
 # with a student fine-tuned for 60 steps only (tests/assets/weak_student_add, built by scripts/build_pair.py
-# --student-steps 60 --teacher-from verl_eopd/cpu/pairs/tiny-v4: the format is still being learnt, so 6 steps of
-# distillation give a clear, seed-robust fall in reverse KL) at lr 1e-3; scripts/mini_repro.py studies the
-# shipped pair.
+# --student-steps 60 --teacher-from verl_eopd/cpu/pairs/tiny-v4: the format is still being learnt, so each step
+# of distillation gives a clear fall in reverse KL, 0.1-0.3 nats per step from 6.8 in every run seen, against
+# a step-to-step noise of a few hundredths) at lr 1e-3; scripts/mini_repro.py studies the shipped pair.
 WEAK_STUDENT = Path(__file__).parent / "assets" / "weak_student_add" / "student"
 LR = "1e-3"
+# half the default run's 512 responses per step (one mini-batch, 4 PPO epochs): the same 4 updates per step, each
+# on about 3k tokens, which is plenty to see the fall in reverse KL; generation and update cost half
+HALF_BATCH = ("data.train_batch_size=256", "actor_rollout_ref.actor.ppo_mini_batch_size=256")
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +79,10 @@ def _check_run(records, steps):
         assert all(math.isfinite(v) for k, v in d.items() if k.startswith(("actor/", "critic/")) and isinstance(v, float))
         assert 0.0 < d["actor/eopd/gate_frac"] < 1.0
     rkl = _series(train, "actor/eopd/rkl_mean")
-    # the student's reverse KL to the teacher falls (last three steps vs the first three, on-policy noise)
-    assert sum(rkl[-3:]) < sum(rkl[:3]), rkl
+    # the student's reverse KL to the teacher falls (the second half of the steps vs the first, on-policy noise;
+    # measured 6.77 6.67 6.38 6.24 6.07 5.99 for eopd, 6.91 6.55 6.41 6.25 for opd on 2 ranks)
+    half = steps // 2
+    assert sum(rkl[-half:]) < sum(rkl[:half]), rkl
     return train
 
 
@@ -104,8 +109,8 @@ def _math_data(root: Path) -> str:
 #   eopd_grpo  verl_eopd.math.reward inside verl's reward loop on prepare_data's rows, trainer.console=full
 @pytest.mark.parametrize("algorithm", ["eopd", "opd", "eopd_grpo"])
 def test_tiny_default_end_to_end(e2e, algorithm):
-    extra = {"eopd": ["distillation.distillation_loss.from_hidden=true"],
-             "opd": ["trainer.n_gpus_per_node=2"],
+    extra = {"eopd": ["distillation.distillation_loss.from_hidden=true", *HALF_BATCH],
+             "opd": ["trainer.n_gpus_per_node=2", *HALF_BATCH],
              "eopd_grpo": [f"data.train_files={_math_data(e2e['root'])}", "data.max_prompt_length=64",
                            "reward.custom_reward_function.path=pkg://verl_eopd.math.reward",
                            "reward.custom_reward_function.name=compute_score",
@@ -144,7 +149,7 @@ def test_server_route_live_on_cpu(e2e, token_logprob):
     the server process (EOPD_TEACHER_TOKEN_COLUMN via the runtime env), so no token needs the fallback.
     `fallback`: verl's top-k payload alone, the tokens outside the teacher's top-k get the tail estimate."""
     records, _ = _run(e2e, "eopd_server", f"ci_server_{token_logprob}", "trainer.total_training_steps=2",
-                      "trainer.save_freq=-1", f"distillation.distillation_loss.server_token_logprob={token_logprob}")
+                      "trainer.save_freq=-1", *HALF_BATCH, f"distillation.distillation_loss.server_token_logprob={token_logprob}")
     train = [r for r in records if "actor/loss" in r["data"]]
     assert [r["step"] for r in train] == [1, 2]
     for r in train:
@@ -162,7 +167,7 @@ def test_server_route_live_on_cpu(e2e, token_logprob):
         assert sum(_series(train, "actor/eopd/teacher_token_fallback_frac")) > 0  # the weak student strays
 
 
-SHORT_STEPS = 20
+SHORT_STEPS = 12
 
 
 def test_default_run_validates_at_both_ends_and_distils(tmp_path):
@@ -193,7 +198,10 @@ def test_default_run_validates_at_both_ends_and_distils(tmp_path):
     train = [r["data"] for r in records if "actor/eopd/gate_frac" in r["data"]]
     assert len(train) == SHORT_STEPS and all(0.05 < d["actor/eopd/gate_frac"] < 0.4 for d in train)
     rkl = [d["actor/eopd/rkl_mean"] for d in train]
-    assert sum(rkl[-5:]) < sum(rkl[:5]), rkl  # measured 1.66 -> 1.51 (steps 1-3 vs 8-10) on the shipped pair
+    # the last third of the steps below the first third: measured 6.67 -> 6.13 (sums of steps 1-4 and 9-12; the
+    # step-to-step noise is about 0.05 nats per step) on the shipped pair
+    third = SHORT_STEPS // 3
+    assert sum(rkl[-third:]) < sum(rkl[:third]), rkl
     out = proc.stdout
     assert "held-out accuracy" in out and f"{100 * before:.1f}% -> {100 * after:.1f}%" in out, out[-2000:]
     teacher = float(out.split("    teacher ")[1].split("%")[0])

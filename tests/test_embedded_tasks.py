@@ -171,7 +171,8 @@ def test_the_multiple_pair_has_an_uncertain_teacher_on_the_deciding_tokens_and_t
 
     steps = 3
     proc = run_main(["algorithm=eopd", f"trainer.total_training_steps={steps}", f"trainer.test_freq={steps}",
-                     "trainer.save_freq=-1", "actor_rollout_ref.actor.ppo_epochs=1"], cwd=tmp_path,
+                     "trainer.save_freq=-1", "actor_rollout_ref.actor.ppo_epochs=1", "data.train_batch_size=256",
+                     "actor_rollout_ref.actor.ppo_mini_batch_size=256"], cwd=tmp_path,
                     EOPD_EMBEDDED_TASK="multiple")
     path = tmp_path / "verl-eopd" / "tiny_multiple_eopd.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()]

@@ -53,8 +53,11 @@ def _run(root: Path, name: str, **extra) -> subprocess.CompletedProcess:
 def _run_until_killed(root: Path, name: str, **extra) -> None:
     """Start the command, wait for the injected fault's marker, SIGKILL the driver's whole process group."""
     marker = root / f"{name}.marker"
+    marker.unlink(missing_ok=True)  # an earlier launch's fault
     log = open(root / f"{name}.killed.log", "w")
-    proc = subprocess.Popen(_command(root, name), cwd=root, env=_env(root, name, EOPD_TEST_MARKER=str(marker), **extra),
+    # unbuffered: the killed driver's console (its log file) keeps every line it printed
+    proc = subprocess.Popen(_command(root, name), cwd=root,
+                            env=_env(root, name, EOPD_TEST_MARKER=str(marker), PYTHONUNBUFFERED="1", **extra),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 600
     while not marker.exists():
@@ -133,56 +136,79 @@ def reference(tmp_path_factory):
     return root, by_step
 
 
-def test_sigkill_mid_step_then_the_same_command_resumes_without_skipping_or_repeating(reference):
+@pytest.fixture(scope="module")
+def faulted(reference) -> dict:
+    """One run faulted twice, three launches of the same command (save_freq=1, STEPS steps):
+    1. killed during the checkpoint save of step 2 (a torn model file, never recorded: the tracker names step 1);
+    2. the same command resumes from step 1 and is killed with SIGKILL mid-step 4, while scoring its rollouts
+       (steps 2 and 3 are checkpointed);
+    3. the same command resumes from step 3 and ends at step STEPS.
+    Each launch's prompts and console are kept apart; the trained steps are read after each launch (verl's file
+    logger starts the metrics file afresh at each launch)."""
     root, whole = reference
-    # killed while scoring step 3's rollouts: steps 1 and 2 are checkpointed
-    _run_until_killed(root, "killed", EOPD_TEST_HANG_AFTER=str(2 * PROMPTS + 3))
-    assert _tracker(root, "killed") == 2
-    before_kill = _prompts_by_step(root, "killed")[:2]
-    log = root / "killed.prompts"
-    log.rename(root / "killed.before.prompts")
-    saved = {e["step"]: e for e in _states(root, "killed") if e["event"] == "save"}
-    assert sorted(saved) == [1, 2]
-    proc = _run(root, "killed")  # the same command
-    ckpt = root / "ckpt" / "killed"
-    assert f"resumed at step 2 from {ckpt / 'global_step_2'}" in proc.stdout
-    assert _steps_trained(root, "killed")[-2:] == [3, 4]  # steps 3 and 4 only: nothing retrained
-    assert _tracker(root, "killed") == STEPS
-    after = _prompts_by_step(root, "killed")
-    assert before_kill + after == whole  # no prompt skipped or repeated, step by step
-    # the resumed run starts from exactly the state step 2 saved: model weights, AdamW moments and step, lr
-    loads = [e for e in _states(root, "killed") if e["event"] == "load"]
-    assert len(loads) == 1 and loads[0]["path"] == str(ckpt / "global_step_2" / "actor")  # the actor's manager
-    for key in ("model", "optimizer", "n_optimizer_states", "lr"):
-        assert loads[0][key] == saved[2][key], key
-    assert saved[2]["n_optimizer_states"] > 0 and saved[1]["model"] != saved[2]["model"]  # the digests see training
-    # the EOPD settings travel with each checkpoint and the resumed run's metrics are EOPD's
-    settings = json.loads((ckpt / "global_step_2" / "eopd_settings.json").read_text())
-    assert settings["loss_mode"] == "eopd" and settings["entropy_threshold"] == 0.8 and settings["fkl_coef"] == 1.0
-    assert json.loads((ckpt / "global_step_4" / "eopd_settings.json").read_text()) == settings
-    last = json.loads((root / "metrics" / "verl-eopd" / "killed.jsonl").read_text().splitlines()[-1])["data"]
-    assert all(f"actor/eopd/{k}" in last for k in ("teacher_entropy_mean", "gate_frac", "fkl_mean", "rkl_mean"))
+    name, ckpt = "faulted", root / "ckpt" / "faulted"
+    out: dict = {"root": root, "whole": whole, "ckpt": ckpt, "prompts": [], "console": [], "trained": [],
+                 "tracker": []}
+
+    def keep(launch: int, console: str) -> None:
+        out["tracker"].append(_tracker(root, name))
+        out["prompts"].append(_prompts_by_step(root, name))
+        (root / f"{name}.prompts").rename(root / f"{name}.{launch}.prompts")
+        out["console"].append(console)
+        out["trained"].append(_steps_trained(root, name))
+
+    _run_until_killed(root, name, EOPD_TEST_HANG_IN_SAVE="2")
+    out["torn_actor_dir"] = (ckpt / "global_step_1" / "actor").is_dir()
+    out["torn_data_file"] = (ckpt / "global_step_1" / "data.pt").is_file()
+    keep(1, (root / f"{name}.killed.log").read_text())
+    # launch 2 scores steps 2 and 3 (2 x PROMPTS prompts), then 3 prompts of step 4 before the kill
+    _run_until_killed(root, name, EOPD_TEST_HANG_AFTER=str(2 * PROMPTS + 3))
+    keep(2, (root / f"{name}.killed.log").read_text())
+    keep(3, _run(root, name).stdout)
+    out["states"] = _states(root, name)
+    return out
 
 
-def test_kill_during_a_checkpoint_save_resumes_from_the_previous_checkpoint(reference):
-    root, whole = reference
+def test_kill_during_a_checkpoint_save_resumes_from_the_previous_checkpoint(faulted):
+    whole, ckpt = faulted["whole"], faulted["ckpt"]
     # the save of step 2 is torn and never recorded: the tracker still names step 1, whose files are intact
-    _run_until_killed(root, "torn", EOPD_TEST_HANG_IN_SAVE="2")
-    assert _tracker(root, "torn") == 1
-    ckpt = root / "ckpt" / "torn"
-    assert (ckpt / "global_step_1" / "actor").is_dir() and (ckpt / "global_step_1" / "data.pt").is_file()
-    first_two = _prompts_by_step(root, "torn")[:2]
-    (root / "torn.prompts").rename(root / "torn.before.prompts")
-    proc = _run(root, "torn")
-    assert f"resumed at step 1 from {ckpt / 'global_step_1'}" in proc.stdout
-    assert _steps_trained(root, "torn")[-3:] == [2, 3, 4]
-    assert _tracker(root, "torn") == STEPS
+    assert faulted["tracker"][0] == 1
+    assert faulted["torn_actor_dir"] and faulted["torn_data_file"]
+    first_two = faulted["prompts"][0][:2]
+    assert f"resumed at step 1 from {ckpt / 'global_step_1'}" in faulted["console"][1]
+    assert faulted["trained"][1] == [2, 3]  # the resumed launch trains step 2 again, then step 3
+    assert faulted["tracker"][1] == 3
     # step 2 is trained again from step 1's state, on the same prompts; nothing after it is lost or repeated
-    assert first_two[:1] + _prompts_by_step(root, "torn") == whole
+    assert first_two[:1] + faulted["prompts"][1][:2] == whole[:3]
     assert first_two[1] == whole[1]
     # restored from step 1's state, not from anything the torn save of step 2 left
-    saved = [e for e in _states(root, "torn") if e["event"] == "save"]
-    loads = [e for e in _states(root, "torn") if e["event"] == "load"]
-    assert len(loads) == 1 and loads[0]["path"] == str(ckpt / "global_step_1" / "actor")
+    saved = [e for e in faulted["states"] if e["event"] == "save"]
+    loads = [e for e in faulted["states"] if e["event"] == "load"]
+    assert loads[0]["path"] == str(ckpt / "global_step_1" / "actor")
     step1 = next(e for e in saved if e["step"] == 1 and e["path"] == str(ckpt / "global_step_1" / "actor"))
     assert all(loads[0][k] == step1[k] for k in ("model", "optimizer", "lr"))
+
+
+def test_sigkill_mid_step_then_the_same_command_resumes_without_skipping_or_repeating(faulted):
+    whole, ckpt, root = faulted["whole"], faulted["ckpt"], faulted["root"]
+    # killed while scoring step 4's rollouts: steps 2 and 3 are checkpointed (step 1 by the first launch)
+    assert faulted["tracker"][1] == 3
+    assert f"resumed at step 3 from {ckpt / 'global_step_3'}" in faulted["console"][2]
+    assert faulted["trained"][2] == [4]  # step 4 only: nothing retrained
+    assert faulted["tracker"][2] == STEPS
+    # no prompt skipped or repeated, step by step, over the three launches
+    assert faulted["prompts"][0][:1] + faulted["prompts"][1][:2] + faulted["prompts"][2] == whole
+    # the resumed run starts from exactly the state step 3 saved: model weights, AdamW moments and step, lr
+    saved = {e["step"]: e for e in faulted["states"] if e["event"] == "save"}
+    assert sorted(saved) == [1, 2, 3, 4]
+    loads = [e for e in faulted["states"] if e["event"] == "load"]
+    assert len(loads) == 2 and loads[1]["path"] == str(ckpt / "global_step_3" / "actor")  # the actor's manager
+    for key in ("model", "optimizer", "n_optimizer_states", "lr"):
+        assert loads[1][key] == saved[3][key], key
+    assert saved[3]["n_optimizer_states"] > 0 and saved[2]["model"] != saved[3]["model"]  # the digests see training
+    # the EOPD settings travel with each checkpoint and the resumed run's metrics are EOPD's
+    settings = json.loads((ckpt / "global_step_3" / "eopd_settings.json").read_text())
+    assert settings["loss_mode"] == "eopd" and settings["entropy_threshold"] == 0.8 and settings["fkl_coef"] == 1.0
+    assert json.loads((ckpt / "global_step_4" / "eopd_settings.json").read_text()) == settings
+    last = json.loads((root / "metrics" / "verl-eopd" / "faulted.jsonl").read_text().splitlines()[-1])["data"]
+    assert all(f"actor/eopd/{k}" in last for k in ("teacher_entropy_mean", "gate_frac", "fkl_mean", "rkl_mean"))
