@@ -21,18 +21,18 @@ def _scope(tmp_path: Path, nodeid: str) -> str:
 
 
 def test_trainer_launches_are_one_unit_shared_set_ups_one_per_file_the_rest_one_per_test(tmp_path):
-    tests = tmp_path / "tests"
-    tests.mkdir()
-    (tests / "test_shared.py").write_text('@pytest.fixture(scope="module")\ndef runs(): ...\n')
-    (tests / "test_engine.py").write_text("def test_a(verl_cpu): ...\n")
-    (tests / "test_plain.py").write_text("@pytest.fixture\ndef x(): ...\n")
+    suite = tmp_path / "suite"  # a test folder of its own (these files exist only here)
+    suite.mkdir()
+    (suite / "test_shared.py").write_text('@pytest.fixture(scope="module")\ndef runs(): ...\n')
+    (suite / "test_engine.py").write_text("def test_a(verl_cpu): ...\n")
+    (suite / "test_plain.py").write_text("@pytest.fixture\ndef x(): ...\n")
     for name in conftest.E2E_SERIAL:
-        assert _scope(tmp_path, f"tests/{name}::test_x[a]") == "e2e-serial"
-    assert _scope(tmp_path, "tests/test_shared.py::test_a[eopd]") == "tests/test_shared.py"
-    assert _scope(tmp_path, "tests/test_shared.py::test_b") == "tests/test_shared.py"
-    assert _scope(tmp_path, "tests/test_engine.py::test_a") == "tests/test_engine.py"
-    assert _scope(tmp_path, "tests/test_plain.py::test_a[1]") == "tests/test_plain.py::test_a[1]"
-    assert _scope(tmp_path, "tests/test_gone.py::test_a") == "tests/test_gone.py::test_a"  # unreadable: per test
+        assert _scope(tmp_path, f"suite/{name}::test_x[a]") == "e2e-serial"
+    assert _scope(tmp_path, "suite/test_shared.py::test_a[eopd]") == "suite/test_shared.py"
+    assert _scope(tmp_path, "suite/test_shared.py::test_b") == "suite/test_shared.py"
+    assert _scope(tmp_path, "suite/test_engine.py::test_a") == "suite/test_engine.py"
+    assert _scope(tmp_path, "suite/test_plain.py::test_a[1]") == "suite/test_plain.py::test_a[1]"
+    assert _scope(tmp_path, "suite/test_gone.py::test_a") == "suite/test_gone.py::test_a"  # unreadable: per test
 
 
 def test_the_real_files_with_shared_set_ups_are_grouped():
