@@ -24,6 +24,16 @@ PANELS = {
 }
 
 
+def save_figure(fig, path) -> str:
+    """Lay out, write (110 dpi) and close a matplotlib figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
 def read_run(path: str) -> dict[str, dict[int, float]]:
     """{metric: {step: value}} from a verl file-logger JSONL or a tensorboard folder/event file."""
     p = Path(path)
@@ -107,16 +117,10 @@ def plot(groups: dict[str, list[dict[str, dict[int, float]]]], out_dir: str, pan
             a.grid(alpha=0.3)
             a.legend(fontsize=8)
         name = key.replace("/", "_") + ".png"
-        single.tight_layout()
-        single.savefig(out / name, dpi=110)
-        plt.close(single)
-        written.append(str(out / name))
+        written.append(save_figure(single, out / name))
     for j in range(len(present), rows * cols):
         axes[j // cols][j % cols].axis("off")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out / "metrics.png", dpi=110)
-    plt.close(fig)
-    written.append(str(out / "metrics.png"))
+    written.append(save_figure(fig, out / "metrics.png"))
     return written

@@ -32,6 +32,7 @@ import torch
 from ..core.settings import EOPDSettings
 from ..cpu.embedded import ADD, MULTIPLE
 from . import prereg as P
+from .curves import save_figure
 from .loop import LoopConfig, distill
 from .stats import t_quantile
 
@@ -434,16 +435,6 @@ def analyse(out: Path) -> dict:
                                                 for t, arms in runs.items()}}
 
 
-def _save(fig, path: Path) -> str:
-    """Lay out, write (110 dpi) and close a figure; returns its path."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
-
-
 def figures(out: Path) -> list[str]:
     """Pass@k curves with 95% intervals, distinct-answer histograms, the deciding-token entropy per arm."""
     import matplotlib
@@ -464,7 +455,7 @@ def figures(out: Path) -> list[str]:
     ax.set(xscale="log", xlabel="k", ylabel="Pass@k on H (%)", title="Pass@k, mean over seeds, 95% intervals")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    written.append(_save(fig, out / "pass_at_k.png"))
+    written.append(save_figure(fig, out / "pass_at_k.png"))
     fig, ax = plt.subplots(figsize=(6, 4))
     width = 0.8 / max(1, len(mult))
     for i, (arm, rs) in enumerate(mult.items()):
@@ -474,7 +465,7 @@ def figures(out: Path) -> list[str]:
     ax.set(xlabel="distinct correct answers among 64 samples", ylabel="fraction of (problem, seed)",
            title="Distinct correct answers per problem (H)")
     ax.legend(fontsize=8)
-    written.append(_save(fig, out / "distinct_answers.png"))
+    written.append(save_figure(fig, out / "distinct_answers.png"))
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (arm, rs) in enumerate(mult.items()):
         vals = [r["measures"]["deciding_entropy"] for r in rs]
@@ -483,7 +474,7 @@ def figures(out: Path) -> list[str]:
         ax.errorbar([i + 0.2], [mu], yerr=[[mu - lo], [hi - mu]] if len(vals) > 1 else None, fmt="o", capsize=4)
     ax.set_xticks(range(len(mult)), list(mult), fontsize=8)
     ax.set(ylabel="student entropy at the deciding token (nats)", title="H2's measure per seed, mean and 95% interval")
-    written.append(_save(fig, out / "deciding_entropy.png"))
+    written.append(save_figure(fig, out / "deciding_entropy.png"))
     return written
 
 

@@ -30,7 +30,7 @@ import torch
 
 from ..core.objective import eopd_loss
 from ..core.settings import EOPDSettings
-from .curves import plot
+from .curves import plot, save_figure
 from .eval import pass_at_k
 from .loop import LoopConfig, _response_logits, accuracy, distill, generate, teacher_statistics
 from .stats import holm, paired_t
@@ -219,10 +219,7 @@ def figures(summary: dict, fig_dir: Path) -> list[str]:
     ax.set_title(f"{summary.get('task', '')}: Pass@k, T = 1, top-p 0.8, mean over seeds", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(fig_dir / "pass_at_k.png", dpi=110)
-    plt.close(fig)
-    return written + [str(fig_dir / "pass_at_k.png")]
+    return written + [save_figure(fig, fig_dir / "pass_at_k.png")]
 
 
 def markdown(summary: dict) -> str:
