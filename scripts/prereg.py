@@ -6,6 +6,9 @@ rule allows; the tests, plots and report.
     python scripts/prereg.py --workers 2           # two single-thread worker processes
     python scripts/prereg.py --analyse             # redo summary.json, results.md and the plots from the run files
     python scripts/prereg.py --quick --out /tmp/p  # smoke run (tiny shapes; never analysed)
+    python scripts/prereg.py --addendum --workers 2 --cpu-isa avx2
+                        # section 11: tier 3 beside docs/prereg_run (n3 = 0 there) into docs/prereg_addendum/,
+                        # after re-running two base runs (equal float for float, or it stops)
 
 Resumable: each run is its own file, kept when it names this commit and config; a rerun does the rest.
 What runs and what is measured: verl_eopd/math/prereg.py and prereg_run.py.
@@ -17,24 +20,32 @@ import argparse
 import sys
 from pathlib import Path
 
-from verl_eopd.math.prereg_run import ROOT, Design, report, run_all
+from verl_eopd.math.prereg_run import ROOT, Design, report, run_addendum, run_all
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(ROOT / "docs" / "prereg_run"))
+    p.add_argument("--out", default=None, help="default docs/prereg_run (docs/prereg_addendum with --addendum)")
+    p.add_argument("--addendum", action="store_true",
+                   help="preregistration section 11: tier 3 at the cap, paired with the run in --base")
+    p.add_argument("--base", default=str(ROOT / "docs" / "prereg_run"), help="the base run of --addendum")
     p.add_argument("--workers", type=int, default=1, help="worker processes (each gets cpus / workers threads)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cpus / workers)")
+    p.add_argument("--cpu-isa", choices=["avx2"], default=None,
+                   help="force torch/MKL/oneDNN's AVX2 kernels in the workers (to reproduce a run made on an AVX2 host)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 steps of 32, 8 samples on 30 + 10 problems")
     p.add_argument("--analyse", action="store_true", help="only redo the report from the run files in --out")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    out = Path(args.out)
+    out = Path(args.out or ROOT / "docs" / ("prereg_addendum" if args.addendum else "prereg_run"))
     if args.workers < 1 or (args.threads is not None and args.threads < 1):
         p.error(f"--workers and --threads must be >= 1, got {args.workers} and {args.threads}")
     if args.quick and out.resolve().is_relative_to(ROOT / "docs"):
         p.error("--quick writes smoke results: pass --out outside docs/")
-    if not args.analyse:
-        run_all(out, Design.quick() if args.quick else Design(), args.workers, args.threads)
+    design = Design.quick() if args.quick else Design()
+    if args.addendum and not args.analyse:
+        run_addendum(out, Path(args.base), design, args.workers, args.threads, cpu_isa=args.cpu_isa)
+    elif not args.analyse:
+        run_all(out, design, args.workers, args.threads, cpu_isa=args.cpu_isa)
     summary = report(out)
     for row in summary["primary"] + summary["secondary"]:
         lo, hi = row["ci95"]

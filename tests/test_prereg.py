@@ -279,6 +279,21 @@ def test_resume_keeps_matching_runs_and_refuses_others(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["seed03.json"]  # atomic writes leave no temporary files
 
 
+@pytest.mark.unit
+def test_forcing_the_cpu_isa_sets_the_kernel_variables_before_the_workers_spawn(monkeypatch):
+    for key in R.ISA_ENV_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    R.force_cpu_isa(None)
+    assert not any(k in R.os.environ for k in R.ISA_ENV_KEYS)
+    R.force_cpu_isa("avx2")
+    assert {k: R.os.environ[k] for k in R.ISA_ENV_KEYS} == {"ATEN_CPU_CAPABILITY": "avx2",
+                                                             "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                                                             "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert R.provenance(R.ROOT / "docs" / "prereg_run")["cpu_isa_forced"]["ATEN_CPU_CAPABILITY"] == "avx2"
+    with pytest.raises(SystemExit, match="--cpu-isa 'sse'"):
+        R.force_cpu_isa("sse")
+
+
 def _pass_at(n, c, k):
     """1 - C(n - c, k) / C(n, k), exactly (math.comb), as an independent reference."""
     return 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
@@ -323,8 +338,46 @@ def test_the_runner_end_to_end_on_the_smoke_shape_resumes_and_recomputes(tmp_pat
     other = subprocess.run(cmd[:-4] + ["--threads", "2", "--out", str(out)], capture_output=True, text=True,
                            timeout=600)
     assert other.returncode != 0 and "resume with --workers 1 --threads 1" in other.stderr
+    _addendum_beside(out, tmp_path, summary)
     rec = json.loads(files[0].read_text())
     rec["config_sha256"] = "0" * 64
     files[0].write_text(json.dumps(rec))
     bad = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and f"refusing to resume over {files[0]}" in bad.stderr
+
+
+def _addendum_beside(full, tmp_path, full_summary):
+    """--addendum (section 11) beside a copy of the smoke run whose budget rule had given n3 = 0: it re-runs the
+    base's opd and eopd seed 0 (equal float for float), runs tier 3, and the merged analysis equals the analysis of
+    the run that ran every tier itself; a base whose opd seed 0 was altered is refused before tier 3."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(full, base, ignore=shutil.ignore_patterns(*R.TIER3, "summary.json", "results.md", "*.png"))
+    budget = json.loads((base / "budget.json").read_text())
+    R.write_json(base / "budget.json", {**budget, "n3": 0})
+    add = tmp_path / "add"
+    cmd = [R.sys.executable, str(R.ROOT / "scripts" / "prereg.py"), "--quick", "--addendum", "--threads", "1",
+           "--base", str(base), "--out", str(add)]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    meta = json.loads((add / "addendum.json").read_text())
+    assert [(r["arm"], r["seed"], r["equal"]) for r in meta["reproduction"]] == [("opd", 0, True), ("eopd", 0, True)]
+    assert meta["budget"]["n3"] == R.Design.quick().cap3 and "6 runs: 0 already done, 6 to run" in first.stdout
+    for arm in R.TIER3:
+        for s in range(R.Design.quick().cap3):
+            mine, theirs = (json.loads(R.run_path(d, MULTIPLE, arm, s).read_text())["result"] for d in (add, full))
+            assert R._canonical(mine["measures"]) == R._canonical(theirs["measures"])
+            assert mine["cpu_capability"] == theirs["cpu_capability"] != ""
+    merged = json.loads((add / "summary.json").read_text())
+    assert merged["secondary"] == full_summary["secondary"] and merged["primary"] == full_summary["primary"]
+    assert "Reproduction of the base's opd seed 0: equal, eopd seed 0: equal" in (add / "results.md").read_text()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "6 runs: 6 already done, 0 to run" in again.stdout, again.stdout[-2000:]
+    path = R.run_path(base, MULTIPLE, "opd", 0)
+    rec = json.loads(path.read_text())
+    rec["result"]["measures"]["H"]["d8"] += 1e-9
+    R.write_json(path, rec)
+    bad = subprocess.run(cmd[:-1] + [str(tmp_path / "add2")], capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "the base's runs do not reproduce" in bad.stderr, bad.stderr[-2000:]
+    assert "DIFFERENT" in bad.stdout and not (tmp_path / "add2" / "runs").exists()

@@ -94,7 +94,24 @@ def provenance(out: Path) -> dict:
     return {"commit": git("rev-parse", "HEAD").strip(), "clean": not dirty, "dirty_files": dirty.splitlines()[:20],
             "command": [Path(sys.executable).name, *sys.argv], "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
-            "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "cpu_isa_forced": {k: os.environ[k] for k in ISA_ENV_KEYS if k in os.environ}}
+
+
+# The kernel paths of torch (ATen), MKL and oneDNN, by instruction set: a run's floats depend on them, so a run made
+# on an AVX2 host reproduces on an AVX-512 host only with these forced to AVX2 (measured: bit for bit, with the
+# same torch and thread count). The variables are read when torch loads, so they are set before the workers spawn.
+ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+ISA_ENV_KEYS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
+
+def force_cpu_isa(isa: Optional[str]) -> None:
+    """Make the worker processes (spawned later) use `isa`'s kernel paths; None leaves the host's own."""
+    if isa is None:
+        return
+    if isa not in ISA_ENV:
+        raise SystemExit(f"--cpu-isa {isa!r} is not one of {sorted(ISA_ENV)}")
+    os.environ.update(ISA_ENV[isa])
 
 
 def refuse_dirty_docs(out: Path, prov: dict) -> None:
@@ -216,6 +233,7 @@ def _job(task: str, arm: str, seed: int, path: Optional[str], meta: Optional[dic
     """A worker's job: one run; written to `path` (atomically, with `meta`) unless it is a timing run."""
     start = time.time()
     result = _CTX.run(task, arm, seed)
+    result["cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # the kernels this worker's torch used
     result["wall"] = [start, time.time()]  # for the timing runs: wall time without the worker's start-up
     if path is not None:
         write_json(Path(path), {**meta, "result": result})
@@ -267,11 +285,13 @@ def schedule(design: Design, n3: int) -> list[tuple[str, str, int]]:
     return jobs
 
 
-def run_all(out: Path, design: Design, workers: int, threads: Optional[int] = None, log: Callable = print) -> dict:
+def run_all(out: Path, design: Design, workers: int, threads: Optional[int] = None, log: Callable = print,
+            cpu_isa: Optional[str] = None) -> dict:
     """Everything up to the analysis; resumable (completed runs of this commit and config are kept). `threads`:
     torch threads per worker (default cpus // workers; more threads than cores in all makes torch's tiny ops
     wait on descheduled threads, tens of times slower)."""
     t_start = time.time()
+    force_cpu_isa(cpu_isa)
     prov = provenance(out)
     refuse_dirty_docs(out, prov)
     threads = threads or max(1, (os.cpu_count() or 1) // workers)
@@ -316,19 +336,102 @@ def run_all(out: Path, design: Design, workers: int, threads: Optional[int] = No
             write_json(budget_path, budget)
         log(f"[prereg] budget: t_m {budget['t_m']:.1f} s, t_s {budget['t_s']:.1f} s, T0 {budget['T0']:.0f} s -> "
             f"n3 = {budget['n3']} ({budget['workers']} worker(s) x {budget['threads_per_worker']} thread(s))")
-        futures, done = [], 0
-        jobs = schedule(design, budget["n3"])
-        for task, arm, seed in jobs:
-            config = run_config(design, refs_key, task, arm, seed)
-            path = run_path(out, task, arm, seed)
-            if existing(path, prov["commit"], config) is not None:
-                done += 1
-                continue
-            meta = {"provenance": prov, "config": config, "config_sha256": sha(config), "budget": budget}
-            futures.append(pool.submit(_job, task, arm, seed, str(path), meta))
-        log(f"[prereg] {len(jobs)} runs: {done} already done, {len(futures)} to run")
-        for f in futures:  # in submission order: the progress lines follow the schedule
-            log(progress_line(f.result()))
+        run_jobs(pool, out, design, refs_key, prov, budget, schedule(design, budget["n3"]), log)
+    return {"provenance": prov, "seconds": time.time() - t_start}
+
+
+def run_jobs(pool, out: Path, design: Design, refs_key: dict, prov: dict, budget: dict,
+             jobs: list[tuple[str, str, int]], log: Callable) -> None:
+    """Submit the jobs whose run files are not already there (same commit and config), one progress line each."""
+    futures, done = [], 0
+    for task, arm, seed in jobs:
+        config = run_config(design, refs_key, task, arm, seed)
+        path = run_path(out, task, arm, seed)
+        if existing(path, prov["commit"], config) is not None:
+            done += 1
+            continue
+        meta = {"provenance": prov, "config": config, "config_sha256": sha(config), "budget": budget}
+        futures.append(pool.submit(_job, task, arm, seed, str(path), meta))
+    log(f"[prereg] {len(jobs)} runs: {done} already done, {len(futures)} to run")
+    for f in futures:  # in submission order: the progress lines follow the schedule
+        log(progress_line(f.result()))
+
+
+# -- the addendum (preregistration section 11): tier 3 beside a run whose budget rule gave n3 = 0 -------------------
+
+REPRO_JOBS = ((MULTIPLE, "opd", 0), (MULTIPLE, "eopd", 0))  # re-run before tier 3; must equal the base's files
+
+
+def _canonical(obj) -> str:
+    """JSON text with sorted keys: equal exactly when two results are equal float for float (NaN included)."""
+    return json.dumps(obj, sort_keys=True)
+
+
+def _resolve(path: str) -> Path:
+    return Path(path) if Path(path).is_absolute() else ROOT / path
+
+
+def run_addendum(out: Path, base: Path, design: Design, workers: int, threads: Optional[int] = None,
+                 log: Callable = print, cpu_isa: Optional[str] = None) -> dict:
+    """Section 11: tier 3 at n3 = design.cap3 in `out`, paired by seed with the runs in `base` (whose budget rule
+    gave n3 = 0). Before any tier-3 run, REPRO_JOBS are re-run at this commit and must equal the base's files
+    float for float (every measure and training curve): seed pairing across two commits needs the same
+    numerics (`cpu_isa`: force_cpu_isa). Resumable like run_all; `addendum.json` records the base, the
+    reproduction and the budget."""
+    t_start = time.time()
+    force_cpu_isa(cpu_isa)
+    prov = provenance(out)
+    refuse_dirty_docs(out, prov)
+    refs = json.loads((base / "references.json").read_text())
+    base_budget = json.loads((base / "budget.json").read_text())
+    if refs["design"] != asdict(design):
+        raise SystemExit(f"{base / 'references.json'} was run with another design; the addendum's tier 3 must use the "
+                         f"base's. Fix: pass the base's shape (--quick only for a --quick base)")
+    if base_budget["n3"] != 0:
+        raise SystemExit(f"{base} ran tier 3 itself (n3 = {base_budget['n3']}); the addendum is for a base whose "
+                         f"budget rule gave n3 = 0")
+    threads = threads or base_budget["threads_per_worker"]
+    if threads != base_budget["threads_per_worker"]:
+        raise SystemExit(f"the base ran {base_budget['threads_per_worker']} torch thread(s) per worker; float "
+                         f"reductions depend on the thread count. Fix: --threads {base_budget['threads_per_worker']}")
+    torch.set_num_threads(threads)
+    base_commit = refs["provenance"]["commit"]
+    meta_path = out / "addendum.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+    if meta is not None and (meta["provenance"]["commit"], meta["base_commit"]) != (prov["commit"], base_commit):
+        raise SystemExit(f"refusing to resume over {meta_path}: written by commit {meta['provenance']['commit']} "
+                         f"against base commit {meta['base_commit']}. Fix: pass a new --out")
+    refs_key = {k: refs[k] for k in ("H_sha256", "X_sha256", "token_set_sha256", "token_set_x_sha256")}
+    budget = {"n3": design.cap3, "rule": "preregistration section 11: tier 3 at the cap, no timing runs",
+              "workers": workers, "threads_per_worker": threads, "cpu_isa": cpu_isa, "commit": prov["commit"],
+              "base_commit": base_commit}
+    ctx_args = (design, refs["token_set"], refs["token_set_x"], threads)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init,
+                             initargs=ctx_args) as pool:
+        if meta is None or not all(r["equal"] for r in meta["reproduction"]):
+            base_recs = []
+            for task, arm, seed in REPRO_JOBS:
+                rec = json.loads(run_path(base, task, arm, seed).read_text())
+                if rec["config_sha256"] != sha(run_config(design, refs_key, task, arm, seed)):
+                    raise SystemExit(f"{run_path(base, task, arm, seed)} has another config than this commit "
+                                     f"gives for it; the addendum cannot pair with it")
+                base_recs.append(rec["result"])
+            fresh = list(pool.map(_job, *zip(*REPRO_JOBS), [None] * len(REPRO_JOBS), [None] * len(REPRO_JOBS)))
+            repro = [{"task": t, "arm": a, "seed": s, "seconds": r["seconds"],
+                      "equal": _canonical([r["measures"], r["train"]]) == _canonical([b["measures"], b["train"]])}
+                     for (t, a, s), r, b in zip(REPRO_JOBS, fresh, base_recs)]
+            meta = {"provenance": prov, "base": str(base.resolve().relative_to(ROOT)) if base.resolve().is_relative_to(
+                ROOT) else str(base.resolve()), "base_commit": base_commit, "budget": budget, "reproduction": repro}
+            write_json(meta_path, meta)
+            for r in repro:
+                log(f"[prereg] reproduction of the base's {r['task']} {r['arm']} seed {r['seed']}: "
+                    f"{'equal' if r['equal'] else 'DIFFERENT'} ({r['seconds']:.0f} s)")
+            if not all(r["equal"] for r in repro):
+                raise SystemExit(f"the base's runs do not reproduce at commit {prov['commit']} (see {meta_path}); "
+                                 f"tier 3 would not be paired with them. Fix: run the addendum with the base's torch, "
+                                 f"threads and CPU kind, or at the base's commit {base_commit}")
+        run_jobs(pool, out, design, refs_key, prov, budget,
+                 [(MULTIPLE, a, s) for s in range(design.cap3) for a in TIER3], log)
     return {"provenance": prov, "seconds": time.time() - t_start}
 
 
@@ -386,9 +489,23 @@ def mean_ci(values: list[float]) -> tuple[float, float, float]:
     return mu, mu - half, mu + half
 
 
-def analyse(out: Path) -> dict:
-    """Primaries (section 2), the secondary family (section 5) and the exploratory contrasts (section 6)."""
+def merged_runs(out: Path) -> dict[str, dict[str, list[dict]]]:
+    """The run files of `out`, and of its base when `out` is an addendum (section 11): the base's arms plus the
+    addendum's tier 3 (an arm in both is refused)."""
     runs = load_runs(out)
+    if (out / "addendum.json").exists():
+        base = load_runs(_resolve(json.loads((out / "addendum.json").read_text())["base"]))
+        for task, arms in runs.items():
+            both = set(arms) & set(base.get(task, {}))
+            if both:
+                raise SystemExit(f"{out} and its base both hold {task} arms {sorted(both)}; an addendum adds arms")
+            base.setdefault(task, {}).update(arms)
+        runs = base
+    return runs
+
+
+def analyse(runs: dict[str, dict[str, list[dict]]]) -> dict:
+    """Primaries (section 2), the secondary family (section 5) and the exploratory contrasts (section 6)."""
     mult = runs.get(MULTIPLE, {})
     primary = []
     if {"opd", "eopd"} <= set(mult):
@@ -417,7 +534,8 @@ def analyse(out: Path) -> dict:
     for row in secondary:
         row["verdict"] = "shown (secondary)" if row["passed"] else "not shown"
     exploratory = []
-    for a, b in (("eopd", "opd"), ("random", "eopd"), ("quantile", "eopd"), ("random", "opd")):
+    for a, b in (("eopd", "opd"), ("random", "eopd"), ("quantile", "eopd"), ("random", "opd"),
+                 ("eopd_tau0.4", "eopd"), ("eopd_tau1.2", "eopd")):
         if a in mult and b in mult:
             for key, fn in MEASURES.items():
                 x, y = paired(runs, a, b, fn)
@@ -435,14 +553,14 @@ def analyse(out: Path) -> dict:
                                                 for t, arms in runs.items()}}
 
 
-def figures(out: Path) -> list[str]:
+def figures(runs: dict[str, dict[str, list[dict]]], out: Path) -> list[str]:
     """Pass@k curves with 95% intervals, distinct-answer histograms, the deciding-token entropy per arm."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mult = load_runs(out).get(MULTIPLE, {})
+    mult = runs.get(MULTIPLE, {})
     written = []
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm, rs in mult.items():
@@ -507,13 +625,27 @@ def markdown(summary: dict, refs: dict, budget: dict) -> str:
 
 
 def report(out: Path) -> dict:
-    refs = json.loads((out / "references.json").read_text())
-    budget = json.loads((out / "budget.json").read_text())
+    """summary.json, results.md and the plots of the runs in `out` (with its base's, when `out` is an addendum)."""
+    addendum = json.loads((out / "addendum.json").read_text()) if (out / "addendum.json").exists() else None
+    refs_dir = _resolve(addendum["base"]) if addendum else out
+    refs = json.loads((refs_dir / "references.json").read_text())
+    budget = json.loads((refs_dir / "budget.json").read_text())
+    runs = merged_runs(out)
     summary = {"provenance": provenance(out), "design": refs["design"], "budget": budget,
                "arms": {a: {"settings": asdict(s), "random_gate": rg} for a, (s, rg) in ARMS.items()},
                **{k: refs[k] for k in ("H_sha256", "X_sha256", "token_set_sha256", "token_set_x_sha256")},
-               **analyse(out),
-               "figures": [Path(f).name for f in figures(out)]}
+               **analyse(runs),
+               "figures": [Path(f).name for f in figures(runs, out)]}
+    if addendum:
+        summary["addendum"] = addendum
     write_json(out / "summary.json", summary)
-    (out / "results.md").write_text(markdown(summary, refs, budget))
+    text = markdown(summary, refs, budget)
+    if addendum:
+        a = addendum["budget"]
+        text = (f"Addendum (preregistration section 11): tier 3 at commit {addendum['provenance']['commit']} (clean "
+                f"tree: {addendum['provenance']['clean']}), n3 = {a['n3']}, {a['workers']} worker(s) x "
+                f"{a['threads_per_worker']} thread(s); the base run is {addendum['base']}. Reproduction of the base's "
+                + ", ".join(f"{r['arm']} seed {r['seed']}: {'equal' if r['equal'] else 'DIFFERENT'}"
+                            for r in addendum["reproduction"]) + ".\n\nBase run: " + text)
+    (out / "results.md").write_text(text)
     return summary
