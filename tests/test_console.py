@@ -115,3 +115,36 @@ def test_a_resumed_run_measures_its_own_pace_and_an_unknown_total_gives_no_eta(c
 def test_compact_tracking_gives_the_console_the_trainers_total():
     t = compact_tracking(_Tracking(), OmegaConf.create({"trainer": {"console": "compact"}}), 174)
     assert t.logger["console"].total_steps == 174 and t.console_logger is t.logger["console"]
+
+
+@pytest.mark.unit
+def test_a_resumed_runs_file_log_keeps_the_earlier_launches_lines(tmp_path, monkeypatch, capsys):
+    """verl's own Tracking with its `file` backend (which reopens the log with "wb"): the lines read after the
+    checkpoint loads come back at the head, a partial line of a killed launch is dropped, and the repeated step
+    reads as its last line (math.curves.read_run)."""
+    from verl.utils.tracking import Tracking
+
+    from verl_eopd.integration.console import earlier_launches_log, keep_earlier_launches
+    from verl_eopd.math.curves import read_run
+
+    path = tmp_path / "m" / "run.jsonl"
+    path.parent.mkdir()
+    earlier = b'{"step":1,"data":{"actor/loss":1.0}}\n{"step":2,"data":{"actor/loss":2.0}}\n'
+    path.write_bytes(earlier + b'{"step":3,"data":{"act')  # killed mid-line during step 3
+    monkeypatch.setenv("VERL_FILE_LOGGER_PATH", str(path))
+    cfg = OmegaConf.create({"trainer": {"logger": ["console", "file"], "project_name": "p", "experiment_name": "e"}})
+    kept = earlier_launches_log(cfg)
+    assert kept == (str(path), earlier)
+    tracking = Tracking(project_name="p", experiment_name="e", default_backend=["file"])
+    assert path.read_bytes() == b""  # what verl alone leaves of the earlier launches
+    keep_earlier_launches(tracking, kept)
+    tracking.log({"actor/loss": 2.5}, step=2)  # the resumed run repeats step 2 (checkpointed at step 1)
+    tracking.log({"actor/loss": 3.0}, step=3)
+    tracking.logger["file"].finish()
+    assert path.read_bytes().startswith(earlier) and path.read_bytes().count(b"\n") == 4
+    assert read_run(str(path))["actor/loss"] == {1: 1.0, 2: 2.5, 3: 3.0}
+    assert "the 2 lines of earlier launches kept" in capsys.readouterr().out
+    assert earlier_launches_log(OmegaConf.create({"trainer": {"logger": ["console"]}})) is None  # no file logger
+    path.unlink()
+    assert earlier_launches_log(cfg) is None  # a first launch: nothing to keep
+    keep_earlier_launches(tracking, None)

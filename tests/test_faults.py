@@ -143,19 +143,22 @@ def faulted(reference) -> dict:
     2. the same command resumes from step 1 and is killed with SIGKILL mid-step 4, while scoring its rollouts
        (steps 2 and 3 are checkpointed);
     3. the same command resumes from step 3 and ends at step STEPS.
-    Each launch's prompts and console are kept apart; the trained steps are read after each launch (verl's file
-    logger starts the metrics file afresh at each launch)."""
+    Each launch's prompts and console are kept apart; the metrics file is read after each launch: it keeps every
+    launch's lines (integration/console.keep_earlier_launches; verl's file logger alone empties it on resume), so a
+    launch's trained steps are the lines it added."""
     root, whole = reference
     name, ckpt = "faulted", root / "ckpt" / "faulted"
     out: dict = {"root": root, "whole": whole, "ckpt": ckpt, "prompts": [], "console": [], "trained": [],
-                 "tracker": []}
+                 "tracker": [], "file": []}
 
     def keep(launch: int, console: str) -> None:
         out["tracker"].append(_tracker(root, name))
         out["prompts"].append(_prompts_by_step(root, name))
         (root / f"{name}.prompts").rename(root / f"{name}.{launch}.prompts")
         out["console"].append(console)
-        out["trained"].append(_steps_trained(root, name))
+        out["file"].append(_steps_trained(root, name))
+        before = out["file"][-2] if len(out["file"]) > 1 else []
+        out["trained"].append(out["file"][-1][len(before):])
 
     _run_until_killed(root, name, EOPD_TEST_HANG_IN_SAVE="2")
     out["torn_actor_dir"] = (ckpt / "global_step_1" / "actor").is_dir()
@@ -212,3 +215,16 @@ def test_sigkill_mid_step_then_the_same_command_resumes_without_skipping_or_repe
     assert json.loads((ckpt / "global_step_4" / "eopd_settings.json").read_text()) == settings
     last = json.loads((root / "metrics" / "verl-eopd" / "faulted.jsonl").read_text().splitlines()[-1])["data"]
     assert all(f"actor/eopd/{k}" in last for k in ("teacher_entropy_mean", "gate_frac", "fkl_mean", "rkl_mean"))
+
+
+def test_the_metrics_file_keeps_every_launchs_lines(faulted):
+    """verl's file logger reopens the file with "wb" on each launch; the resumed launches put the earlier lines
+    back first, so the file grows launch by launch and its last line per step is the step that counted."""
+    from verl_eopd.math.curves import read_run
+
+    files, root = faulted["file"], faulted["root"]
+    assert files[0] and all(files[k][:len(files[k - 1])] == files[k - 1] for k in (1, 2))  # nothing lost
+    assert files[2] == faulted["trained"][0] + [2, 3] + [4]  # every launch's trained steps, in launch order
+    assert all("lines of earlier launches kept in" in c for c in faulted["console"][1:])
+    series = read_run(str(root / "metrics" / "verl-eopd" / "faulted.jsonl"))
+    assert sorted(series["actor/loss"]) == list(range(1, STEPS + 1))

@@ -16,20 +16,9 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
+from .integration.console import metrics_path  # noqa: F401  (where the summary reads)
 from .math.curves import read_run
 from .math.eval import has_weights
-
-
-def metrics_path(config) -> Optional[str]:
-    """Where verl's file logger writes this run's metrics (None when `file` is not among trainer.logger)."""
-    loggers = OmegaConf.select(config, "trainer.logger") or []
-    loggers = [loggers] if isinstance(loggers, str) else list(loggers)
-    if "file" not in loggers:
-        return None
-    if os.environ.get("VERL_FILE_LOGGER_PATH"):
-        return os.path.abspath(os.environ["VERL_FILE_LOGGER_PATH"])
-    root = os.path.expanduser(os.environ.get("VERL_FILE_LOGGER_ROOT", "."))
-    return os.path.abspath(os.path.join(root, config.trainer.project_name, f"{config.trainer.experiment_name}.jsonl"))
 
 
 def tensorboard_dir(config) -> str:

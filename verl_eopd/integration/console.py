@@ -20,8 +20,12 @@ restores verl's line.
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Callable, Mapping, Optional
+
+from omegaconf import OmegaConf
 
 MODES = ("compact", "full")
 ENV = "EOPD_CONSOLE"  # the run's trainer.console, for every process (set by verl_eopd.main)
@@ -116,6 +120,50 @@ def compact_tracking(tracking, config, total_steps: int):
         backends["console"] = CompactConsole(total_steps)
         tracking.console_logger = backends["console"]
     return tracking
+
+
+def metrics_path(config) -> Optional[str]:
+    """Where verl's file logger writes this run's metrics (None when `file` is not among trainer.logger)."""
+    loggers = OmegaConf.select(config, "trainer.logger") or []
+    loggers = [loggers] if isinstance(loggers, str) else list(loggers)
+    if "file" not in loggers:
+        return None
+    if os.environ.get("VERL_FILE_LOGGER_PATH"):
+        return os.path.abspath(os.environ["VERL_FILE_LOGGER_PATH"])
+    root = os.path.expanduser(os.environ.get("VERL_FILE_LOGGER_ROOT", "."))
+    return os.path.abspath(os.path.join(root, config.trainer.project_name, f"{config.trainer.experiment_name}.jsonl"))
+
+
+def earlier_launches_log(config) -> Optional[tuple[str, bytes]]:
+    """(path, complete lines) of the file log of a run that resumes now, as its earlier launches left it; None
+    without a `file` logger or an earlier log. verl's FileLogger opens the file with mode "wb" when `fit` begins,
+    which would empty it: the trainer reads it after loading the checkpoint, before `fit`, and
+    `keep_earlier_launches` writes it back. A launch killed mid-line leaves a partial last line: dropped."""
+    path = metrics_path(config)
+    if path is None or not os.path.isfile(path):
+        return None
+    data = Path(path).read_bytes()
+    data = data[:data.rfind(b"\n") + 1]
+    return (path, data) if data else None
+
+
+def keep_earlier_launches(tracking, kept: Optional[tuple[str, bytes]]) -> None:
+    """Write the earlier launches' lines (`earlier_launches_log`) back at the head of the file verl's Tracking
+    just reopened; this launch's lines follow. A step that the resumed run repeats (the steps after the last
+    checkpoint) is then logged twice, and the readers (`math.curves.read_run`) keep each step's last line."""
+    backends = getattr(tracking, "logger", None)
+    file_logger = backends.get("file") if isinstance(backends, dict) else None
+    if kept is None or file_logger is None:
+        return
+    path, data = kept
+    if os.path.abspath(file_logger.filepath) != path:
+        print(f"[verl_eopd] the file logger writes {file_logger.filepath}, not {path}: earlier launches' metrics "
+              f"are left in {path}", flush=True)
+        return
+    file_logger.fp.write(data)
+    lines = data.count(b"\n")
+    print(f"[verl_eopd] metrics: the {lines} lines of earlier launches kept in {path}; this launch's "
+          f"follow", flush=True)
 
 
 _QUIET_PREFIXES = ("Initial validation metrics", "Final validation metrics")  # the compact lines show them

@@ -35,7 +35,7 @@ from verl.workers.engine_workers import ActorRolloutRefWorker
 
 from .config import (SETTINGS_FILE, EOPDLossConfig, build_loss_config, changed_settings, end_token_ids,
                      settings_record)
-from .console import compact_tracking
+from .console import compact_tracking, earlier_launches_log, keep_earlier_launches
 from .env import cpu_platform_requested
 from .loss import eopd_ppo_loss
 from .teacher import TeacherSettings, teacher_worker_class
@@ -134,8 +134,10 @@ class EOPDTrainer(PPOTrainerSync):
 
     @logger.setter
     def logger(self, tracking):
-        # verl creates Tracking inside `fit`; its console backend becomes the compact one (integration/console.py)
+        # verl creates Tracking inside `fit`; its console backend becomes the compact one (integration/console.py),
+        # and a resumed run's file log gets back the lines of the earlier launches that Tracking's "wb" emptied
         self.__dict__["_eopd_tracking"] = compact_tracking(tracking, self.config, int(getattr(self, "total_training_steps", 0) or 0))
+        keep_earlier_launches(tracking, self.__dict__.pop("_eopd_earlier_log", None))
 
     def _build_replay_buffer(self):
         """verl's synchronous replay buffer, polled every `trainer.v1.sampler.sampler_kwargs.poll_interval` s.
@@ -185,13 +187,15 @@ class EOPDTrainer(PPOTrainerSync):
 
     def _load_checkpoint(self):
         """verl's resume; then the EOPD settings saved with the checkpoint are compared with this run's (a change
-        was refused before Ray unless trainer.resume_accept_changed_eopd=true: config.check_resume)."""
+        was refused before Ray unless trainer.resume_accept_changed_eopd=true: config.check_resume), and the file
+        log of the earlier launches is read, to be kept when `fit` reopens it (console.keep_earlier_launches)."""
         import json
         import os
 
         super()._load_checkpoint()
         if self.global_steps <= 0:
             return
+        self.__dict__["_eopd_earlier_log"] = earlier_launches_log(self.config)  # before `fit` reopens the file
         folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
         if self.config.trainer.resume_mode == "resume_path":
             folder = self.config.trainer.resume_from_path
