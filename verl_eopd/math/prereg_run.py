@@ -47,6 +47,7 @@ ARMS: dict[str, tuple[EOPDSettings, bool]] = {  # arm -> (settings, random gate)
 }
 TIER1, TIER2, TIER3 = ("opd", "eopd", "random"), ("opd", "eopd"), ("quantile", "eopd_tau0.4", "eopd_tau1.2")
 TIMING_SEED = 1000  # never analysed
+SET_HASHES = ("H_sha256", "X_sha256", "token_set_sha256", "token_set_x_sha256")  # in every run config
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,17 @@ def _job(task: str, arm: str, seed: int, path: Optional[str], meta: Optional[dic
     return result
 
 
+def refs_key_of(refs: dict) -> dict:
+    """The sets' hashes from references.json: the part of it that enters every run's config."""
+    return {k: refs[k] for k in SET_HASHES}
+
+
+def _pool(design: Design, refs: dict, threads: int, workers: int) -> ProcessPoolExecutor:
+    """`workers` spawned processes, each holding a Context with H2's token sets and `threads` torch threads."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init,
+                               initargs=(design, refs["token_set"], refs["token_set_x"], threads))
+
+
 def progress_line(r: dict) -> str:
     m = r["measures"]
     what = (f"greedy {m['greedy_acc']:.1f}%" if r["task"] == ADD else
@@ -310,10 +322,8 @@ def run_all(out: Path, design: Design, workers: int, threads: Optional[int] = No
         write_json(ref_path, refs)
         log(f"[prereg] references: token set {refs['token_set_kept']} of {design.h_size * P.TOKEN_SET_SAMPLES} teacher "
             f"responses kept ({time.time() - t_start:.0f} s)")
-    refs_key = {k: refs[k] for k in ("H_sha256", "X_sha256", "token_set_sha256", "token_set_x_sha256")}
-    ctx_args = (design, refs["token_set"], refs["token_set_x"], threads)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init,
-                             initargs=ctx_args) as pool:
+    refs_key = refs_key_of(refs)
+    with _pool(design, refs, threads, workers) as pool:
         if budget_path.exists():
             budget = json.loads(budget_path.read_text())
             if (budget["workers"], budget["threads_per_worker"]) != (workers, threads):
@@ -401,13 +411,11 @@ def run_addendum(out: Path, base: Path, design: Design, workers: int, threads: O
     if meta is not None and (meta["provenance"]["commit"], meta["base_commit"]) != (prov["commit"], base_commit):
         raise SystemExit(f"refusing to resume over {meta_path}: written by commit {meta['provenance']['commit']} "
                          f"against base commit {meta['base_commit']}. Fix: pass a new --out")
-    refs_key = {k: refs[k] for k in ("H_sha256", "X_sha256", "token_set_sha256", "token_set_x_sha256")}
+    refs_key = refs_key_of(refs)
     budget = {"n3": design.cap3, "rule": "preregistration section 11: tier 3 at the cap, no timing runs",
               "workers": workers, "threads_per_worker": threads, "cpu_isa": cpu_isa, "commit": prov["commit"],
               "base_commit": base_commit}
-    ctx_args = (design, refs["token_set"], refs["token_set_x"], threads)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_init,
-                             initargs=ctx_args) as pool:
+    with _pool(design, refs, threads, workers) as pool:
         if meta is None or not all(r["equal"] for r in meta["reproduction"]):
             base_recs = []
             for task, arm, seed in REPRO_JOBS:
@@ -633,7 +641,7 @@ def report(out: Path) -> dict:
     runs = merged_runs(out)
     summary = {"provenance": provenance(out), "design": refs["design"], "budget": budget,
                "arms": {a: {"settings": asdict(s), "random_gate": rg} for a, (s, rg) in ARMS.items()},
-               **{k: refs[k] for k in ("H_sha256", "X_sha256", "token_set_sha256", "token_set_x_sha256")},
+               **refs_key_of(refs),
                **analyse(runs),
                "figures": [Path(f).name for f in figures(runs, out)]}
     if addendum:
