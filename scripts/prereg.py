@@ -6,6 +6,8 @@ rule allows; the tests, plots and report.
     python scripts/prereg.py --workers 2           # two single-thread worker processes
     python scripts/prereg.py --analyse             # redo summary.json, results.md and the plots from the run files
     python scripts/prereg.py --quick --out /tmp/p  # smoke run (tiny shapes; never analysed)
+    python scripts/prereg.py --analyse --out docs/prereg_full --compare docs/prereg_run docs/prereg_addendum
+                        # every run in --out against the same run elsewhere, float for float (reproduction.json)
     python scripts/prereg.py --addendum --workers 2 --cpu-isa avx2
                         # section 11: tier 3 beside docs/prereg_run (n3 = 0 there) into docs/prereg_addendum/,
                         # after re-running two base runs (equal float for float, or it stops)
@@ -20,7 +22,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from verl_eopd.math.prereg_run import ROOT, Design, report, run_addendum, run_all
+from verl_eopd.math.prereg_run import ROOT, Design, compare_runs, report, run_addendum, run_all
+
+
+REFS = {True: "equal", False: "DIFFERENT", None: "not compared (none in DIR...)"}
 
 
 def main(argv=None) -> int:
@@ -35,6 +40,9 @@ def main(argv=None) -> int:
                    help="force torch/MKL/oneDNN's AVX2 kernels in the workers (to reproduce a run made on an AVX2 host)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 steps of 32, 8 samples on 30 + 10 problems")
     p.add_argument("--analyse", action="store_true", help="only redo the report from the run files in --out")
+    p.add_argument("--compare", nargs="+", metavar="DIR", default=None,
+                   help="after the report: compare every run file in --out with the same run in DIR... (float for "
+                        "float); writes reproduction.json, exit 1 when any differs")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out or ROOT / "docs" / ("prereg_addendum" if args.addendum else "prereg_run"))
     if args.workers < 1 or (args.threads is not None and args.threads < 1):
@@ -52,6 +60,14 @@ def main(argv=None) -> int:
         print(f"[prereg] {row['name']}: {row['mean_diff']:+.4g} [{lo:+.4g}, {hi:+.4g}], p (Holm) "
               f"{row['p_holm']:.3g}: {row['verdict']}")
     print(f"[prereg] report: {out / 'results.md'}")
+    if args.compare:
+        rep = compare_runs(out, [Path(d) for d in args.compare])
+        print(f"[prereg] reproduction: {rep['equal']} of {rep['compared']} runs equal float for float to "
+              f"{', '.join(args.compare)}; references {REFS[rep['references_equal']]}; "
+              f"{len(rep['not_in_others'])} run(s) not there, {len(rep['not_in_out'])} of theirs not here")
+        if rep["different"] or rep["references_equal"] is False:
+            print(f"[prereg] different: {rep['different'][:10]}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -374,10 +374,21 @@ def _addendum_beside(full, tmp_path, full_summary):
     assert "Reproduction of the base's opd seed 0: equal, eopd seed 0: equal" in (add / "results.md").read_text()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "6 runs: 6 already done, 0 to run" in again.stdout, again.stdout[-2000:]
+    cmp = [R.sys.executable, str(R.ROOT / "scripts" / "prereg.py"), "--quick", "--analyse", "--out", str(full),
+           "--compare", str(base), str(add)]
+    same = subprocess.run(cmp, capture_output=True, text=True, timeout=600)
+    assert same.returncode == 0 and "16 of 16 runs equal float for float" in same.stdout, same.stdout[-2000:]
+    rep = json.loads((full / "reproduction.json").read_text())
+    assert rep["references_equal"] is True and rep["not_in_others"] == rep["not_in_out"] == rep["different"] == []
     path = R.run_path(base, MULTIPLE, "opd", 0)
     rec = json.loads(path.read_text())
     rec["result"]["measures"]["H"]["d8"] += 1e-9
     R.write_json(path, rec)
+    rep = R.compare_runs(full, [base, add])
+    assert (rep["compared"], rep["equal"], rep["different"]) == (16, 15, ["eopd_tiny_multiple/opd/seed00.json"])
+    assert subprocess.run(cmp, capture_output=True, text=True, timeout=600).returncode == 1
+    rep = R.compare_runs(add, [base])  # tier 3 is not in the base: listed, not compared
+    assert rep["compared"] == 0 and len(rep["not_in_others"]) == 6 and len(rep["not_in_out"]) == 10
     bad = subprocess.run(cmd[:-1] + [str(tmp_path / "add2")], capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "the base's runs do not reproduce" in bad.stderr, bad.stderr[-2000:]
     assert "DIFFERENT" in bad.stdout and not (tmp_path / "add2" / "runs").exists()

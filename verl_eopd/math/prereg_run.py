@@ -377,6 +377,12 @@ def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True)
 
 
+def _shown(path: Path) -> str:
+    """A path as results files record it: relative to the repository when inside it."""
+    p = path.resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
 def _resolve(path: str) -> Path:
     return Path(path) if Path(path).is_absolute() else ROOT / path
 
@@ -428,8 +434,8 @@ def run_addendum(out: Path, base: Path, design: Design, workers: int, threads: O
             repro = [{"task": t, "arm": a, "seed": s, "seconds": r["seconds"],
                       "equal": _canonical([r["measures"], r["train"]]) == _canonical([b["measures"], b["train"]])}
                      for (t, a, s), r, b in zip(REPRO_JOBS, fresh, base_recs)]
-            meta = {"provenance": prov, "base": str(base.resolve().relative_to(ROOT)) if base.resolve().is_relative_to(
-                ROOT) else str(base.resolve()), "base_commit": base_commit, "budget": budget, "reproduction": repro}
+            meta = {"provenance": prov, "base": _shown(base), "base_commit": base_commit, "budget": budget,
+                    "reproduction": repro}
             write_json(meta_path, meta)
             for r in repro:
                 log(f"[prereg] reproduction of the base's {r['task']} {r['arm']} seed {r['seed']}: "
@@ -441,6 +447,45 @@ def run_addendum(out: Path, base: Path, design: Design, workers: int, threads: O
         run_jobs(pool, out, design, refs_key, prov, budget,
                  [(MULTIPLE, a, s) for s in range(design.cap3) for a in TIER3], log)
     return {"provenance": prov, "seconds": time.time() - t_start}
+
+
+# -- reproduction: a run's files against earlier runs of the same design ------------------------------------------
+
+def compare_runs(out: Path, others: list[Path]) -> dict:
+    """Every run file in `out` against the file of the same (task, arm, seed) in `others` (the first that has it):
+    the same config (config_sha256) and every measure and training curve equal float for float. Also the
+    references' token sets and set hashes. Writes `out/reproduction.json`; runs absent from `others` and runs of
+    `others` absent from `out` are listed, not counted as differences."""
+    def files(d: Path) -> dict[tuple, Path]:
+        return {tuple(p.relative_to(d / "runs").parts): p for p in sorted((d / "runs").glob("*/*/seed*.json"))}
+
+    mine, theirs = files(out), {}
+    for d in reversed(others):  # the first directory given wins
+        theirs.update(files(d))
+    rows, unmatched = [], []
+    for key, path in mine.items():
+        if key not in theirs:
+            unmatched.append("/".join(key))
+            continue
+        a, b = (json.loads(p.read_text()) for p in (path, theirs[key]))
+        ra, rb = a["result"], b["result"]
+        rows.append({"run": "/".join(key), "other": _shown(theirs[key]),
+                     "config": a["config_sha256"] == b["config_sha256"],
+                     "equal": _canonical([ra["measures"], ra["train"]]) == _canonical([rb["measures"], rb["train"]]),
+                     "commits": [a["provenance"]["commit"], b["provenance"]["commit"]]})
+    ref_dirs = [d for d in others if (d / "references.json").exists()]
+    refs_equal = None  # an addendum has no references.json of its own
+    if ref_dirs and (out / "references.json").exists():
+        ref_a, ref_b = (json.loads((d / "references.json").read_text()) for d in (out, ref_dirs[0]))
+        keys = ("token_set", "token_set_x", *SET_HASHES, "references")
+        refs_equal = _canonical([ref_a[k] for k in keys]) == _canonical([ref_b[k] for k in keys])
+    result = {"out": _shown(out), "others": [_shown(d) for d in others], "compared": len(rows),
+              "equal": sum(r["config"] and r["equal"] for r in rows), "references_equal": refs_equal,
+              "different": [r["run"] for r in rows if not (r["config"] and r["equal"])],
+              "not_in_others": unmatched, "not_in_out": sorted("/".join(k) for k in set(theirs) - set(mine)),
+              "runs": rows}
+    write_json(out / "reproduction.json", result)
+    return result
 
 
 # -- analysis -----------------------------------------------------------------------------------------------------
