@@ -374,10 +374,12 @@ def _addendum_beside(full, tmp_path, full_summary):
     assert "Reproduction of the base's opd seed 0: equal, eopd seed 0: equal" in (add / "results.md").read_text()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "6 runs: 6 already done, 0 to run" in again.stdout, again.stdout[-2000:]
-    cmp = [R.sys.executable, str(R.ROOT / "scripts" / "prereg.py"), "--quick", "--analyse", "--out", str(full),
-           "--compare", str(base), str(add)]
+    summary_text = (full / "summary.json").read_text()
+    cmp = [R.sys.executable, str(R.ROOT / "scripts" / "prereg.py"), "--out", str(full), "--compare", str(base),
+           str(add)]
     same = subprocess.run(cmp, capture_output=True, text=True, timeout=600)
     assert same.returncode == 0 and "16 of 16 runs equal float for float" in same.stdout, same.stdout[-2000:]
+    assert (full / "summary.json").read_text() == summary_text  # --compare reports nothing anew
     rep = json.loads((full / "reproduction.json").read_text())
     assert rep["references_equal"] is True and rep["not_in_others"] == rep["not_in_out"] == rep["different"] == []
     path = R.run_path(base, MULTIPLE, "opd", 0)
