@@ -153,11 +153,15 @@ def main(argv=None) -> int:
         summary["stats"] = lift_stats([r["lift"] for r in rows.values()], args.target)
     if args.compare:
         other, _ = read(Path(args.compare).resolve())
-        pair = paired_lifts({s: r["lift"] for s, r in rows.items()}, {s: r["lift"] for s, r in other.items()})
-        summary["paired"] = {"against": args.compare, **pair}
-        print(f"paired with {args.compare} on seeds {pair['seeds']}: {pair['mean_diff']:+.1f} "
-              f"[{pair['ci95'][0]:+.1f}, {pair['ci95'][1]:+.1f}], t({pair['df']}) = {pair['t']:.2f}, "
-              f"two-sided p = {pair['p_two_sided']:.3g}")
+        both = sorted(set(rows) & set(other))
+        if len(both) < 2:  # not an error: a study in progress has one seed in both first
+            print(f"paired with {args.compare}: needs >= 2 seeds finished in both, has {both}")
+        else:
+            pair = paired_lifts({s: r["lift"] for s, r in rows.items()}, {s: r["lift"] for s, r in other.items()})
+            summary["paired"] = {"against": args.compare, **pair}
+            print(f"paired with {args.compare} on seeds {pair['seeds']}: {pair['mean_diff']:+.1f} "
+                  f"[{pair['ci95'][0]:+.1f}, {pair['ci95'][1]:+.1f}], t({pair['df']}) = {pair['t']:.2f}, "
+                  f"two-sided p = {pair['p_two_sided']:.3g}")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return 1 if failed else 0
 

@@ -124,6 +124,8 @@ def test_the_script_prints_commands_resumes_finished_seeds_and_reports_failures(
     _fake_seed(out, 5, 0.43, overrides)
     base = tmp_path / "default"
     _fake_seed(base, 4, 0.481, [])
+    early = _script("--out", str(out), "--read", "--compare", str(base))  # one seed in both so far
+    assert early.returncode == 0 and "needs >= 2 seeds finished in both, has [4]" in early.stdout, early.stderr
     _fake_seed(base, 5, 0.439, [])
     again = _script("--seeds", "4", "5", "--out", str(out), "--compare", str(base), "--", *overrides)
     assert again.returncode == 0, again.stderr
