@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 
 from .curves import read_run
-from .stats import paired_t, t_quantile
+from .stats import paired_t
 
 VAL = ("val-core/", "/acc/mean@1")  # verl's validation key: prefix, data source, suffix
 
@@ -43,10 +43,9 @@ def lift_stats(lifts: list[float], target: float) -> dict:
     n = len(lifts)
     if n < 2:
         raise ValueError(f"lift_stats needs >= 2 seeds, got {n}")
-    mean, sd = statistics.fmean(lifts), statistics.stdev(lifts)
-    half = t_quantile(0.975, n - 1) * sd / n ** 0.5
-    test = paired_t(lifts, [target] * n)
-    return {"n": n, "df": n - 1, "mean": mean, "sd": sd, "ci95": [mean - half, mean + half],
+    test = paired_t(lifts, [target] * n)  # the lifts minus the target: its interval, shifted back
+    return {"n": n, "df": n - 1, "mean": statistics.fmean(lifts), "sd": statistics.stdev(lifts),
+            "ci95": [test.ci95[0] + target, test.ci95[1] + target],
             "reach_target": sum(x >= target for x in lifts), "target": target, "t": test.t,
             "p_one_sided": test.p / 2 if test.t > 0 else 1 - test.p / 2}
 

@@ -383,6 +383,11 @@ def _shown(path: Path) -> str:
     return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
 
 
+def _same_result(a: dict, b: dict) -> bool:
+    """Two runs' results agree float for float on every measure and training curve."""
+    return _canonical([a["measures"], a["train"]]) == _canonical([b["measures"], b["train"]])
+
+
 def _resolve(path: str) -> Path:
     return Path(path) if Path(path).is_absolute() else ROOT / path
 
@@ -432,7 +437,7 @@ def run_addendum(out: Path, base: Path, design: Design, workers: int, threads: O
                 base_recs.append(rec["result"])
             fresh = list(pool.map(_job, *zip(*REPRO_JOBS), [None] * len(REPRO_JOBS), [None] * len(REPRO_JOBS)))
             repro = [{"task": t, "arm": a, "seed": s, "seconds": r["seconds"],
-                      "equal": _canonical([r["measures"], r["train"]]) == _canonical([b["measures"], b["train"]])}
+                      "equal": _same_result(r, b)}
                      for (t, a, s), r, b in zip(REPRO_JOBS, fresh, base_recs)]
             meta = {"provenance": prov, "base": _shown(base), "base_commit": base_commit, "budget": budget,
                     "reproduction": repro}
@@ -468,10 +473,9 @@ def compare_runs(out: Path, others: list[Path]) -> dict:
             unmatched.append("/".join(key))
             continue
         a, b = (json.loads(p.read_text()) for p in (path, theirs[key]))
-        ra, rb = a["result"], b["result"]
         rows.append({"run": "/".join(key), "other": _shown(theirs[key]),
                      "config": a["config_sha256"] == b["config_sha256"],
-                     "equal": _canonical([ra["measures"], ra["train"]]) == _canonical([rb["measures"], rb["train"]]),
+                     "equal": _same_result(a["result"], b["result"]),
                      "commits": [a["provenance"]["commit"], b["provenance"]["commit"]]})
     ref_dirs = [d for d in others if (d / "references.json").exists()]
     refs_equal = None  # an addendum has no references.json of its own
