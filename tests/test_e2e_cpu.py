@@ -167,7 +167,7 @@ def test_server_route_live_on_cpu(e2e, token_logprob):
         assert sum(_series(train, "actor/eopd/teacher_token_fallback_frac")) > 0  # the weak student strays
 
 
-SHORT_STEPS = 12
+SHORT_STEPS = 16
 
 
 def test_default_run_validates_at_both_ends_and_distils(tmp_path):
@@ -198,8 +198,11 @@ def test_default_run_validates_at_both_ends_and_distils(tmp_path):
     train = [r["data"] for r in records if "actor/eopd/gate_frac" in r["data"]]
     assert len(train) == SHORT_STEPS and all(0.05 < d["actor/eopd/gate_frac"] < 0.4 for d in train)
     rkl = [d["actor/eopd/rkl_mean"] for d in train]
-    # the last third of the steps below the first third: measured 6.67 -> 6.13 (sums of steps 1-4 and 9-12; the
-    # step-to-step noise is about 0.05 nats per step) on the shipped pair
+    # the last third of the steps below the first third. On the shipped pair the first updates raise the reverse
+    # KL (1.6 -> 1.8-2.0 nats by step 3) and on some runs it stays there until step 11, so 12 steps flaked (a CI
+    # run of 32c3ab8: steps 9-12 summed 7.63 against 7.60 for steps 1-4). Over 16 steps, in five 60-step runs of
+    # the default schedule (run seeds 4-7 and 10), steps 12-16 averaged 0.27-0.34 nats below steps 1-5, against a
+    # step-to-step noise of about 0.05-0.1 nats per step.
     third = SHORT_STEPS // 3
     assert sum(rkl[-third:]) < sum(rkl[:third]), rkl
     out = proc.stdout
