@@ -99,7 +99,8 @@ def read(out: Path) -> tuple[dict[int, dict], list[int]]:
     return rows, failed
 
 
-def table(rows: dict[int, dict], target: float) -> str:
+def table(rows: dict[int, dict], target: float, st: dict | None) -> str:
+    """The seeds' table, then `st` (lift_stats of their lifts, None under 2 seeds) in one line."""
     lines = ["| seed | step 0 | last step | lift | median step | whole command | kernels | steal | idle |",
              "|---|---|---|---|---|---|---|---|---|"]
     for s, r in sorted(rows.items()):
@@ -108,8 +109,7 @@ def table(rows: dict[int, dict], target: float) -> str:
         step = "" if r["median_step_s"] is None else f"{r['median_step_s']:.1f} s"
         lines.append(f"| {s} | {r['before']:.1f}% | {r['after']:.1f}% (step {r['last_step']}) | {r['lift']:+.1f} | "
                      f"{step} | {r['wall_s'] / 60:.1f} min | {r['cpu_capability']} | {steal} | {idle} |")
-    if len(rows) >= 2:
-        st = lift_stats([r["lift"] for r in rows.values()], target)
+    if st is not None:
         lines.append(f"\nlift over {st['n']} seeds: mean {st['mean']:+.1f}, SD {st['sd']:.1f}, 95% t interval "
                      f"[{st['ci95'][0]:+.1f}, {st['ci95'][1]:+.1f}] (df = {st['df']}); {st['reach_target']} of "
                      f"{st['n']} reach {target:+g}; one-sided t against {target:g}: t({st['df']}) = {st['t']:.2f}, "
@@ -147,21 +147,22 @@ def main(argv=None) -> int:
     if not out.is_dir():
         p.error(f"--out {out}: no such folder (nothing was run there)")
     rows, failed = read(out)
-    print(table(rows, args.target))
+    st = lift_stats([r["lift"] for r in rows.values()], args.target) if len(rows) >= 2 else None
+    print(table(rows, args.target, st))
     summary = {"rows": {str(s): r for s, r in rows.items()}}
-    if len(rows) >= 2:
-        summary["stats"] = lift_stats([r["lift"] for r in rows.values()], args.target)
+    if st is not None:
+        summary["stats"] = st
     if args.compare:
         other, _ = read(Path(args.compare).resolve())
-        both = sorted(set(rows) & set(other))
-        if len(both) < 2:  # not an error: a study in progress has one seed in both first
-            print(f"paired with {args.compare}: needs >= 2 seeds finished in both, has {both}")
-        else:
+        try:
             pair = paired_lifts({s: r["lift"] for s, r in rows.items()}, {s: r["lift"] for s, r in other.items()})
+        except ValueError as e:  # not an error: a study in progress has one seed in both first
+            print(f"paired with {args.compare}: {e}")
+        else:
             summary["paired"] = {"against": args.compare, **pair}
             print(f"paired with {args.compare} on seeds {pair['seeds']}: {pair['mean_diff']:+.1f} "
                   f"[{pair['ci95'][0]:+.1f}, {pair['ci95'][1]:+.1f}], t({pair['df']}) = {pair['t']:.2f}, "
-                  f"two-sided p = {pair['p_two_sided']:.3g}")
+                  f"two-sided p = {pair['p_two_sided']:.3g} (one-sided, this above: {pair['p_one_sided']:.3g})")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return 1 if failed else 0
 

@@ -86,6 +86,12 @@ def test_paired_lifts_use_only_the_seeds_both_have():
     sd = math.sqrt(sum((x - m) ** 2 for x in d) / 3)
     assert pr["seeds"] == [4, 5, 6, 7] and pr["df"] == 3
     assert pr["mean_diff"] == pytest.approx(m) and pr["t"] == pytest.approx(m / (sd / 2))
+    # one-sided p of t(3): for df = 3, P(T > t) = 1/2 - (atan(t / sqrt 3) + sqrt(3) t / (3 + t^2)) / pi exactly
+    t = pr["t"]
+    assert pr["p_one_sided"] == pytest.approx(0.5 - (math.atan(t / math.sqrt(3)) + math.sqrt(3) * t / (3 + t * t)) / math.pi,
+                                              abs=1e-9)
+    assert pr["p_two_sided"] == pytest.approx(2 * pr["p_one_sided"], abs=1e-12)
+    assert paired_lifts(b, a)["p_one_sided"] == pytest.approx(1 - pr["p_one_sided"], abs=1e-12)
     with pytest.raises(ValueError, match=">= 2 seeds in both"):
         paired_lifts({4: 1.0, 5: 2.0}, {5: 1.0, 6: 2.0})
 
@@ -125,7 +131,7 @@ def test_the_script_prints_commands_resumes_finished_seeds_and_reports_failures(
     base = tmp_path / "default"
     _fake_seed(base, 4, 0.481, [])
     early = _script("--out", str(out), "--read", "--compare", str(base))  # one seed in both so far
-    assert early.returncode == 0 and "needs >= 2 seeds finished in both, has [4]" in early.stdout, early.stderr
+    assert early.returncode == 0 and "needs >= 2 seeds in both, got [4]" in early.stdout, early.stderr
     _fake_seed(base, 5, 0.439, [])
     again = _script("--seeds", "4", "5", "--out", str(out), "--compare", str(base), "--", *overrides)
     assert again.returncode == 0, again.stderr

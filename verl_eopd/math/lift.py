@@ -47,14 +47,20 @@ def lift_stats(lifts: list[float], target: float) -> dict:
     return {"n": n, "df": n - 1, "mean": statistics.fmean(lifts), "sd": statistics.stdev(lifts),
             "ci95": [test.ci95[0] + target, test.ci95[1] + target],
             "reach_target": sum(x >= target for x in lifts), "target": target, "t": test.t,
-            "p_one_sided": test.p / 2 if test.t > 0 else 1 - test.p / 2}
+            "p_one_sided": _p_above(test)}
+
+
+def _p_above(test) -> float:
+    """One-sided p of a paired t-test for a mean difference above 0, from its two-sided p."""
+    return test.p / 2 if test.t > 0 else 1 - test.p / 2
 
 
 def paired_lifts(a: dict[int, float], b: dict[int, float]) -> dict:
-    """Seed-paired difference a - b over the seeds both have: mean, 95% t interval, t, two-sided p."""
+    """Seed-paired difference a - b over the seeds both have: mean, 95% t interval, t, two-sided p and the
+    one-sided p of a - b > 0."""
     seeds = sorted(set(a) & set(b))
     if len(seeds) < 2:
         raise ValueError(f"a paired comparison needs >= 2 seeds in both, got {seeds}")
     test = paired_t([a[s] for s in seeds], [b[s] for s in seeds])
     return {"seeds": seeds, "n": test.n, "df": test.df, "mean_diff": test.mean_diff, "ci95": list(test.ci95),
-            "t": test.t, "p_two_sided": test.p}
+            "t": test.t, "p_two_sided": test.p, "p_one_sided": _p_above(test)}
