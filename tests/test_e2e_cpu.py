@@ -202,18 +202,21 @@ def test_default_run_validates_at_both_ends_and_distils(tmp_path):
     train = [r["data"] for r in records if "actor/eopd/gate_frac" in r["data"]]
     assert len(train) == SHORT_STEPS and all(0.05 < d["actor/eopd/gate_frac"] < 0.4 for d in train)
     # algorithm=eopd: the loss holds the gated forward KL, per step to 10% (micro-batches of different token
-    # counts; 0.96-1.04 over the first 16 steps of five 60-step runs) and over the run to 3% (0.994-1.008 there)
+    # counts) and over the run to 3%. Measured over the first 16 steps of sixteen 60-step runs (both schedules of
+    # docs/cpu.md's seed studies): 0.965-1.044 per step, 0.994-1.008 summed.
     fkl_part, gated = _fkl_in_loss([{"data": d} for d in train])
     assert all(x > 1e-3 for x in gated) and all(abs(x - y) <= 0.1 * y for x, y in zip(fkl_part, gated)), (fkl_part, gated)
     assert abs(sum(fkl_part) - sum(gated)) <= 0.03 * sum(gated), (fkl_part, gated)
+    # the student moves towards the teacher: the reverse KL of steps 12-16 at least 0.05 nats below that of steps
+    # 2-4. Step 1 scores the shipped student's own samples before any update; on this pair the first updates
+    # raise the reverse KL (1.6 -> 1.7-2.3 nats by step 2-4) and on some runs it stays there for 10-20 steps, so
+    # "last third below first third" flaked at 12 steps (a CI run of 32c3ab8: 7.63 against 7.60 nats, summed) and
+    # had margins down to 0.014 nats at 16. Measured on 17 runs of the default run's first 16 steps (run seeds
+    # 4-7 and 10-15 of both schedules of docs/cpu.md, and this test): 0.107-0.44 nats. A run that does not learn
+    # (step-to-step noise about 0.05 nats) passes 0.05 about one time in eleven.
     rkl = [d["actor/eopd/rkl_mean"] for d in train]
-    # the last third of the steps below the first third. On the shipped pair the first updates raise the reverse
-    # KL (1.6 -> 1.8-2.0 nats by step 3) and on some runs it stays there until step 11, so 12 steps flaked (a CI
-    # run of 32c3ab8: steps 9-12 summed 7.63 against 7.60 for steps 1-4). Over 16 steps, in five 60-step runs of
-    # the default schedule (run seeds 4-7 and 10), steps 12-16 averaged 0.27-0.34 nats below steps 1-5, against a
-    # step-to-step noise of about 0.05-0.1 nats per step.
-    third = SHORT_STEPS // 3
-    assert sum(rkl[-third:]) < sum(rkl[:third]), rkl
+    fall = sum(rkl[1:4]) / 3 - sum(rkl[-5:]) / 5
+    assert fall > 0.05, (fall, rkl)
     out = proc.stdout
     assert "held-out accuracy" in out and f"{100 * before:.1f}% -> {100 * after:.1f}%" in out, out[-2000:]
     teacher = float(out.split("    teacher ")[1].split("%")[0])
