@@ -6,9 +6,11 @@ payloads shaped exactly as vLLM's RequestOutput.prompt_logprobs and SGLang's met
 """
 
 import ast
+import gc
 import os
 import sys
 import types
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -151,6 +153,31 @@ def test_patch_module_is_idempotent_and_checks_the_signature():
     missing = types.ModuleType(sl.SGLANG_MODULE)
     with pytest.raises(sl.PatchError, match="not found"):
         sl.patch_module(missing)
+
+
+def test_a_patch_record_holds_its_target_so_no_new_object_passes_for_patched(monkeypatch):
+    """The registry records a patched target by its id; a freed target's id can go to a new object, which then
+    passed for patched (a random-order CI run: this module's idempotence test met the id of a stand-in module
+    that an earlier test had patched and dropped). A record now holds its target, and a record under an id whose
+    object is not the recorded one does not count."""
+    from verl_eopd.integration import patches
+
+    monkeypatch.setattr(patches, "_DONE", set())
+    monkeypatch.setattr(patches, "_APPLIED", {})
+    monkeypatch.setattr(patches, "_TARGET_OF", {}, raising=False)
+    params = ("output", "num_prompt_logprobs", "result_dict")
+    first = _fake_server_module(sl.VLLM_MODULE, "extract_prompt_logprobs", params)
+    assert sl.patch_module(first) is True
+    ref = weakref.ref(first)
+    del first
+    gc.collect()
+    assert ref() is not None  # held by the record: its id cannot be handed to another object meanwhile
+    other = _fake_server_module(sl.VLLM_MODULE, "extract_prompt_logprobs", params)
+    name = sl.PATCH_NAMES.get(sl.VLLM_MODULE, "server-token-column-vllm")
+    patches._DONE.add((name, id(other)))  # a stale record under other's id, as the id-only registry could have
+    assert sl.patch_module(other) is True
+    assert getattr(other.extract_prompt_logprobs, "_eopd_token_column", False)
+    assert sl.patch_module(other) is False
 
 
 def test_post_import_hook_patches_a_module_when_it_is_imported(tmp_path, monkeypatch):
