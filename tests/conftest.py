@@ -124,7 +124,7 @@ def verl_cpu():
     saved_env = {k: os.environ.get(k) for k in _CPU_ENV}
     saved_attr = {path: (owner, name, getattr(owner, name)) for path in _CPU_PATCHED
                   for owner, name in [_attribute(path)]}
-    saved_patches = (set(patches._DONE), dict(patches._APPLIED), cpu._STATE["installed"])
+    saved_patches = (dict(patches._DONE), dict(patches._APPLIED), cpu._STATE["installed"])
     cpu.install()
     # verl's Worker reads its rank from the environment (Ray sets these for real workers)
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",

@@ -86,12 +86,11 @@ def _check_run(records, steps):
     return train
 
 
-def _fkl_in_loss(train: list[dict]) -> tuple[list[float], list[float]]:
+def _fkl_in_loss(data: list[dict]) -> tuple[list[float], list[float]]:
     """Per step: (loss - reverse-KL surrogate, gate fraction x gated forward KL). The loss is the token mean of
     (surrogate + fkl_coef x gate x FKL) per micro-batch and the metrics are the same token means, so the two are
     equal for eopd (fkl_coef 1) up to the weighting of micro-batches of different token counts, and the first is
-    nothing for opd (FKL switched off)."""
-    data = [r["data"] for r in train]
+    nothing for opd (FKL switched off). `data`: the logged metrics of each training step."""
     return ([d["actor/loss"] - d["actor/eopd/rkl_surrogate_mean"] for d in data],
             [d["actor/eopd/gate_frac"] * d["actor/eopd/fkl_gated_mean"] for d in data])
 
@@ -130,7 +129,7 @@ def test_tiny_default_end_to_end(e2e, algorithm):
                             "trainer.save_freq=-1", *extra)
     train = _check_run(records, STEPS)
     first = train[0]["data"]
-    fkl_part, gated = _fkl_in_loss(train)
+    fkl_part, gated = _fkl_in_loss([r["data"] for r in train])
     assert all(x > 1e-3 for x in gated)  # gated forward KL that eopd adds and opd must leave out
     if algorithm == "opd":
         assert all(abs(x) < 0.1 * y for x, y in zip(fkl_part, gated)), (fkl_part, gated)
@@ -204,7 +203,7 @@ def test_default_run_validates_at_both_ends_and_distils(tmp_path):
     # algorithm=eopd: the loss holds the gated forward KL, per step to 10% (micro-batches of different token
     # counts) and over the run to 3%. Measured over the first 16 steps of sixteen 60-step runs (both schedules of
     # docs/cpu.md's seed studies): 0.965-1.044 per step, 0.994-1.008 summed.
-    fkl_part, gated = _fkl_in_loss([{"data": d} for d in train])
+    fkl_part, gated = _fkl_in_loss(train)
     assert all(x > 1e-3 for x in gated) and all(abs(x - y) <= 0.1 * y for x, y in zip(fkl_part, gated)), (fkl_part, gated)
     assert abs(sum(fkl_part) - sum(gated)) <= 0.03 * sum(gated), (fkl_part, gated)
     # the student moves towards the teacher: the reverse KL of steps 12-16 at least 0.05 nats below that of steps

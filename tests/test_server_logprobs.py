@@ -162,9 +162,8 @@ def test_a_patch_record_holds_its_target_so_no_new_object_passes_for_patched(mon
     object is not the recorded one does not count."""
     from verl_eopd.integration import patches
 
-    monkeypatch.setattr(patches, "_DONE", set())
+    monkeypatch.setattr(patches, "_DONE", {})
     monkeypatch.setattr(patches, "_APPLIED", {})
-    monkeypatch.setattr(patches, "_TARGET_OF", {}, raising=False)
     params = ("output", "num_prompt_logprobs", "result_dict")
     first = _fake_server_module(sl.VLLM_MODULE, "extract_prompt_logprobs", params)
     assert sl.patch_module(first) is True
@@ -174,7 +173,7 @@ def test_a_patch_record_holds_its_target_so_no_new_object_passes_for_patched(mon
     assert ref() is not None  # held by the record: its id cannot be handed to another object meanwhile
     other = _fake_server_module(sl.VLLM_MODULE, "extract_prompt_logprobs", params)
     name = sl.PATCH_NAMES.get(sl.VLLM_MODULE, "server-token-column-vllm")
-    patches._DONE.add((name, id(other)))  # a stale record under other's id, as the id-only registry could have
+    patches._DONE[(name, id(other))] = object()  # a stale record under other's id, as the id-only registry had
     assert sl.patch_module(other) is True
     assert getattr(other.extract_prompt_logprobs, "_eopd_token_column", False)
     assert sl.patch_module(other) is False

@@ -103,10 +103,9 @@ PATCHES: dict[str, Patch] = {p.name: p for p in (
 )}
 
 _APPLIED: dict[str, Patch] = {}
-_DONE: set = set()
-# the target of each key in _DONE, held: a key is an id, and a freed target's id can be given to a new object,
+# (name, id(target)) -> the target, held: a key is an id, and a freed target's id can be given to a new object,
 # which would then pass for patched
-_TARGET_OF: dict = {}
+_DONE: dict[tuple, object] = {}
 
 
 def apply(name: str, fn: Callable[[], object], *, target: object = None) -> bool:
@@ -118,11 +117,10 @@ def apply(name: str, fn: Callable[[], object], *, target: object = None) -> bool
     if name not in PATCHES:
         raise KeyError(f"undeclared runtime patch {name!r}: declare it in verl_eopd.integration.patches.PATCHES")
     key = (name, id(target)) if target is not None else (name, None)
-    if key in _DONE and _TARGET_OF.get(key) is target:
+    if key in _DONE and _DONE[key] is target:
         return False
     fn()
-    _DONE.add(key)
-    _TARGET_OF[key] = target
+    _DONE[key] = target
     _APPLIED[name] = PATCHES[name]
     return True
 
