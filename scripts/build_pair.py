@@ -2,7 +2,9 @@
 trains the same student from the same teacher). Writes OUT/pair.json with the held-out greedy accuracies.
 
     python scripts/build_pair.py --task add --out /tmp/pair          # then EOPD_PAIR_DIR=/tmp/pair bash scripts/run.sh
-    python scripts/build_pair.py --task add --out verl_eopd/cpu/pairs/tiny-v4   # refresh the shipped pair
+    python scripts/build_pair.py --task add --out verl_eopd/cpu/pairs/tiny-v4   # refresh the studies' sum pair
+    python scripts/build_pair.py --task add --student-steps 650 --teacher-from verl_eopd/cpu/pairs/tiny-v4 \
+        --out verl_eopd/cpu/pairs/tiny-v5                                        # refresh the default run's pair
     python scripts/build_pair.py --task add --student-steps 60 --teacher-from verl_eopd/cpu/pairs/tiny-v4 --out DIR
 """
 

@@ -52,6 +52,15 @@ def shares(before: list[int], after: list[int]) -> dict:
     return {"steal_pct": 100 * d[7] / total, "idle_pct": 100 * d[3] / total}
 
 
+PAIR_ENVS = ("EOPD_PAIR_DIR", "EOPD_EMBEDDED_TASK")  # which pair the command trains: part of a seed's identity
+
+
+def pair_env() -> dict[str, str]:
+    """The pair-choosing environment variables that are set (recorded with each seed; a finished seed run on
+    another pair is run again, not read)."""
+    return {k: os.environ[k] for k in PAIR_ENVS if k in os.environ}
+
+
 def log_path(folder: Path, seed: int) -> Path:
     return folder / PROJECT / f"seed{seed}.jsonl"
 
@@ -70,8 +79,8 @@ def run_seed(folder: Path, seed: int, cmd: list[str]) -> dict:
     import torch
 
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    done = {"seed": seed, "command": cmd[1:], "rc": rc, "wall_s": time.time() - t0, "commit": commit,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), **shares(before, cpu_times())}
+    done = {"seed": seed, "command": cmd[1:], "pair_env": pair_env(), "rc": rc, "wall_s": time.time() - t0,
+            "commit": commit, "cpu_capability": torch.backends.cpu.get_cpu_capability(), **shares(before, cpu_times())}
     (folder / "done.json").write_text(json.dumps(done, indent=1))
     return done
 
@@ -81,7 +90,7 @@ def finished(folder: Path, cmd: list[str]) -> bool:
     if not p.exists():
         return False
     done = json.loads(p.read_text())
-    return done["rc"] == 0 and done["command"] == cmd[1:]
+    return done["rc"] == 0 and done["command"] == cmd[1:] and done.get("pair_env", {}) == pair_env()
 
 
 def read(out: Path) -> tuple[dict[int, dict], list[int]]:
@@ -136,7 +145,8 @@ def main(argv=None) -> int:
             cmd = command(s, args.algorithm, args.overrides)
             folder = out / f"seed{s}"
             if args.dry_run:
-                print(f"[lift] seed {s} in {folder}: EOPD_CACHE={folder / 'cache'} {' '.join(cmd)}")
+                env = "".join(f"{k}={v} " for k, v in pair_env().items())
+                print(f"[lift] seed {s} in {folder}: {env}EOPD_CACHE={folder / 'cache'} {' '.join(cmd)}")
             elif finished(folder, cmd):
                 print(f"[lift] seed {s}: already done in {folder}")
             else:

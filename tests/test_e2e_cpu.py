@@ -25,12 +25,12 @@ DESIGN_METRICS = ("teacher_entropy_mean", "gate_frac", "fkl_mean", "fkl_gated_me
 STEPS = 4
 
 
-# The shipped student (600 SFT steps) is already close to the teacher's format and its remaining reverse KL
-# sits on the digits, which 6 steps do not move reliably. These mechanics tests use the shipped teacher and data
-# with a student fine-tuned for 60 steps only (tests/assets/weak_student_add, built by scripts/build_pair.py
-# --student-steps 60 --teacher-from verl_eopd/cpu/pairs/tiny-v4: the format is still being learnt, so each step
-# of distillation gives a clear fall in reverse KL, 0.1-0.3 nats per step from 6.8 in every run seen, against
-# a step-to-step noise of a few hundredths) at lr 1e-3; scripts/mini_repro.py studies the shipped pair.
+# The shipped students (tiny-v5: 650 SFT steps; tiny-v4: 600) are already close to the teacher's format and their
+# remaining reverse KL sits on the digits, which 6 steps do not move reliably. These mechanics tests use the shipped
+# teacher and data with a student fine-tuned for 60 steps only (tests/assets/weak_student_add, built by
+# scripts/build_pair.py --student-steps 60 --teacher-from verl_eopd/cpu/pairs/tiny-v4: the format is still being
+# learnt, so each step of distillation gives a clear fall in reverse KL, 0.1-0.3 nats per step from 6.8 in every
+# run seen, against a step-to-step noise of a few hundredths) at lr 1e-3; scripts/mini_repro.py studies tiny-v4.
 WEAK_STUDENT = Path(__file__).parent / "assets" / "weak_student_add" / "student"
 LR = "1e-3"
 # half the default run's 512 responses per step (one mini-batch, 4 PPO epochs): the same 4 updates per step, each
@@ -181,8 +181,8 @@ def test_default_run_validates_at_both_ends_and_distils(tmp_path):
     problems, where the checkpoint and metrics are).
 
     The held-out accuracy lift is the full 60-step run's figure (docs/cpu.md, several run seeds): on the shipped
-    pair accuracy first dips and rises after about 20 steps (19.7% -> 11.7% at step 10), so a short run cannot
-    assert it without flaking."""
+    pair accuracy first dips and rises after about 20 steps (16.1% -> 13.3-24.7% at step 20 over run seeds
+    21-28; tiny-v4 dipped longer), so a short run cannot assert it without flaking."""
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run(["bash", str(root / "scripts" / "run.sh"), "algorithm=eopd",
                            f"trainer.total_training_steps={SHORT_STEPS}", f"trainer.test_freq={SHORT_STEPS}",
@@ -200,19 +200,21 @@ def test_default_run_validates_at_both_ends_and_distils(tmp_path):
     assert 0.0 <= after <= 1.0
     train = [r["data"] for r in records if "actor/eopd/gate_frac" in r["data"]]
     assert len(train) == SHORT_STEPS and all(0.05 < d["actor/eopd/gate_frac"] < 0.4 for d in train)
-    # algorithm=eopd: the loss holds the gated forward KL, per step to 10% (micro-batches of different token
-    # counts) and over the run to 3%. Measured over the first 16 steps of sixteen 60-step runs (both schedules of
-    # docs/cpu.md's seed studies): 0.965-1.044 per step, 0.994-1.008 summed.
+    # algorithm=eopd: the loss holds the gated forward KL, per step to 15% (micro-batches of different token
+    # counts) and over the run to 3%. Measured over the first 16 steps of 60-step runs: sixteen on tiny-v4 (both
+    # schedules of docs/cpu.md's seed studies) 0.965-1.044 per step, 0.994-1.008 summed; eight on tiny-v5 (run
+    # seeds 21-28) 0.969-1.095 per step, 0.999-1.011 summed. An opd loss gives 0, a doubled coefficient 2.
     fkl_part, gated = _fkl_in_loss(train)
-    assert all(x > 1e-3 for x in gated) and all(abs(x - y) <= 0.1 * y for x, y in zip(fkl_part, gated)), (fkl_part, gated)
+    assert all(x > 1e-3 for x in gated) and all(abs(x - y) <= 0.15 * y for x, y in zip(fkl_part, gated)), (fkl_part, gated)
     assert abs(sum(fkl_part) - sum(gated)) <= 0.03 * sum(gated), (fkl_part, gated)
     # the student moves towards the teacher: the reverse KL of steps 12-16 at least 0.05 nats below that of steps
-    # 2-4. Step 1 scores the shipped student's own samples before any update; on this pair the first updates
-    # raise the reverse KL (1.6 -> 1.7-2.3 nats by step 2-4) and on some runs it stays there for 10-20 steps, so
-    # "last third below first third" flaked at 12 steps (a CI run of 32c3ab8: 7.63 against 7.60 nats, summed) and
-    # had margins down to 0.014 nats at 16. Measured on 17 runs of the default run's first 16 steps (run seeds
-    # 4-7 and 10-15 of both schedules of docs/cpu.md, and this test): 0.107-0.44 nats. A run that does not learn
-    # (step-to-step noise about 0.05 nats) passes 0.05 about one time in eleven.
+    # 2-4. Step 1 scores the shipped student's own samples before any update; on these pairs the first updates
+    # raise the reverse KL (1.4-1.7 -> 1.7-2.3 nats by step 2-4) and on some runs it stays there for 10-20 steps,
+    # so "last third below first third" flaked at 12 steps on tiny-v4 (a CI run of 32c3ab8: 7.63 against 7.60
+    # nats, summed) and had margins down to 0.014 nats at 16. Measured on the default run's first 16 steps: 17
+    # runs on tiny-v4 (run seeds 4-7 and 10-15 of both schedules of docs/cpu.md, and this test) 0.107-0.44 nats;
+    # 8 runs on tiny-v5 (run seeds 21-28) 0.20-0.46. A run that does not learn (step-to-step noise about 0.05
+    # nats) passes 0.05 about one time in eleven.
     rkl = [d["actor/eopd/rkl_mean"] for d in train]
     fall = sum(rkl[1:4]) / 3 - sum(rkl[-5:]) / 5
     assert fall > 0.05, (fall, rkl)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -43,8 +44,10 @@ def test_multiple_problems_have_three_to_five_answers_and_a_disjoint_split():
 
 @pytest.mark.unit
 def test_the_sum_task_is_tiny_v4s():
-    """The sum pair is the calibrated tiny-v4: same problems in the same order, the same SFT phrasing stream
-    (one rng draw per response, as before the second task existed) and the same tokenizer text."""
+    """The sum task is the calibrated tiny-v4's: same problems in the same order, the same SFT phrasing stream
+    (one rng draw per response, as before the second task existed) and the same tokenizer text. The default
+    run's pair, tiny-v5, is tiny-v4's teacher and data with a longer fine-tuned student; the plain-loop studies
+    keep tiny-v4."""
     pairs = [(a, b) for a in range(embedded.MAX_OPERAND) for b in range(embedded.MAX_OPERAND)]
     random.Random(0).shuffle(pairs)
     train, val = embedded.task_problems(ADD)
@@ -52,7 +55,10 @@ def test_the_sum_task_is_tiny_v4s():
     rng, ref = random.Random(5), random.Random(5)
     for p in train[:50]:
         assert p.response(rng) == ref.choice(embedded.ADD_PHRASINGS).format(a=p.a, b=p.b, s=p.a + p.b)
-    assert embedded.VERSIONS[ADD] == "tiny-v4" and embedded.shipped_dir().name == "tiny-v4"
+    assert embedded.shipped_dir().name == "tiny-v5" and embedded.shipped_dir(studied=True).name == "tiny-v4"
+    v5, v4 = embedded.embedded_pair(), embedded.embedded_pair(studied=True)
+    assert all(v5[k] == v4[k] for k in ("teacher", "train", "val")) and v5["student"] != v4["student"]
+    assert (v5["student_steps"], v4["student_steps"]) == (650, embedded.RECIPES[ADD].student_steps)
     assert len(embedded.tokenizer_corpus(ADD)) == 60 * 20 * 3
 
 
@@ -78,16 +84,16 @@ def test_the_task_is_chosen_by_environment_and_a_bad_name_fails_naming_it(monkey
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("task", [ADD, MULTIPLE])
-def test_the_shipped_pair_loads_and_scores_its_documented_held_out_accuracies(task):
+@pytest.mark.parametrize("task,studied", [(ADD, False), (ADD, True), (MULTIPLE, False)])
+def test_the_shipped_pair_loads_and_scores_its_documented_held_out_accuracies(task, studied):
     """The pairs ship with the package (no SFT on the user's machine): the files load, the data splits are the
     task's, and greedy held-out accuracy is the one recorded in pair.json (the README's and docs' figures):
     student <= 30%, teacher >= 85%. Greedy decoding of the same weights can flip a near-tie between two
     tokens on another CPU's float reductions; 2 of 360 (add) or 120 (multiple) problems are allowed."""
     from verl_eopd.math.loop import held_out_accuracy
 
-    info = embedded.embedded_pair(task)
-    assert info["root"] == str(embedded.shipped_dir(task)) and info["task"] == task
+    info = embedded.embedded_pair(task, studied)
+    assert info["root"] == str(embedded.shipped_dir(task, studied)) and info["task"] == task
     import pandas as pd
 
     train, val = embedded.task_problems(task)
@@ -105,8 +111,7 @@ def test_a_rebuilt_pair_is_chosen_by_environment_and_a_bad_folder_is_named(tmp_p
     pair = tmp_path / "pair"
     pair.mkdir()
     record = json.loads((shipped / embedded.PAIR_FILE).read_text())
-    record.update(student=str(shipped / "student"), teacher=str(shipped / "teacher"), train=str(shipped / "train.parquet"),
-                  val=str(shipped / "val.parquet"))
+    record.update({k: v for k, v in embedded.load_pair(shipped).items() if k in ("student", "teacher", "train", "val")})
     (pair / embedded.PAIR_FILE).write_text(json.dumps(record))
     monkeypatch.setenv(embedded.PAIR_ENV, str(pair))
     assert embedded.embedded_pair()["root"] == str(pair) and embedded.embedded_pair()["student"] == record["student"]
@@ -115,6 +120,19 @@ def test_a_rebuilt_pair_is_chosen_by_environment_and_a_bad_folder_is_named(tmp_p
     monkeypatch.setenv(embedded.PAIR_ENV, str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match=r"\(pair.json missing\). Fix: unset EOPD_PAIR_DIR"):
         embedded.embedded_pair()
+
+
+@pytest.mark.unit
+def test_a_student_built_beside_a_shipped_teacher_names_it_relative_to_its_folder(tmp_path):
+    """`build_pair(teacher_from=...)` (how tiny-v5 was built from tiny-v4) fine-tunes only a student and names
+    the reused teacher and data relative to the new folder (the package ships both folders side by side)."""
+    root = tmp_path / "pairs" / "mine"
+    info = embedded.build_pair(root, student_steps=2, teacher_from=embedded.shipped_dir(studied=True), verbose=False)
+    record = json.loads((root / embedded.PAIR_FILE).read_text())
+    assert record["version"] == "mine" and record["student_steps"] == 2 and not Path(record["teacher"]).is_absolute()
+    v4 = embedded.embedded_pair(studied=True)
+    assert all(info[k] == v4[k] for k in ("teacher", "train", "val")) and info["student"] == str(root / "student")
+    assert (root / "student" / "model.safetensors").is_file()
 
 
 def _teacher_digit_entropy(info: dict, n: int = 120) -> tuple[float, float, float]:

@@ -101,16 +101,21 @@ def _script(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
-def _fake_seed(out: Path, seed: int, lift_to: float, cmd_overrides: list[str], rc: int = 0) -> None:
-    """A finished seed folder as run_seed leaves it (done.json, the file log under lift/), without running verl."""
-    folder = out / f"seed{seed}"
-    _write_log(folder / "lift" / f"seed{seed}.jsonl", {0: 0.197, 2: lift_to}, [5.0, 6.0], [1.5, 0.6])
+def _lift_seeds():
+    """scripts/lift_seeds.py as a module."""
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         import lift_seeds
     finally:
         sys.path.pop(0)
-    done = {"seed": seed, "command": lift_seeds.command(seed, "eopd", cmd_overrides)[1:], "rc": rc, "wall_s": 360.0,
+    return lift_seeds
+
+
+def _fake_seed(out: Path, seed: int, lift_to: float, cmd_overrides: list[str], rc: int = 0) -> None:
+    """A finished seed folder as run_seed leaves it (done.json, the file log under lift/), without running verl."""
+    folder = out / f"seed{seed}"
+    _write_log(folder / "lift" / f"seed{seed}.jsonl", {0: 0.197, 2: lift_to}, [5.0, 6.0], [1.5, 0.6])
+    done = {"seed": seed, "command": _lift_seeds().command(seed, "eopd", cmd_overrides)[1:], "rc": rc, "wall_s": 360.0,
             "commit": "abc", "cpu_capability": "AVX512", "steal_pct": 0.02, "idle_pct": 23.0}
     (folder / "done.json").write_text(json.dumps(done))
 
@@ -140,6 +145,17 @@ def test_the_script_prints_commands_resumes_finished_seeds_and_reports_failures(
     assert "1 of 2 reach +25" in again.stdout and "paired with" in again.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["paired"]["seeds"] == [4, 5] and summary["paired"]["mean_diff"] == pytest.approx(-0.45)
+    # a seed is the same run only on the same pair: another EOPD_PAIR_DIR is run again, not read
+    lift_seeds = _lift_seeds()
+    cmd = lift_seeds.command(4, "eopd", overrides)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("EOPD_PAIR_DIR", raising=False)
+        mp.delenv("EOPD_EMBEDDED_TASK", raising=False)
+        assert lift_seeds.finished(out / "seed4", cmd)
+        mp.setenv("EOPD_PAIR_DIR", str(tmp_path / "another_pair"))
+        assert not lift_seeds.finished(out / "seed4", cmd)
+        dry = _script("--seeds", "4", "--out", str(out), "--dry-run", "--", *overrides)
+        assert f"EOPD_PAIR_DIR={tmp_path / 'another_pair'} EOPD_CACHE=" in dry.stdout, dry.stdout
     _fake_seed(out, 6, 0.5, overrides, rc=1)
     failed = _script("--out", str(out), "--read")
     assert failed.returncode == 1 and "seed 6: exit status 1" in failed.stderr

@@ -7,9 +7,14 @@ pair.json with the held-out accuracies): SFT on another machine would give other
 differ across CPUs and thread counts), so every machine trains the same shipped student from the same shipped
 teacher. `EOPD_PAIR_DIR` names a rebuilt pair instead; `EOPD_EMBEDDED_TASK` picks the task (default `add`):
 
-  add (tiny-v4)  "What is a plus b?", one correct answer. The teacher (Qwen3 hidden 64, 2 layers) adds well
+  add (tiny-v5)  "What is a plus b?", one correct answer. The teacher (Qwen3 hidden 64, 2 layers) adds well
                  (98.1% greedy on held-out sums, shipped pair); its entropy is near zero on the digits and about ln 3
-                 on the phrasing choice, so the gate never opens on the tokens that decide correctness
+                 on the phrasing choice, so the gate never opens on the tokens that decide correctness. tiny-v5 is
+                 tiny-v4's teacher and data with a student fine-tuned 650 steps instead of 600 (16.1% against
+                 19.7% greedy). In the default run's 60 steps tiny-v4's student gained +21.3 points on average
+                 over 16 run seeds, tiny-v5's +35.6 over 8 (docs/cpu.md). The plain-loop studies whose results
+                 are committed (mini_repro, the preregistered runs, the coefficient sweep) keep tiny-v4
+                 (`STUDIED`)
   multiple       "Name a multiple of d between a and b." (d in 6..9, 3 to 5 correct answers), the task where
   (tiny-multiple-v1)  the teacher is uncertain on the deciding tokens: it was taught every correct answer
                  equally, so its entropy on the first digit of the answer (or of the quotient) is above
@@ -21,7 +26,8 @@ teacher. `EOPD_PAIR_DIR` names a rebuilt pair instead; `EOPD_EMBEDDED_TASK` pick
   teacher     fine-tuned to answer in one of three phrasings and to end with <|im_end|> (a chat model)
   student     Qwen3 (hidden 32, 2 layers), fine-tuned briefly on the same text ending with <|endoftext|>
               (a "Base" model: a different end token, as Qwen3-Base vs Qwen3 chat, exercising the EOS remap);
-              it knows the answer formats and is poor at the task (shipped pairs, greedy: add 19.7%; multiple 6.7%)
+              it knows the answer formats and is poor at the task (shipped pairs, greedy: add 16.1% (tiny-v4: 19.7%);
+              multiple 6.7%)
   data        train/val parquet in verl's RL format: chat `prompt`, `data_source` (the task), `reward_model.
               ground_truth` (the sum; "d (a, b)" for a multiple), 90/10 split with a fixed seed
 
@@ -42,8 +48,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 ADD, MULTIPLE = "eopd_tiny_add", "eopd_tiny_multiple"  # the tasks (each is also verl's data_source)
-VERSIONS = {ADD: "tiny-v4", MULTIPLE: "tiny-multiple-v1"}  # cache folder of each task's pair
-VERSION = VERSIONS[ADD]  # the default pair
+VERSIONS = {ADD: "tiny-v5", MULTIPLE: "tiny-multiple-v1"}  # each task's default pair (a folder of pairs/)
+STUDIED = {ADD: "tiny-v4", MULTIPLE: "tiny-multiple-v1"}  # the pairs of the plain-loop studies' committed results
 DATA_SOURCE = ADD
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -279,15 +285,16 @@ class Recipe:
     student_steps: int
 
 
-RECIPES = {ADD: Recipe(64, 2, 1200, 600), MULTIPLE: Recipe(64, 3, 3000, 150)}
+RECIPES = {ADD: Recipe(64, 2, 1200, 600), MULTIPLE: Recipe(64, 3, 3000, 150)}  # tiny-v4, tiny-multiple-v1
 
 
 PAIR_FILE = "pair.json"  # what a pair folder holds: paths (relative to the folder), recipe, measured figures
 
 
-def shipped_dir(task: str = ADD) -> Path:
-    """The pair shipped with the package for `task` (package data, built once by `build_pair`)."""
-    return SHIPPED / VERSIONS[_known(task)]
+def shipped_dir(task: str = ADD, studied: bool = False) -> Path:
+    """The pair shipped with the package for `task` (package data, built once by `build_pair`): the default
+    run's, or with `studied` the one the plain-loop studies' committed results were made on."""
+    return SHIPPED / (STUDIED if studied else VERSIONS)[_known(task)]
 
 
 def load_pair(root: Path) -> dict:
@@ -304,12 +311,13 @@ def load_pair(root: Path) -> dict:
     return info
 
 
-def embedded_pair(task: str = ADD) -> dict:
+def embedded_pair(task: str = ADD, studied: bool = False) -> dict:
     """The pair a run on the embedded default uses: the folder named by $EOPD_PAIR_DIR (one `build_pair`
-    wrote, for a rebuilt or another pair) or else the pair shipped with the package. Nothing is built: every
-    machine trains the same student from the same teacher."""
+    wrote, for a rebuilt or another pair) or else the pair shipped with the package (`studied`: the plain-loop
+    studies' pair, `shipped_dir`). Nothing is built: every machine trains the same student from the same
+    teacher."""
     chosen = os.environ.get(PAIR_ENV)
-    info = load_pair(Path(chosen) if chosen else shipped_dir(task))
+    info = load_pair(Path(chosen) if chosen else shipped_dir(task, studied))
     if info.get("task", ADD) != _known(task):
         raise ValueError(f"{PAIR_ENV}={chosen} holds a pair for task {info.get('task')!r}, not {task!r}. Fix: "
                          f"point {PAIR_ENV} at a {task} pair, or set {TASK_ENV} to its task")
@@ -322,10 +330,13 @@ def build_pair(root: Path, *, task: str = ADD, teacher_steps: Optional[int] = No
     """Build the task's tiny pair into `root` (the documented way to rebuild the shipped pairs; about 1-3 min on
     2 cores) and record it in root/pair.json with the held-out greedy accuracies of both models.
 
-    `teacher_from`: a pair folder whose teacher and data are reused (only the student is fine-tuned here; the
-    end-to-end tests' weakly fine-tuned student). `measure(model_dir, info)`: the held-out greedy accuracy
-    (verl_eopd.math.loop.held_out_accuracy; scripts/build_pair.py passes it), recorded for both models. SFT on another machine gives other weights (float reductions
-    differ across CPUs and thread counts), which is why the package ships the pairs instead of building them.
+    `teacher_from`: a pair folder whose teacher and data are reused, named in pair.json relative to `root`
+    (only the student is fine-tuned here: tiny-v5, `--student-steps 650 --teacher-from pairs/tiny-v4`; the
+    end-to-end tests' weakly fine-tuned student). pair.json's `version` is the folder's name.
+    `measure(model_dir, info)`: the held-out greedy accuracy (verl_eopd.math.loop.held_out_accuracy;
+    scripts/build_pair.py passes it), recorded for both models. SFT on another machine gives other weights (float
+    reductions differ across CPUs and thread counts), which is why the package ships the pairs instead of building
+    them.
     """
     import torch
     import transformers
@@ -338,7 +349,7 @@ def build_pair(root: Path, *, task: str = ADD, teacher_steps: Optional[int] = No
         print(f"[verl_eopd.cpu.embedded] building the tiny {task} pair in {root}", flush=True)
     train, val = task_problems(task)
     log = 100 if verbose else 0
-    record = {"task": task, "version": VERSIONS[task], "student": "student",
+    record = {"task": task, "version": root.name, "student": "student",
               "built_with": {"torch": torch.__version__, "transformers": transformers.__version__, "threads": threads}}
     if teacher_from is None:
         record.update(teacher="teacher", train="train.parquet", val="val.parquet")
@@ -351,8 +362,8 @@ def build_pair(root: Path, *, task: str = ADD, teacher_steps: Optional[int] = No
         write_rl_parquet(train, root / "train.parquet", "train")
         write_rl_parquet(val, root / "val.parquet", "val")
     else:
-        source = load_pair(Path(teacher_from))
-        record.update({k: source[k] for k in ("teacher", "train", "val")})
+        source = load_pair(Path(teacher_from))  # its paths relative to this folder: pairs/ ships both
+        record.update({k: os.path.relpath(source[k], root.resolve()) for k in ("teacher", "train", "val")})
     base_tok = build_tokenizer(str(root / "student"), eos_token="<|endoftext|>", task=task)
     build_tiny_qwen3(str(root / "student"), base_tok, hidden=32, layers=2, seed=2)
     s_losses = sft(str(root / "student"), base_tok, train, end_token="<|endoftext|>",

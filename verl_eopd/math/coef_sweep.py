@@ -83,7 +83,7 @@ def run(seeds, cfg: LoopConfig, out_dir: Path, coefs=COEFS, log: Callable = prin
     from ..cpu.embedded import embedded_pair
     from .repro import _Pair
 
-    info = embedded_pair(task=task)
+    info = embedded_pair(task=task, studied=True)  # the pair of the committed sweep
     pair = _Pair(info)
     t0 = time.time()
     results: dict[str, list[dict]] = {}

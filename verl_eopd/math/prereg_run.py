@@ -166,7 +166,7 @@ class Context:
         from ..cpu.embedded import embedded_pair
 
         self.design = design
-        self.mult, self.sums = _Pair(embedded_pair(task=MULTIPLE)), _Pair(embedded_pair(task=ADD))
+        self.mult, self.sums = (_Pair(embedded_pair(task=t, studied=True)) for t in (MULTIPLE, ADD))
         H, X, novel = P.heldout_sets()
         self.H, self.X, self.n_novel = H[:design.h_size], X[:design.x_size], min(len(novel), design.h_size)
         tok = self.mult.tok

@@ -175,7 +175,7 @@ def run(arms, seeds, cfg: LoopConfig, k: int, ab_prompts_n: int, out_dir: Path, 
     written to out_dir/results.json)."""
     from ..cpu.embedded import embedded_pair
 
-    info = embedded_pair(task=task)
+    info = embedded_pair(task=task, studied=True)  # the pair of docs/mini_repro.md's figures
     pair = _Pair(info)
     ab_prompts = random.Random(0).sample(pair.val, min(ab_prompts_n, len(pair.val)))
     t0 = time.time()
