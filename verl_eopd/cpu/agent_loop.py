@@ -15,35 +15,77 @@ verl's `TaskRunnerV1`; the CPU settings name `CPUAgentLoopManager`):
                     balancer per batch); each request keeps its own sampling parameters and output
     reward          rule-based rewards (no reward model) run in the agent-loop worker's own process in verl's
                     `RewardLoopWorker` (same reward manager and function), instead of a Ray call per response
+    TransferQueue   `_PutBatcher`: the puts that one worker's concurrent rollouts make within a few milliseconds
+                    (each response's fields, each prompt's status tags) go to TransferQueue as one
+                    `async_kv_batch_put` per partition and kind, not one controller round trip and storage put
+                    per call. verl's two writing methods (PUT_METHODS) run as they are, bound on the worker
+                    instance with their module names `tq` and `list_of_dict_to_tensordict` read from the batcher
+                    (`_rebound`): nothing of verl's is changed, and a patch of verl's module would not reach them
+                    (Ray sends verl's worker class to the worker process by value, with its own globals)
+    wait            `wait_idle` returns when every rollout dispatched so far has ended, so the trainer's replay
+                    buffer can wait for them in one Ray call instead of listing the TransferQueue partition
+                    every poll_interval while they run (integration/trainer.py; each listing decodes every
+                    key's tags in the TaskRunner and the controller: most of the TaskRunner's CPU time in
+                    generation, and more the slower the host, since the polls follow the wall clock)
 
-Only for the `hf` rollout backend (its server has `generate_batch`); every other case is verl's path as is.
+The batched `generate` is for the `hf` rollout backend only (its server has `generate_batch`); the rest holds for
+every CPU run. On GPUs all of this is verl's path as is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import types
 from typing import Any, Optional
 
 import ray
+import transfer_queue as tq
 
 from verl.trainer.ppo.v1.agent_loop_tq import AgentLoopManagerTQ, AgentLoopWorkerTQ
+from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 
 from .hf_registry import BACKEND_NAME as BACKEND
 
 MANAGER = "verl_eopd.cpu.agent_loop.CPUAgentLoopManager"
-BATCH_WINDOW_S = 0.005  # how long a worker's client collects generate calls before sending them together
+BATCH_WINDOW_S = 0.005  # how long a worker's client collects generate calls (or puts) before sending them together
+# verl's worker methods that write to TransferQueue (through the module names `tq`, `list_of_dict_to_tensordict`)
+PUT_METHODS = ("_run_prompt", "_agent_loop_postprocess")
 
 
-class _BatchingClient:
+class _Window:
+    """Collects the calls made within `window_s` (`_pending`) and hands them to `_send` together: the first call
+    of a window schedules it, later calls join it until it starts."""
+
+    def __init__(self, window_s: float):
+        self._window_s = window_s
+        self._pending: list = []
+        self._flush: Optional[asyncio.Task] = None  # the batch still collecting calls
+        self._in_flight: set[asyncio.Task] = set()
+
+    def _schedule(self) -> None:
+        if self._pending and (self._flush is None or self._flush.done()):
+            self._flush = asyncio.get_running_loop().create_task(self._send())
+            self._in_flight.add(self._flush)  # a reference until it ends (the event loop keeps only weak ones)
+            self._flush.add_done_callback(self._in_flight.discard)
+
+    async def _take(self) -> list:
+        """Waits out the window, then takes its calls (later calls start the next window)."""
+        await asyncio.sleep(self._window_s)
+        pending, self._pending, self._flush = self._pending, [], None
+        return pending
+
+    async def _send(self) -> None:
+        raise NotImplementedError
+
+
+class _BatchingClient(_Window):
     """An `LLMServerClient` whose text-only `generate` calls are grouped: the calls made within BATCH_WINDOW_S
     reach one server (picked by verl's load balancer once per batch) as one `generate_batch` Ray call. Every
     other attribute is the wrapped client's."""
 
     def __init__(self, client, window_s: float = BATCH_WINDOW_S):
-        self._client, self._window_s = client, window_s
-        self._pending: list[tuple[dict, asyncio.Future]] = []
-        self._flush: Optional[asyncio.Task] = None  # the batch still collecting calls
-        self._in_flight: set[asyncio.Task] = set()
+        super().__init__(window_s)
+        self._client = client
 
     def __getattr__(self, name):
         return getattr(self._client, name)
@@ -57,19 +99,14 @@ class _BatchingClient:
                                                image_data=image_data, video_data=video_data,
                                                audio_data=audio_data, mm_processor_kwargs=mm_processor_kwargs,
                                                **kwargs)
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        future = asyncio.get_running_loop().create_future()
         self._pending.append(({"request_id": self._client._vllm_request_id(request_id), "prompt_ids": prompt_ids,
                                "sampling_params": sampling_params}, future))
-        if self._flush is None or self._flush.done():
-            self._flush = loop.create_task(self._send())
-            self._in_flight.add(self._flush)  # a reference until it ends (the event loop keeps only weak ones)
-            self._flush.add_done_callback(self._in_flight.discard)
+        self._schedule()
         return await future
 
     async def _send(self) -> None:
-        await asyncio.sleep(self._window_s)
-        batch, self._pending, self._flush = self._pending, [], None  # later calls start the next batch
+        batch = await self._take()
         request_id = batch[0][0]["request_id"]
         try:
             server_id, server = await self._client._acquire_server(request_id)
@@ -90,6 +127,110 @@ class _BatchingClient:
                 future.set_result(output)
 
 
+class _Rows:
+    """The per-sample dicts verl's post-processing hands to `list_of_dict_to_tensordict` for one put, kept as
+    they are so that `_PutBatcher` builds one TensorDict for all the puts it sends together."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    @property
+    def batch_size(self) -> tuple[int]:  # what transfer_queue checks against the keys
+        return (len(self.rows),)
+
+
+class _PutBatcher(_Window):
+    """Stands in for the `transfer_queue` module in verl's `agent_loop_tq` within a CPU agent-loop worker.
+
+    verl's worker writes every response with its own `async_kv_batch_put` (one key) and every prompt's status
+    with `async_kv_put` (one tag): each is a controller round trip to create or find the key, then a storage
+    put or a tag update. Here the calls that arrive within `window_s` go out together: the tag-only puts of a
+    partition as one `async_kv_batch_put(keys, tags=...)`, the field puts of a partition (their rows, `_Rows`)
+    as one `async_kv_batch_put` whose TensorDict verl's own `list_of_dict_to_tensordict` builds from all their
+    rows. TransferQueue stores each key's fields and tags as it would from one call per key.
+
+    Order: every call waits for its own batch, so the calls in one batch come from rollouts running
+    concurrently, whose writes have no order between them; a key seen twice in one window (never in verl's
+    worker: a prompt's status puts are sequential) goes to the next batch, after the first. Each caller gets
+    its batch's error, or the merged put's KVBatchMeta (verl's worker does not read it). Every other
+    attribute, and any call with a `data_parser`, is the module's own."""
+
+    def __init__(self, tq, to_tensordict, window_s: float = BATCH_WINDOW_S):
+        super().__init__(window_s)
+        self._tq, self._to_tensordict = tq, to_tensordict  # _pending: (partition, keys, rows, tags, future)
+
+    def __getattr__(self, name):
+        return getattr(self._tq, name)
+
+    async def async_kv_put(self, key: str, partition_id: str, fields=None, tag: Optional[dict] = None,
+                           data_parser=None):
+        if fields is not None or data_parser is not None or tag is None:
+            return await self._tq.async_kv_put(key=key, partition_id=partition_id, fields=fields, tag=tag,
+                                               data_parser=data_parser)
+        return await self._enqueue(partition_id, [key], None, [tag])
+
+    async def async_kv_batch_put(self, keys: list[str], partition_id: str, fields=None,
+                                 tags: Optional[list[dict]] = None, data_parser=None):
+        if data_parser is not None or (fields is not None and not isinstance(fields, _Rows)) or \
+                (fields is None and tags is None):
+            if isinstance(fields, _Rows):
+                fields = self._to_tensordict(fields.rows)
+            return await self._tq.async_kv_batch_put(keys=keys, partition_id=partition_id, fields=fields,
+                                                     tags=tags, data_parser=data_parser)
+        if fields is not None and len(fields.rows) != len(keys):
+            raise ValueError(f"{len(keys)} keys for {len(fields.rows)} rows of fields")
+        return await self._enqueue(partition_id, list(keys), fields, None if tags is None else list(tags))
+
+    async def _enqueue(self, partition_id, keys, rows, tags):
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((partition_id, keys, rows, tags, future))
+        self._schedule()
+        return await future
+
+    async def _send(self) -> None:
+        pending = await self._take()
+        groups: dict[tuple, tuple[list, set]] = {}
+        for call in pending:
+            partition_id, keys, rows, tags, _ = call
+            kind = None if rows is None else frozenset(rows.rows[0]) if rows.rows else frozenset()
+            calls, seen = groups.setdefault((partition_id, kind, tags is None), ([], set()))
+            if seen.intersection(keys):
+                self._pending.append(call)  # the same key twice in one window: in the next batch
+                continue
+            calls.append(call)
+            seen.update(keys)
+        self._schedule()
+        await asyncio.gather(*(self._put(calls) for calls, _ in groups.values()))
+
+    async def _put(self, group: list) -> None:
+        partition_id = group[0][0]
+        keys = [key for call in group for key in call[1]]
+        tags = None if group[0][3] is None else [tag for call in group for tag in call[3]]
+        try:
+            fields = None if group[0][2] is None else self._to_tensordict([row for call in group for row in call[2].rows])
+            meta = await self._tq.async_kv_batch_put(keys=keys, partition_id=partition_id, fields=fields, tags=tags)
+        except BaseException as e:  # every waiter gets the error
+            for call in group:
+                if not call[4].done():
+                    call[4].set_exception(e)
+            return
+        for call in group:
+            if not call[4].done():
+                call[4].set_result(meta)
+
+
+def _rebound(function, **names):
+    """verl's `function` (its code, defaults and closure unchanged) reading those of `names` that its code uses
+    from `names` instead of its module; None when it uses none of them."""
+    used = {name: value for name, value in names.items() if name in function.__code__.co_names}
+    if not used:
+        return None
+    copy = types.FunctionType(function.__code__, {**function.__globals__, **used}, function.__name__,
+                              function.__defaults__, function.__closure__)
+    copy.__kwdefaults__, copy.__qualname__, copy.__doc__ = function.__kwdefaults__, function.__qualname__, function.__doc__
+    return copy
+
+
 class _LocalRewardHandle:
     """Stands in for a reward-loop worker's Ray handle: `handle.compute_score.remote(data)` runs verl's
     `RewardLoopWorker.compute_score` in this process (an awaitable, as the Ray call is)."""
@@ -103,10 +244,17 @@ class _LocalRewardHandle:
 
 
 class CPUAgentLoopWorker(AgentLoopWorkerTQ.__ray_actor_class__):
-    """verl's TransferQueue agent-loop worker with the three per-response costs above removed."""
+    """verl's TransferQueue agent-loop worker with the per-response costs above removed."""
 
     def __init__(self, config, llm_client, teacher_client=None, reward_loop_worker_handles=None):
         super().__init__(config, llm_client, teacher_client, reward_loop_worker_handles)
+        # verl's post-processing and status writes, reading TransferQueue through this worker's `_PutBatcher`
+        batcher = _PutBatcher(tq, list_of_dict_to_tensordict)
+        for name in PUT_METHODS:
+            method = _rebound(getattr(AgentLoopWorkerTQ.__ray_actor_class__, name), tq=batcher,
+                              list_of_dict_to_tensordict=_Rows)
+            if method is not None:
+                setattr(self, name, types.MethodType(method, self))
         if config.actor_rollout_ref.rollout.name == BACKEND:
             self.llm_client = _BatchingClient(self.llm_client)
         if reward_loop_worker_handles is not None and not config.reward.reward_model.enable:
@@ -126,6 +274,12 @@ class CPUAgentLoopWorker(AgentLoopWorkerTQ.__ray_actor_class__):
             simple = entry is not None and set(entry.keys()) == {"_target_"}
             self._loop_classes[agent_name] = get_class(entry["_target_"]) if simple else None
         return self._loop_classes[agent_name]
+
+    async def wait_idle(self) -> None:
+        """Returns once every rollout this worker has started (`generate_sequences`) has ended, failed or not
+        (verl's `_run_prompt` records a failure in TransferQueue and does not raise)."""
+        while self.background_tasks:
+            await asyncio.gather(*list(self.background_tasks), return_exceptions=True)
 
     async def _run_agent_loop(self, sampling_params, trajectory, *, agent_name: str, trace: bool = True, **kwargs):
         cls = self._direct_class(agent_name)
@@ -152,3 +306,7 @@ class CPUAgentLoopManager(AgentLoopManagerTQ):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.agent_loop_workers_class = ray.remote(CPUAgentLoopWorker)
+
+    def wait_idle(self) -> None:
+        """Blocks until every worker's dispatched rollouts have ended (`CPUAgentLoopWorker.wait_idle`)."""
+        ray.get([worker.wait_idle.remote() for worker in self.agent_loop_workers])

@@ -314,6 +314,9 @@ CPU_SETTINGS = {
     "data.dataloader_num_workers": 0,
     # Ray: logical resources (ray_init.num_gpus follows the ranks: `logical_gpus`)
     "ray_kwargs.ray_init.num_cpus": 16,
+    # no Ray dashboard: its processes cost about 5 CPU-seconds of every launch's start-up (docs/cpu.md), and a
+    # laptop run has no one watching it (`++ray_kwargs.ray_init.include_dashboard=true` brings it back)
+    "ray_kwargs.ray_init.include_dashboard": False,
     # TransferQueue puts each storage unit in a 1-CPU placement group; 8 (verl's default) plus the
     # trainer's actors must fit in ray_init.num_cpus or Ray waits forever
     "transfer_queue.backend.SimpleStorage.num_data_storage_units": 1,

@@ -145,11 +145,25 @@ class EOPDTrainer(PPOTrainerSync):
         verl chooses the sync buffer (and sync checkpoints, batched dataloader fetches) by
         `trainer_mode == "sync"`; ours is registered as "eopd" but is verl's sync trainer, so it runs in sync
         mode from here on. verl's buffer waits for rollouts in sleeps of a fixed 2.0 s, which on small models
-        makes every generation step a multiple of 2 s; the EOPD config polls every 0.05 s instead."""
+        makes every generation step a multiple of 2 s; the EOPD config polls every 0.05 s instead.
+
+        An agent-loop manager that can say when its rollouts have ended (`wait_idle`: the CPU manager,
+        cpu/agent_loop.py) is waited for before each `sample`, training and validation alike, so the buffer
+        finds the batch complete at its first listing instead of listing the partition every poll while the
+        rollouts run. verl's own manager has no `wait_idle` and is polled as above."""
         self.trainer_mode = "sync"
         buffer = super()._build_replay_buffer()
         kwargs = self.config.trainer.v1.sampler.get("sampler_kwargs", None) or {}
         buffer.poll_interval = float(kwargs.get("poll_interval", buffer.poll_interval))
+        sample = buffer.sample
+
+        def sample_once_rollouts_end(*args, **kw):
+            wait_idle = getattr(getattr(self, "agent_loop_manager", None), "wait_idle", None)
+            if wait_idle is not None:
+                wait_idle()
+            return sample(*args, **kw)
+
+        buffer.sample = sample_once_rollouts_end
         return buffer
 
     def _init_resource_pool_mgr(self):
