@@ -87,3 +87,41 @@ def test_run_sh_leaves_wandb_to_a_key_or_your_mode_and_says_when_it_turns_it_off
     assert out.returncode == 0, out.stderr
     assert out.stdout == f"WANDB_MODE={mode} -m verl_eopd.main trainer.logger=[console,wandb]\n"
     assert ("WANDB_MODE=disabled (no WANDB_API_KEY)" in out.stderr) is says, out.stderr
+
+
+def _slow_host(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / "scripts" / "slow_host.sh"), *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_slow_host_sh_refuses_bad_input_and_dry_runs_its_plan():
+    """scripts/slow_host.sh (docs/cpu.md's slow-host model): a bad core count or no command is refused naming
+    the option; the dry run prints the cgroup quota it would set and the AVX2 settings, and touches nothing."""
+    for args, says in ((["--cores", "0", "--", "true"], "--cores 0 is not a positive number"),
+                       (["--cores", "x", "--", "true"], "--cores x is not a positive number"),
+                       (["--cores", "0.6"], "no command given"), (["--fast", "--", "true"], "unknown option --fast")):
+        out = _slow_host(*args)
+        assert out.returncode == 2 and says in out.stderr, (args, out.stderr)
+    out = _slow_host("--dry-run", "--cores", "0.25", "--", "echo", "hi")
+    if "no cgroup cpu controller" in out.stderr:
+        pytest.skip("no cgroup cpu controller on this machine")
+    assert out.returncode == 0, out.stderr
+    assert "0.25 cores (quota 25000 us per 100000 us)" in out.stderr and "AVX2 kernels: echo hi" in out.stderr
+    assert ("echo 25000 > " in out.stdout or "echo '25000 100000' > " in out.stdout) and "exec echo hi" in out.stdout
+
+
+def test_slow_host_sh_runs_the_command_in_its_quota_group_with_avx2_kernels(tmp_path):
+    """Where cgroups are writable (root, as on CI's machines): the command runs inside a group whose quota is
+    the one asked for, with torch's AVX2 setting in its environment, and the group is removed afterwards."""
+    probe = tmp_path / "probe.sh"
+    probe.write_text('g=$(awk -F: \'$2 ~ /(^|,)cpu(,|$)/ || $2 == "" {print $3; exit}\' /proc/self/cgroup)\n'
+                     'if [ -f "/sys/fs/cgroup/cpu$g/cpu.cfs_quota_us" ]; then cat "/sys/fs/cgroup/cpu$g/cpu.cfs_quota_us"; '
+                     'else cut -d" " -f1 "/sys/fs/cgroup$g/cpu.max"; fi\necho "$g"\necho "$ATEN_CPU_CAPABILITY"\n')
+    out = _slow_host("--cores", "0.5", "--", "bash", str(probe))
+    if out.returncode != 0 and ("Permission denied" in out.stderr or "Read-only" in out.stderr
+                                or "no cgroup cpu controller" in out.stderr):
+        pytest.skip(f"cgroups not writable here: {out.stderr.strip()[-200:]}")
+    assert out.returncode == 0, out.stderr
+    quota, group, isa = out.stdout.split()
+    assert quota == "50000" and "eopd_slow_host_" in group and isa == "avx2", out.stdout
+    assert not any(Path(root, group.lstrip("/")).exists() for root in ("/sys/fs/cgroup/cpu", "/sys/fs/cgroup"))
