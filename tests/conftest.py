@@ -1,3 +1,4 @@
+import contextlib
 import os
 import subprocess
 import sys
@@ -22,6 +23,28 @@ def run_main(overrides, cwd, timeout: int = 1500, **env) -> subprocess.Completed
                           text=True, timeout=timeout, env={**os.environ, **env})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int):
+    """A clean local Ray cluster for a module's tests (one left over by another module is shut down first: named
+    actors). Ray's memory monitor is off meanwhile: other jobs share this machine's memory, and the monitor would
+    kill our small actors for their usage."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    previous = os.environ.get("RAY_memory_monitor_refresh_ms")
+    os.environ["RAY_memory_monitor_refresh_ms"] = "0"
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        if previous is None:
+            os.environ.pop("RAY_memory_monitor_refresh_ms")
+        else:
+            os.environ["RAY_memory_monitor_refresh_ms"] = previous
 
 
 

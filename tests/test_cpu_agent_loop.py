@@ -5,11 +5,11 @@ methods run with only their TransferQueue names rebound, and the replay buffer w
 from __future__ import annotations
 
 import asyncio
-import os
 
 import pytest
 import torch
 
+from conftest import local_ray
 from verl_eopd.cpu import agent_loop
 
 pytestmark = pytest.mark.integration
@@ -170,23 +170,13 @@ def test_the_worker_runs_verls_own_writing_methods_with_only_their_transfer_queu
 
 @pytest.fixture(scope="module")
 def transfer_queue():
-    import ray
     import transfer_queue as tq
     from omegaconf import OmegaConf
 
-    if ray.is_initialized():
-        ray.shutdown()
-    previous = os.environ.get("RAY_memory_monitor_refresh_ms")
-    os.environ["RAY_memory_monitor_refresh_ms"] = "0"
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 1}}}))
-    yield tq
-    tq.close()
-    ray.shutdown()
-    if previous is None:
-        os.environ.pop("RAY_memory_monitor_refresh_ms")
-    else:
-        os.environ["RAY_memory_monitor_refresh_ms"] = previous
+    with local_ray(num_cpus=4):
+        tq.init(OmegaConf.create({"backend": {"SimpleStorage": {"num_data_storage_units": 1}}}))
+        yield tq
+        tq.close()
 
 
 def verl_like_rows(n: int) -> list[dict]:

@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 
+from conftest import local_ray
 from tolerances import assert_within, fp32_logit_bound, log_softmax_bound, model_logit_scale
 from verl_eopd.cpu import hf_registry as hf_rollout
 from verl_eopd.cpu.hf_rollout import HFReplica, HFRolloutServer, HFServerAdapter
@@ -293,20 +294,8 @@ def test_replica_rejects_parallel_rollouts(student):
 
 @pytest.fixture(scope="module")
 def ray_session():
-    import ray
-
-    # other jobs share this machine's memory: Ray's monitor would kill our small actor for their usage
-    if ray.is_initialized():  # left over by another module: start a clean cluster (named server actors)
-        ray.shutdown()
-    previous = os.environ.get("RAY_memory_monitor_refresh_ms")
-    os.environ["RAY_memory_monitor_refresh_ms"] = "0"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-    if previous is None:
-        os.environ.pop("RAY_memory_monitor_refresh_ms")
-    else:
-        os.environ["RAY_memory_monitor_refresh_ms"] = previous
+    with local_ray(num_cpus=2) as ray:
+        yield ray
 
 
 def test_replica_server_actor_and_adapter_weight_sync(ray_session, student, run):

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import types
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import ray
 import transfer_queue as tq
@@ -139,6 +139,16 @@ class _Rows:
         return (len(self.rows),)
 
 
+class _Put(NamedTuple):
+    """One call waiting in `_PutBatcher`: its partition, keys, rows (None for a tag-only put), tags, and the
+    future its caller awaits."""
+    partition_id: str
+    keys: list[str]
+    rows: Optional[_Rows]
+    tags: Optional[list[dict]]
+    future: asyncio.Future
+
+
 class _PutBatcher(_Window):
     """Stands in for the `transfer_queue` module in verl's `agent_loop_tq` within a CPU agent-loop worker.
 
@@ -157,7 +167,7 @@ class _PutBatcher(_Window):
 
     def __init__(self, tq, to_tensordict, window_s: float = BATCH_WINDOW_S):
         super().__init__(window_s)
-        self._tq, self._to_tensordict = tq, to_tensordict  # _pending: (partition, keys, rows, tags, future)
+        self._tq, self._to_tensordict = tq, to_tensordict  # _pending: _Put
 
     def __getattr__(self, name):
         return getattr(self._tq, name)
@@ -183,7 +193,7 @@ class _PutBatcher(_Window):
 
     async def _enqueue(self, partition_id, keys, rows, tags):
         future = asyncio.get_running_loop().create_future()
-        self._pending.append((partition_id, keys, rows, tags, future))
+        self._pending.append(_Put(partition_id, keys, rows, tags, future))
         self._schedule()
         return await future
 
@@ -191,32 +201,34 @@ class _PutBatcher(_Window):
         pending = await self._take()
         groups: dict[tuple, tuple[list, set]] = {}
         for call in pending:
-            partition_id, keys, rows, tags, _ = call
-            kind = None if rows is None else frozenset(rows.rows[0]) if rows.rows else frozenset()
-            calls, seen = groups.setdefault((partition_id, kind, tags is None), ([], set()))
-            if seen.intersection(keys):
+            kind = None if call.rows is None else frozenset(call.rows.rows[0]) if call.rows.rows else frozenset()
+            calls, seen = groups.setdefault((call.partition_id, kind, call.tags is None), ([], set()))
+            if seen.intersection(call.keys):
                 self._pending.append(call)  # the same key twice in one window: in the next batch
                 continue
             calls.append(call)
-            seen.update(keys)
+            seen.update(call.keys)
         self._schedule()
         await asyncio.gather(*(self._put(calls) for calls, _ in groups.values()))
 
-    async def _put(self, group: list) -> None:
-        partition_id = group[0][0]
-        keys = [key for call in group for key in call[1]]
-        tags = None if group[0][3] is None else [tag for call in group for tag in call[3]]
+    async def _put(self, group: list[_Put]) -> None:
+        """One `async_kv_batch_put` for calls of one partition and kind (all with rows or none, all with tags
+        or none)."""
+        first = group[0]
+        keys = [key for call in group for key in call.keys]
+        tags = None if first.tags is None else [tag for call in group for tag in call.tags]
         try:
-            fields = None if group[0][2] is None else self._to_tensordict([row for call in group for row in call[2].rows])
-            meta = await self._tq.async_kv_batch_put(keys=keys, partition_id=partition_id, fields=fields, tags=tags)
+            fields = None if first.rows is None else self._to_tensordict([r for call in group for r in call.rows.rows])
+            meta = await self._tq.async_kv_batch_put(keys=keys, partition_id=first.partition_id, fields=fields,
+                                                     tags=tags)
         except BaseException as e:  # every waiter gets the error
             for call in group:
-                if not call[4].done():
-                    call[4].set_exception(e)
+                if not call.future.done():
+                    call.future.set_exception(e)
             return
         for call in group:
-            if not call[4].done():
-                call[4].set_result(meta)
+            if not call.future.done():
+                call.future.set_result(meta)
 
 
 def _rebound(function, **names):
