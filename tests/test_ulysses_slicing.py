@@ -72,36 +72,26 @@ def _configs():
     return cfg, dcfg
 
 
-def _worker(rank, world, init_file, token_column, out_file):
-    from verl.utils.ulysses import set_ulysses_sequence_parallel_group, slice_input_tensor
+def _logits_case(token_column: bool) -> dict:
+    """This rank's processor outputs on its slice of the logits (what verl's engine hands the rank)."""
+    from verl.utils.ulysses import slice_input_tensor
 
     from verl_eopd.integration.loss import eopd_logits_processor
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    set_ulysses_sequence_parallel_group(dist.group.WORLD)
     data, logits = make_data(token_column)
-    local = slice_input_tensor(logits, dim=1)  # what verl's engine hands this rank
     cfg, dcfg = _configs()
-    out = eopd_logits_processor(cfg, dcfg, data, local)
-    torch.save({k: v.detach() for k, v in out.items()}, f"{out_file}.{rank}")
-    dist.barrier()
-    dist.destroy_process_group()
+    out = eopd_logits_processor(cfg, dcfg, data, slice_input_tensor(logits, dim=1))
+    return {k: v.detach() for k, v in out.items()}
 
 
 @pytest.mark.parametrize("token_column", [False, True])
-def test_sp_slices_reassemble_to_the_single_process_output(token_column, tmp_path):
+def test_sp_slices_reassemble_to_the_single_process_output(token_column, sp_ranks):
     from verl_eopd.integration.loss import eopd_logits_processor
 
     data, logits = make_data(token_column)
     cfg, dcfg = _configs()
     full = eopd_logits_processor(cfg, dcfg, data, logits.clone())
-    world = 3
-    fd, init_file = tempfile.mkstemp(dir=tmp_path)
-    os.close(fd)
-    os.unlink(init_file)
-    mp.start_processes(_worker, args=(world, init_file, token_column, str(tmp_path / "out")), nprocs=world,
-                       join=True, start_method="spawn")
-    parts = [torch.load(f"{tmp_path / 'out'}.{r}") for r in range(world)]
+    parts = [p[f"logits_token_column={token_column}"] for p in sp_ranks]
     n = sum(LENS)
     assert set(parts[0]) == set(full)
     # the same logits, sliced: per-row ops on the same values (dz = 0), bounds _per_token_bounds (9.6e-6 log-probs
@@ -165,25 +155,50 @@ def _hidden_outputs(data, hidden, weight, cfg, dcfg, rank=None):
     return res, h.grad, w.grad
 
 
-def _hidden_worker(rank, world, init_file, out_file):
-    from verl.utils.ulysses import set_ulysses_sequence_parallel_group, slice_input_tensor
+def _hidden_case(rank: int) -> dict:
+    """This rank's from_hidden outputs and gradients on its slice of the hidden states, as its logits would be
+    sliced, with two rows per lm-head chunk (a fresh process: nothing to restore)."""
+    from verl.utils.ulysses import slice_input_tensor
 
     from verl_eopd.core import kernels
 
-    _small_chunks(kernels)  # a fresh process: nothing to restore
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    set_ulysses_sequence_parallel_group(dist.group.WORLD)
+    _small_chunks(kernels)
     data, _ = make_data(token_column=False)
     hidden, weight = make_hidden()
-    local = slice_input_tensor(hidden, dim=1)  # this rank's hidden states, as its logits would be sliced
     cfg, dcfg = _configs()
-    out, gh, gw = _hidden_outputs(data, local, weight, cfg, dcfg, rank)
-    torch.save({"out": out, "gh": gh, "gw": gw}, f"{out_file}.{rank}")
+    out, gh, gw = _hidden_outputs(data, slice_input_tensor(hidden, dim=1), weight, cfg, dcfg, rank)
+    return {"out": out, "gh": gh, "gw": gw}
+
+
+def _worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    """One rank of a real SP group: every case of this module on this rank's slice, saved for the tests."""
+    from verl.utils.ulysses import set_ulysses_sequence_parallel_group
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    set_ulysses_sequence_parallel_group(dist.group.WORLD)
+    cases = {f"logits_token_column={column}": _logits_case(column) for column in (False, True)}
+    cases["hidden"] = _hidden_case(rank)  # last: it shrinks the kernels' chunks in this process
+    torch.save(cases, f"{out_file}.{rank}")
     dist.barrier()
     dist.destroy_process_group()
 
 
-def test_sp_from_hidden_matches_one_process_and_the_logits_path(tmp_path, monkeypatch):
+WORLD = 3  # 20 tokens on 3 ranks: the last rank holds padding
+
+
+@pytest.fixture(scope="module")
+def sp_ranks(tmp_path_factory) -> list:
+    """The per-rank outputs of every case, from one 3-process gloo SP group (each process imports verl once)."""
+    tmp = tmp_path_factory.mktemp("sp")
+    fd, init_file = tempfile.mkstemp(dir=tmp)
+    os.close(fd)
+    os.unlink(init_file)
+    mp.start_processes(_worker, args=(WORLD, init_file, str(tmp / "out")), nprocs=WORLD, join=True,
+                       start_method="spawn")
+    return [torch.load(f"{tmp / 'out'}.{r}") for r in range(WORLD)]
+
+
+def test_sp_from_hidden_matches_one_process_and_the_logits_path(sp_ranks, monkeypatch):
     """Under Ulysses SP each rank's from_hidden pass sees its slice of the hidden states: the per-rank outputs,
     concatenated, equal the one-process from_hidden outputs and the logits processor's; the per-rank gradients
     on h concatenate to the one-process gradient, and on W they sum to it (FSDP's reduction over the SP group)."""
@@ -205,13 +220,8 @@ def test_sp_from_hidden_matches_one_process_and_the_logits_path(tmp_path, monkey
     bounds = _per_token_bounds(S, 2 * gamma(H) * S, data)
     for key, v in via_logits.items():
         assert_within(full[key], v.detach(), bounds[key], key)
-    world = 3
-    fd, init_file = tempfile.mkstemp(dir=tmp_path)
-    os.close(fd)
-    os.unlink(init_file)
-    mp.start_processes(_hidden_worker, args=(world, init_file, str(tmp_path / "h")), nprocs=world, join=True,
-                       start_method="spawn")
-    parts = [torch.load(f"{tmp_path / 'h'}.{r}") for r in range(world)]
+    world = WORLD
+    parts = [p["hidden"] for p in sp_ranks]
     n = sum(LENS)
     assert n % world and set(parts[0]["out"]) == set(full)  # 20 tokens on 3 ranks: the last rank holds padding
     # each rank's slice in other row chunks: the same dz and bounds; gradients 2 gamma_{T+V+H} T max|g| (T = 20
