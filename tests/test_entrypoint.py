@@ -75,44 +75,56 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "HYDRA_FULL_ERROR": "1"})
 
 
-def test_main_prints_the_composed_config():
-    out = _cli("-m", "verl_eopd.main", "algorithm=opd", "--cfg", "job")
+@pytest.fixture(scope="module")
+def printed(tmp_path_factory) -> dict:
+    """`--cfg job` of `python -m verl_eopd.main` and of the promised `python -m verl.trainer.main` (verl 0.9.1 has
+    no such module; the plugin's finder serves verl_eopd/cli.py), the same overrides, run from another directory:
+    two fresh processes for the module's tests."""
+    cwd = tmp_path_factory.mktemp("cfg")
+    args = ("algorithm=opd", "data.train_batch_size=64", "--cfg", "job")
+    return {name: subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300,
+                                 cwd=cwd, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+            for name, module in (("ours", "verl_eopd.main"), ("promised", "verl.trainer.main"))}
+
+
+def test_main_prints_the_composed_config(printed):
+    out = printed["ours"]
     assert out.returncode == 0, out.stderr[-2000:]
     assert "_target_: verl_eopd.integration.config.EOPDLossConfig" in out.stdout and "fkl_coef: 0.0" in out.stdout
     assert "trainer_mode: eopd" in out.stdout
 
 
-def test_the_promised_command_is_the_same_run(tmp_path):
-    """`python -m verl.trainer.main algorithm=eopd` (verl 0.9.1 has no such module; the plugin's finder serves
-    verl_eopd/cli.py) composes exactly the config of `python -m verl_eopd.main`, from another directory."""
-    ours = subprocess.run([sys.executable, "-m", "verl_eopd.main", "algorithm=eopd", "data.train_batch_size=64",
-                           "--cfg", "job"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    promised = subprocess.run([sys.executable, "-m", "verl.trainer.main", "algorithm=eopd", "data.train_batch_size=64",
-                               "--cfg", "job"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+def test_the_promised_command_is_the_same_run(printed):
+    """`python -m verl.trainer.main algorithm=...` composes exactly the config of `python -m verl_eopd.main`."""
+    ours, promised = printed["ours"], printed["promised"]
     assert promised.returncode == 0, promised.stderr[-2000:]
     assert promised.stdout == ours.stdout and "loss_mode: eopd" in promised.stdout
     assert "train_batch_size: 64" in promised.stdout
 
 
-def test_verls_own_trainer_main_would_win_and_nothing_is_written_into_verl(tmp_path):
+def test_verls_own_trainer_main_would_win_and_nothing_is_written_into_verl(tmp_path, monkeypatch):
     """The finder answers last: a `verl.trainer.main` that verl itself ships (a stand-in file on
-    verl.trainer's path) is found first; and verl's installed package holds no file of ours."""
-    (tmp_path / "main.py").write_text("VERLS_OWN = True\n")
-    code = ("import importlib.util, json, verl.trainer as t\n"
-            "mine = importlib.util.find_spec('verl.trainer.main').origin\n"
-            f"t.__path__.append({str(tmp_path)!r})\n"
-            "import sys; sys.path_importer_cache.clear()\n"
-            "theirs = importlib.util.find_spec('verl.trainer.main').origin\n"
-            "print(json.dumps([mine, theirs]))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    import json
+    verl.trainer's path) is found first; and verl's installed package holds no file of ours. (In this process:
+    verl's path and the import caches are put back afterwards.)"""
+    import importlib.util
 
-    mine, theirs = json.loads(out.stdout.strip().splitlines()[-1])
+    import verl
+    import verl.trainer
+
+    from verl_eopd.integration.verl_main_alias import install
+
+    install()  # what importing verl does through the plugin (a no-op when it already has)
+    monkeypatch.delitem(sys.modules, "verl.trainer.main", raising=False)
+    mine = importlib.util.find_spec("verl.trainer.main").origin
+    (tmp_path / "main.py").write_text("VERLS_OWN = True\n")
+    monkeypatch.setattr(verl.trainer, "__path__", [*verl.trainer.__path__, str(tmp_path)])
+    sys.path_importer_cache.clear()
+    try:
+        theirs = importlib.util.find_spec("verl.trainer.main").origin
+    finally:
+        sys.path_importer_cache.clear()
     assert mine == str(Path(verl_eopd.__file__).parent / "cli.py")
     assert theirs == str(tmp_path / "main.py")
-    import verl
-
     assert not (Path(verl.__file__).parent / "trainer" / "main.py").exists()
 
 
