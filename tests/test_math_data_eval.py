@@ -348,8 +348,10 @@ def test_presets_score_with_the_math_reward_through_verls_loader(algorithm):
     assert fn(data_source="math500", solution_str="so 0.5", ground_truth="0.5", extra_info={}) == 0.0
 
 
-def _recipe(setting, algo, *extra):
-    env = {**os.environ, "DRY_RUN": "1", "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+def _recipe(setting, algo, *extra, **mode):
+    """scripts/paper_recipe.sh SETTING ALGO EXTRA... with DRY_RUN=1 (the composed config), or the given mode."""
+    env = {**os.environ, **(mode or {"DRY_RUN": "1"}),
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     return subprocess.run(["bash", os.path.join(ROOT, "scripts", "paper_recipe.sh"), setting, algo, *extra],
                           capture_output=True, text=True, timeout=300, env=env)
 
@@ -362,11 +364,19 @@ def _recipe(setting, algo, *extra):
     ("qwen3-1.7b-math", "eopd_server", "Qwen/Qwen3-1.7B-Base", "math_train", 3, 1, 1.0),
 ])
 def test_paper_recipes_compose_with_the_papers_hyperparameters(setting, algo, student, train, epochs, n, fkl):
-    import yaml
+    """The recipe's command (PRINT=1: its arguments, one a line) composed by hydra in this process, as its DRY_RUN=1
+    (`--cfg job`, run in tests/test_deepmath_recipe.py) composes it in a fresh one."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
-    out = _recipe(setting, algo, "trainer.nnodes=2")
+    import verl_eopd
+
+    out = _recipe(setting, algo, "trainer.nnodes=2", PRINT="1")
     assert out.returncode == 0, out.stderr[-3000:]
-    cfg = yaml.safe_load(out.stdout)
+    argv = out.stdout.splitlines()
+    assert argv[1:3] == ["-m", "verl_eopd.main"], argv[:3]
+    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(verl_eopd.__file__), "conf"), version_base=None):
+        cfg = OmegaConf.to_container(compose(config_name="eopd_trainer", overrides=argv[3:]), resolve=False)
     actor, rollout = cfg["actor_rollout_ref"]["actor"], cfg["actor_rollout_ref"]["rollout"]
     loss = cfg["distillation"]["distillation_loss"]
     assert cfg["actor_rollout_ref"]["model"]["path"] == student
