@@ -401,6 +401,32 @@ def test_cpu_runs_compute_in_fp32_unless_the_user_says_otherwise(tiny_models, no
         assert engine.mixed_precision["param_dtype"] == dtype  # what verl's FSDP engine builds its policy from
 
 
+@pytest.mark.parametrize("overrides,expected", [
+    ((), 0),  # our agent-loop workers score each response themselves: verl's reward actors would sit idle
+    (("algorithm=eopd_grpo",), 0),  # task rewards: scored the same way
+    (("reward.reward_manager.name=remote",), 1),  # verl's remote manager sizes its scoring pool by the key
+    (("+actor_rollout_ref.rollout.agent.agent_loop_manager_class=verl.experimental.agent_loop.AgentLoopManager",), 1),
+    (("reward.num_workers=3",), 3),  # the user's value wins
+])
+def test_cpu_runs_start_verls_reward_actors_only_when_something_calls_them(tiny_models, no_model_loads, overrides,
+                                                                           expected):
+    from verl.experimental.reward_loop.reward_manager.remote import RemoteRewardManager  # noqa: F401 (registered)
+
+    from verl_eopd.main import prepare
+
+    cfg = _tiny_cfg(tiny_models, "trainer.device=cpu", *overrides)
+    assert prepare(cfg, user_keys=["trainer.device"] + [o.split("=", 1)[0].lstrip("+") for o in overrides]).on_cpu
+    assert cfg.reward.num_workers == expected
+    # a reward model is scored by verl's reward actors (compute_rm_score splits the batch over them)
+    from verl_eopd.cpu.platform import reward_loop_workers
+
+    assert reward_loop_workers(_tiny_cfg(tiny_models, "reward.reward_model.enable=true",
+                                         *[o for o in overrides if "num_workers" not in o])) >= 1
+    if expected == 0:
+        cfg.reward.reward_model.enable = True
+        assert reward_loop_workers(cfg) == 1
+
+
 def test_the_algorithm_choice_does_not_hide_the_embedded_defaults_below_algorithm(tiny_models, no_model_loads,
                                                                                   monkeypatch):
     """`algorithm=eopd` on the command line is a config-group choice (verl_eopd.main._cli_keys lists it as

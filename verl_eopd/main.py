@@ -173,8 +173,10 @@ def prepare(config, user_keys: Optional[Iterable[str]] = None, algorithm: Option
         apply_settings(config, cpu.CPU_SETTINGS, user_keys)
         if config.distillation.get("enabled", False):
             apply_settings(config, cpu.CPU_SERVER_SETTINGS, user_keys)
-        # Ray's logical GPUs follow the ranks (CPU workers ask for none that exist)
-        apply_settings(config, {"ray_kwargs.ray_init.num_gpus": cpu.logical_gpus(config)}, user_keys)
+        # Ray's logical GPUs follow the ranks (CPU workers ask for none that exist); verl's reward actors only when
+        # something calls them
+        apply_settings(config, {"ray_kwargs.ray_init.num_gpus": cpu.logical_gpus(config),
+                                "reward.num_workers": cpu.reward_loop_workers(config)}, user_keys)
         cpu.check_ray_resources(config)
     else:
         from .integration.config import check_gpu_backends, gpu_rollout_settings

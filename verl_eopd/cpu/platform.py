@@ -310,7 +310,6 @@ CPU_SETTINGS = {
     "distillation.distillation_loss.teacher_param_dtype": "fp32",  # the teacher's stored weights unrounded too
     # 4 MiB chunks fit this class of CPU's cache: fastest in the chunk sweep of docs/benchmarks.md
     "distillation.distillation_loss.logits_chunk_mb": 4,
-    "reward.num_workers": 1,
     "data.dataloader_num_workers": 0,
     # Ray: logical resources (ray_init.num_gpus follows the ranks: `logical_gpus`)
     "ray_kwargs.ray_init.num_cpus": 16,
@@ -329,6 +328,24 @@ CPU_SERVER_SETTINGS = {
     "distillation.nnodes": 1,
     "distillation.teacher_models.teacher_model.inference.tensor_model_parallel_size": 1,
 }
+
+
+AGENT_LOOP_MANAGER = CPU_SETTINGS["actor_rollout_ref.rollout.agent.agent_loop_manager_class"]
+
+
+def reward_loop_workers(config) -> int:
+    """How many of verl's RewardLoopWorker actors a CPU run starts (`reward.num_workers`): none when no reward model
+    is on, the reward manager scores in the calling process (not verl's `remote` one, whose pool is sized by this
+    key) and our agent-loop manager runs the rollouts: its workers score each response in their own process
+    (cpu/agent_loop.py), so verl's actors would only cost a process start (about 4.5 CPU-seconds of every
+    launch, docs/cpu.md). One otherwise: a reward model's `compute_rm_score` splits the batch over them, and verl's
+    own agent-loop workers pick one for every response."""
+    from omegaconf import OmegaConf
+
+    reward_model = OmegaConf.select(config, "reward.reward_model.enable", default=False)
+    remote = OmegaConf.select(config, "reward.reward_manager.name", default="naive") == "remote"
+    ours = OmegaConf.select(config, "actor_rollout_ref.rollout.agent.agent_loop_manager_class") == AGENT_LOOP_MANAGER
+    return 0 if ours and not reward_model and not remote else 1
 
 
 def logical_gpus(config) -> int:
