@@ -16,6 +16,11 @@ STUDENT_VOCAB = 320  # rows of the student's embedding
 TEACHER_VOCAB = 352  # the teacher's table is padded, like Qwen's 151,936 vs 152,064
 
 
+# one agent-loop worker instead of the CPU default's two: one process fewer to start (about 6 CPU-seconds of a
+# launch), for the e2e runs whose point does not lie in the rollout's layout; the default run's test keeps two
+ONE_AGENT_WORKER = "actor_rollout_ref.rollout.agent.num_workers=1"
+
+
 def run_main(overrides, cwd, timeout: int = 1500, **env) -> subprocess.CompletedProcess:
     """`python -m verl_eopd.main OVERRIDES` in a subprocess (the command line, with its own process state);
     fails the test with the end of its output when it fails."""
@@ -23,6 +28,20 @@ def run_main(overrides, cwd, timeout: int = 1500, **env) -> subprocess.Completed
                           text=True, timeout=timeout, env={**os.environ, **env})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
+
+
+@pytest.fixture(scope="session")
+def fresh_python():
+    """`fresh_python(args, env=None, cwd=None, timeout=300)`: `python ARGS` in a fresh process, answered as
+    subprocess.run(..., capture_output=True, text=True) would, forked from a server that has imported verl's
+    third-party stack once (tests/fork_server.py: about 1 CPU-second a command instead of 4.5; verl, verl_eopd, ray
+    and transformers are imported fresh in every child). For commands whose point is not what a bare interpreter
+    imports (tests/test_architecture.py's import checks run real fresh processes)."""
+    from fork_server import ForkServer
+
+    server = ForkServer()
+    yield server.run
+    server.close()
 
 
 @contextlib.contextmanager

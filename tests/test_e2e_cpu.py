@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_main
+from conftest import ONE_AGENT_WORKER, run_main
 from verl_eopd.cpu import embedded
 from verl_eopd.integration.hidden import FROM_HIDDEN_LINE
 
@@ -54,12 +54,12 @@ def e2e(tmp_path_factory):
 
 
 def _run(e2e: dict, algorithm: str, name: str, *overrides: str) -> tuple[list[dict], str]:
-    """One mechanics run: no validation (the default run's test checks it); metrics from verl's file log and
-    the console (stdout and stderr)."""
+    """One mechanics run: no validation (the default run's test checks it), one agent-loop worker (the default
+    run's test runs the CPU default's two); metrics from verl's file log and the console (stdout and stderr)."""
     root = e2e["root"]
     cmd = [f"algorithm={algorithm}", f"trainer.experiment_name={name}", "trainer.val_before_train=false",
            "trainer.test_freq=-1", "trainer.logger=[console,file]", f"actor_rollout_ref.actor.optim.lr={LR}",
-           f"trainer.default_local_dir={root / 'ckpt' / name}", *overrides]
+           f"trainer.default_local_dir={root / 'ckpt' / name}", ONE_AGENT_WORKER, *overrides]
     proc = run_main(cmd, cwd=root, VERL_FILE_LOGGER_ROOT=str(root / "metrics"), EOPD_PAIR_DIR=str(e2e["pair"]))
     path = root / "metrics" / "verl-eopd" / f"{name}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()], proc.stdout + proc.stderr

@@ -177,7 +177,7 @@ def test_the_multiple_pair_has_an_uncertain_teacher_on_the_deciding_tokens_and_t
     most of its own answers), unlike the sum pair, whose teacher is certain on every digit; the student
     starts low. Then `EOPD_EMBEDDED_TASK=multiple python -m verl_eopd.main algorithm=eopd` validates on it at
     both ends through verl's trainer, with the gate open on a real share of tokens."""
-    from conftest import run_main
+    from conftest import ONE_AGENT_WORKER, run_main
 
     info = embedded.embedded_pair(task=MULTIPLE)
     assert info["task"] == MULTIPLE
@@ -190,7 +190,7 @@ def test_the_multiple_pair_has_an_uncertain_teacher_on_the_deciding_tokens_and_t
     steps = 3
     proc = run_main(["algorithm=eopd", f"trainer.total_training_steps={steps}", f"trainer.test_freq={steps}",
                      "trainer.save_freq=-1", "actor_rollout_ref.actor.ppo_epochs=1", "data.train_batch_size=256",
-                     "actor_rollout_ref.actor.ppo_mini_batch_size=256"], cwd=tmp_path,
+                     "actor_rollout_ref.actor.ppo_mini_batch_size=256", ONE_AGENT_WORKER], cwd=tmp_path,
                     EOPD_EMBEDDED_TASK="multiple")
     path = tmp_path / "verl-eopd" / "tiny_multiple_eopd.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines()]

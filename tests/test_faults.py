@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ONE_AGENT_WORKER
 
 pytestmark = pytest.mark.e2e
 
@@ -31,7 +32,7 @@ def _command(root: Path, name: str) -> list[str]:
             "trainer.test_freq=-1", "trainer.logger=[console,file]", f"data.train_batch_size={PROMPTS}",
             f"actor_rollout_ref.actor.ppo_mini_batch_size={PROMPTS}", "actor_rollout_ref.actor.ppo_epochs=1",
             f"reward.custom_reward_function.path={HERE / 'fault_inject.py'}",
-            "reward.custom_reward_function.name=compute_score"]
+            "reward.custom_reward_function.name=compute_score", ONE_AGENT_WORKER]
 
 
 def _env(root: Path, name: str, **extra) -> dict:
