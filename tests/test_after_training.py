@@ -11,10 +11,7 @@ snippet of docs/after_training.md.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -109,15 +106,14 @@ def test_export_evaluate_use_each_pasted_as_printed(saved, tmp_path):
     assert re.search(r"^answer: .* score: [01]\.0$", done["use"].stdout, flags=re.M), done["use"].stdout
 
 
-def test_a_checkpoint_folder_is_refused_with_the_merge_command(saved, tmp_path):
+def test_a_checkpoint_folder_is_refused_with_the_merge_command(saved, tmp_path, fresh_python):
     """No weights in the checkpoint's huggingface/ folder: evaluate.py stops before loading, naming --model and
     the command that makes the folder to pass instead."""
     root = saved["root"]
     actor = root / f"global_step_{STEP}" / "actor"
     for given in (actor / "huggingface", actor, root / f"global_step_{STEP}", root):
-        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model", str(given),
-                               "--output-dir", str(tmp_path / "ev"), "--benchmarks", f"a={saved['pair']['val']}"],
-                              capture_output=True, text=True, timeout=300)
+        proc = fresh_python([str(ROOT / "scripts" / "evaluate.py"), "--model", str(given), "--output-dir",
+                             str(tmp_path / "ev"), "--benchmarks", f"a={saved['pair']['val']}"])
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert f"--model {given}: a verl FSDP checkpoint" in proc.stderr
         assert (f"python -m verl.model_merger merge --backend fsdp --local_dir {actor} --target_dir "

@@ -6,8 +6,6 @@ import dataclasses
 import importlib.resources
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from omegaconf import OmegaConf
@@ -126,39 +124,34 @@ def test_other_verl_version_is_refused_loudly(monkeypatch):
         check_verl_version()
 
 
-def _run(code: str, **env) -> subprocess.CompletedProcess:
-    """A fresh process with this environment minus what other tests' in-process CPU set-up exported."""
-    base = {k: v for k, v in os.environ.items() if k not in ("VERL_USE_EXTERNAL_MODULES", "VERL_PLATFORM")}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**base, **env})
+def _clean(**env) -> dict:
+    """This environment minus what other tests' in-process CPU set-up exported, plus ENV."""
+    return {**{k: v for k, v in os.environ.items() if k not in ("VERL_USE_EXTERNAL_MODULES", "VERL_PLATFORM")}, **env}
 
 
-def test_plain_import_verl_registers_eopd_in_a_fresh_process():
+def test_plain_import_verl_registers_eopd_in_a_fresh_process(fresh_python):
     """No import of verl_eopd: verl's own `verl.plugins` entry-point discovery must register the loss."""
     code = ("import json, verl, verl.trainer.distillation.losses as L; "
             "from verl.workers.rollout.replica import RolloutReplicaRegistry as R; "
             "print(json.dumps({'eopd': 'eopd' in L.DISTILLATION_LOSS_REGISTRY, 'hf': 'hf' in R._registry}))")
-    out = _run(code)
+    out = fresh_python(["-c", code], env=_clean())
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"eopd": True, "hf": True}
-    off = _run(code, VERL_USE_EXTERNAL_PLUGINS="none")
+    off = fresh_python(["-c", code], env=_clean(VERL_USE_EXTERNAL_PLUGINS="none"))
     assert json.loads(off.stdout.strip().splitlines()[-1])["eopd"] is False
 
 
-def test_plugin_command_checks_and_lists_every_patch():
+def test_plugin_command_checks_and_lists_every_patch(fresh_python):
     from verl_eopd.integration.patches import PATCHES
 
-    clean = {k: v for k, v in os.environ.items() if k not in ("VERL_USE_EXTERNAL_MODULES", "VERL_PLATFORM")}
-    out = subprocess.run([sys.executable, "-m", "verl_eopd.plugin"], capture_output=True, text=True, timeout=300,
-                         env=clean)
+    out = fresh_python(["-m", "verl_eopd.plugin"], env=_clean())
     assert out.returncode == 0, out.stderr
     assert "'registered': True" in out.stdout
     for name, patch in PATCHES.items():
         assert f"] {name}  (verl {patch.verl_version})" in out.stdout, name
     assert "[ACTIVE  ] rollout-registry-hf" in out.stdout  # every process registers the hf backend
     assert "[inactive] cpu-offload-no-pin" in out.stdout  # only with VERL_PLATFORM=cpu
-    cpu = subprocess.run([sys.executable, "-m", "verl_eopd.plugin"], capture_output=True, text=True, timeout=300,
-                         env={**clean, "VERL_PLATFORM": "cpu"})
+    cpu = fresh_python(["-m", "verl_eopd.plugin"], env=_clean(VERL_PLATFORM="cpu"))
     assert cpu.returncode == 0, cpu.stderr
     assert "[ACTIVE  ] cpu-offload-no-pin" in cpu.stdout and "[ACTIVE  ] teacher-topk-hf" in cpu.stdout
 

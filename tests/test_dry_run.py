@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -269,15 +268,14 @@ def test_the_embedded_default_dry_run_plans_this_cpu(dry):
     assert plan["data"]["train_rows"] >= 512 and "embedded tiny default" in text
 
 
-def test_the_command_line_dry_run_exits_0_without_ray(models, tmp_path):
+def test_the_command_line_dry_run_exits_0_without_ray(models, tmp_path, fresh_python):
     """Issue 23's "done when": `python -m verl.trainer.main ... trainer.n_gpus_per_node=8 trainer.dry_run=true`
     exits 0, prints the plan with fsdp2 and vllm, and Ray is never initialised in that process."""
     code = ("import runpy, sys; sys.argv = ['verl.trainer.main'] + sys.argv[1:]; "
             "runpy.run_module('verl.trainer.main', run_name='__main__', alter_sys=True)\n"
             "import ray; print('RAY_INITIALIZED', ray.is_initialized())")
     args = _generic(models) + ["trainer.n_gpus_per_node=8", "trainer.dry_run=true"]
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600,
-                         cwd=tmp_path)
+    out = fresh_python(["-c", code, *args], timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "RAY_INITIALIZED False" in out.stdout
     assert "dry run: every check passed" in out.stdout

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -70,20 +69,14 @@ def test_cli_overrides_reach_the_loss_config():
     assert (_loss(cfg).entropy_threshold, _loss(cfg).gate, _loss(cfg).gate_quantile) == (1.5, "quantile", 0.25)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HYDRA_FULL_ERROR": "1"})
-
-
 @pytest.fixture(scope="module")
-def printed(tmp_path_factory) -> dict:
+def printed(tmp_path_factory, fresh_python) -> dict:
     """`--cfg job` of `python -m verl_eopd.main` and of the promised `python -m verl.trainer.main` (verl 0.9.1 has
     no such module; the plugin's finder serves verl_eopd/cli.py), the same overrides, run from another directory:
-    two fresh processes for the module's tests."""
+    two fresh processes for the module's tests (forked: conftest.fresh_python)."""
     cwd = tmp_path_factory.mktemp("cfg")
     args = ("algorithm=opd", "data.train_batch_size=64", "--cfg", "job")
-    return {name: subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300,
-                                 cwd=cwd, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    return {name: fresh_python(["-m", module, *args], cwd=cwd, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
             for name, module in (("ours", "verl_eopd.main"), ("promised", "verl.trainer.main"))}
 
 
@@ -128,9 +121,9 @@ def test_verls_own_trainer_main_would_win_and_nothing_is_written_into_verl(tmp_p
     assert not (Path(verl.__file__).parent / "trainer" / "main.py").exists()
 
 
-def test_stock_verl_entrypoint_composes_our_config():
-    out = _cli("-m", "verl.trainer.main_ppo", f"--config-path={CONF}", "--config-name=eopd_trainer",
-               "algorithm=eopd_grpo", "--cfg", "job")
+def test_stock_verl_entrypoint_composes_our_config(fresh_python):
+    out = fresh_python(["-m", "verl.trainer.main_ppo", f"--config-path={CONF}", "--config-name=eopd_trainer",
+                        "algorithm=eopd_grpo", "--cfg", "job"], env={**os.environ, "HYDRA_FULL_ERROR": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "use_task_rewards: true" in out.stdout and "_target_: verl_eopd.integration.config.EOPDLossConfig" in out.stdout
 

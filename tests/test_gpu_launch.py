@@ -110,14 +110,11 @@ def test_the_generic_command_is_the_papers_run_on_gpus(tiny_models, no_model_loa
         assert loss.teacher_route == "ref" and not cfg.distillation.enabled
 
 
-def test_the_generic_command_composes_from_the_command_line(tmp_path, tiny_models):
+def test_the_generic_command_composes_from_the_command_line(tmp_path, tiny_models, fresh_python):
     """`python -m verl.trainer.main` with the models and data prints the presets' FSDP2 and run-level values."""
     import os
-    import subprocess
-    import sys
 
-    out = subprocess.run([sys.executable, "-m", "verl.trainer.main", *_generic(tiny_models), "--cfg", "job"],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    out = fresh_python(["-m", "verl.trainer.main", *_generic(tiny_models), "--cfg", "job"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     import yaml
 

@@ -11,8 +11,6 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -128,7 +126,7 @@ def test_register_resolves_hf_in_both_registries(monkeypatch):
         hf_rollout.register()
 
 
-def test_importing_first_in_a_fresh_process_registers_without_resolving_the_platform():
+def test_importing_first_in_a_fresh_process_registers_without_resolving_the_platform(fresh_python):
     """A Ray server actor imports this module before verl; verl's plugin entry point then calls `register()` on
     the partially imported module (no circular-import failure). Nothing imports verl's engines or picks a
     device platform (a CPU platform is installed later, before the engines are imported)."""
@@ -142,8 +140,8 @@ def test_importing_first_in_a_fresh_process_registers_without_resolving_the_plat
         "  'adapter': get_rollout_class('hf').__name__, 'platform': repr(pm._current_platform),\n"
         "  'engine_modules': [m for m in sys.modules if m.startswith('verl.workers.engine')]}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert "failed to load" not in out.stderr, out.stderr
+    out = fresh_python(["-c", code], timeout=120)
+    assert out.returncode == 0 and "failed to load" not in out.stderr, out.stderr
     facts = json.loads(out.stdout.strip().splitlines()[-1])
     assert facts == {"replica": "HFReplica", "adapter": "HFServerAdapter", "platform": "None", "engine_modules": []}
 

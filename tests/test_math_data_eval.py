@@ -280,13 +280,13 @@ def test_vllm_backend_maps_settings_and_outputs(monkeypatch):
 
 
 @pytest.mark.integration
-def test_evaluate_script_end_to_end_with_the_hf_backend(tmp_path, fixtures, tiny_models):
+def test_evaluate_script_end_to_end_with_the_hf_backend(tmp_path, fixtures, tiny_models, fresh_python):
     """The command line on a real (tiny, untrained) model: generation, scoring, table, resume."""
     bench = _bench(tmp_path, fixtures)
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "evaluate.py"), "--model", tiny_models["student"],
+    cmd = [os.path.join(ROOT, "scripts", "evaluate.py"), "--model", tiny_models["student"],
            "--benchmarks", *[f"{n}={p}" for n, p in bench.items()], "--output-dir", str(tmp_path / "ev"),
            "--k", "2", "--max-tokens", "8", "--backend", "hf", "--chunk", "1"]
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    first = fresh_python(cmd, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "| benchmark | problems | Avg@2 | Pass@2 |" in first.stdout
     assert "[eval] amc23: 2/2 new problems" in first.stderr
@@ -294,9 +294,9 @@ def test_evaluate_script_end_to_end_with_the_hf_backend(tmp_path, fixtures, tiny
     assert set(summary) == {"math500", "amc23", "mean"} and summary["mean"]["problems"] == 4
     lines = (tmp_path / "ev" / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 4 and all(len(json.loads(x)["responses"]) == 2 for x in lines)
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    second = fresh_python(cmd, timeout=600)
     assert second.returncode == 0 and "4 already done, 0 to go" in second.stderr
-    bad = subprocess.run(cmd[:-4] + ["--top-p", "0.5"], capture_output=True, text=True, timeout=600)
+    bad = fresh_python(cmd[:-4] + ["--top-p", "0.5"], timeout=600)
     assert bad.returncode != 0 and "top_p: stored 0.8 vs now 0.5" in bad.stderr
 
 

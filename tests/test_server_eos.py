@@ -7,8 +7,6 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
-import sys
 import types
 
 import pytest
@@ -63,15 +61,14 @@ def test_the_wrapper_sends_the_remapped_copy_and_maps_the_answer_back():
 
 
 @pytest.mark.integration
-def test_the_plugin_patches_verls_teacher_manager_when_asked():
+def test_the_plugin_patches_verls_teacher_manager_when_asked(fresh_python):
     code = ("import json, verl\n"
             "from verl.experimental.teacher_loop import teacher_manager as m\n"
             "from verl_eopd.integration import patches, server_eos\n"
             "fn = m.AsyncTeacherLLMServerManager.compute_teacher_logprobs_single\n"
             "print(json.dumps([bool(getattr(fn, server_eos._PATCHED, False)), 'server-eos-remap' in patches.applied()]))")
     for value, expected in (("0,2", [True, True]), ("", [False, False])):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                             env={**os.environ, se.ENV: value})
+        out = fresh_python(["-c", code], env={**os.environ, se.ENV: value})
         assert out.returncode == 0, out.stderr[-2000:]
         assert json.loads(out.stdout.strip().splitlines()[-1]) == expected, value
 
