@@ -34,9 +34,9 @@ def run_main(overrides, cwd, timeout: int = 1500, **env) -> subprocess.Completed
 def fresh_python():
     """`fresh_python(args, env=None, cwd=None, timeout=300)`: `python ARGS` in a fresh process, answered as
     subprocess.run(..., capture_output=True, text=True) would, forked from a server that has imported verl's
-    third-party stack once (tests/fork_server.py: about 1 CPU-second a command instead of 4.5; verl, verl_eopd, ray
-    and transformers are imported fresh in every child). For commands whose point is not what a bare interpreter
-    imports (tests/test_architecture.py's import checks run real fresh processes)."""
+    third-party stack once (tests/fork_server.py: a command importing verl costs about 1.5 CPU-seconds instead of 4;
+    verl, verl_eopd, ray and transformers are imported fresh in every child). For commands whose point is not what
+    a bare interpreter imports (tests/test_architecture.py's import checks run real fresh processes)."""
     from fork_server import ForkServer
 
     server = ForkServer()

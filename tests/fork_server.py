@@ -111,6 +111,11 @@ def serve() -> int:
     leaked = [m for m in FRESH if m in sys.modules]
     if leaked:
         raise SystemExit(f"fork server: preloading imported {leaked}, which every child must import fresh")
+    import gc
+
+    # the preloaded objects in the permanent generation: a child's collections, its exit's included, skip them
+    # (about 0.6 of the 0.8 CPU-seconds a child's exit otherwise spends; Python's advice for forking servers)
+    gc.freeze()
     start_path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     base_path = [p for p in sys.path[1:] if p not in start_path]  # sys.path[0]: this file's folder
     answers = os.fdopen(os.dup(1), "w")  # the protocol channel; fd 1 becomes the child's stdout
