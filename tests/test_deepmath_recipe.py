@@ -80,17 +80,15 @@ def test_deepmath_is_a_training_set_read_from_the_hub_id_and_opt_in():
 
 
 @pytest.mark.integration
-def test_prepare_data_script_writes_deepmath_from_a_jsonl_and_refuses_an_unused_source(tmp_path):
+def test_prepare_data_script_writes_deepmath_from_a_jsonl_and_refuses_an_unused_source(tmp_path, fresh_python):
     raw = tmp_path / "deepmath.jsonl"
     raw.write_text("\n".join(json.dumps(r) for r in _deepmath_rows()) + "\n")
-    script = [sys.executable, os.path.join(ROOT, "scripts", "prepare_data.py"), "--out-dir", str(tmp_path / "d")]
-    out = subprocess.run(script + ["--datasets", "deepmath", "--source", f"deepmath={raw}"],
-                         capture_output=True, text=True, timeout=300)
+    script = [os.path.join(ROOT, "scripts", "prepare_data.py"), "--out-dir", str(tmp_path / "d")]
+    out = fresh_python(script + ["--datasets", "deepmath", "--source", f"deepmath={raw}"])
     assert out.returncode == 0, out.stderr
     assert "deepmath: 5 rows read" in out.stdout and "-> 3 written" in out.stdout
     assert set(pd.read_parquet(tmp_path / "d" / "deepmath.parquet")["data_source"]) == {"deepmath"}
-    out = subprocess.run(script + ["--datasets", "aime25", "--source", f"deepmath={raw}"],
-                         capture_output=True, text=True, timeout=300)
+    out = fresh_python(script + ["--datasets", "aime25", "--source", f"deepmath={raw}"])
     assert out.returncode == 2 and "Fix: --datasets deepmath" in out.stderr
 
 

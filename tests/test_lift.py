@@ -96,9 +96,8 @@ def test_paired_lifts_use_only_the_seeds_both_have():
         paired_lifts({4: 1.0, 5: 2.0}, {5: 1.0, 6: 2.0})
 
 
-def _script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "lift_seeds.py"), *args], capture_output=True,
-                          text=True, timeout=120)
+def _script(fresh_python, *args: str) -> subprocess.CompletedProcess:
+    return fresh_python([str(ROOT / "scripts" / "lift_seeds.py"), *args], timeout=120)
 
 
 def _lift_seeds():
@@ -121,9 +120,9 @@ def _fake_seed(out: Path, seed: int, lift_to: float, cmd_overrides: list[str], r
 
 
 @pytest.mark.integration
-def test_the_script_prints_commands_resumes_finished_seeds_and_reports_failures(tmp_path):
+def test_the_script_prints_commands_resumes_finished_seeds_and_reports_failures(tmp_path, fresh_python):
     out = tmp_path / "mb"
-    dry = _script("--seeds", "4", "5", "--out", str(out), "--dry-run", "--",
+    dry = _script(fresh_python, "--seeds", "4", "5", "--out", str(out), "--dry-run", "--",
                   "actor_rollout_ref.actor.ppo_mini_batch_size=256")
     assert dry.returncode == 0, dry.stderr
     lines = dry.stdout.strip().splitlines()
@@ -135,10 +134,10 @@ def test_the_script_prints_commands_resumes_finished_seeds_and_reports_failures(
     _fake_seed(out, 5, 0.43, overrides)
     base = tmp_path / "default"
     _fake_seed(base, 4, 0.481, [])
-    early = _script("--out", str(out), "--read", "--compare", str(base))  # one seed in both so far
+    early = _script(fresh_python, "--out", str(out), "--read", "--compare", str(base))  # one seed in both so far
     assert early.returncode == 0 and "needs >= 2 seeds in both, got [4]" in early.stdout, early.stderr
     _fake_seed(base, 5, 0.439, [])
-    again = _script("--seeds", "4", "5", "--out", str(out), "--compare", str(base), "--", *overrides)
+    again = _script(fresh_python, "--seeds", "4", "5", "--out", str(out), "--compare", str(base), "--", *overrides)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("already done") == 2
     assert "| 4 | 19.7% | 48.1% (step 2) | +28.4 | 5.5 s | 6.0 min | AVX512 | 0.02% | 23% |" in again.stdout
@@ -154,9 +153,9 @@ def test_the_script_prints_commands_resumes_finished_seeds_and_reports_failures(
         assert lift_seeds.finished(out / "seed4", cmd)
         mp.setenv("EOPD_PAIR_DIR", str(tmp_path / "another_pair"))
         assert not lift_seeds.finished(out / "seed4", cmd)
-        dry = _script("--seeds", "4", "--out", str(out), "--dry-run", "--", *overrides)
+        dry = _script(fresh_python, "--seeds", "4", "--out", str(out), "--dry-run", "--", *overrides)
         assert f"EOPD_PAIR_DIR={tmp_path / 'another_pair'} EOPD_CACHE=" in dry.stdout, dry.stdout
     _fake_seed(out, 6, 0.5, overrides, rc=1)
-    failed = _script("--out", str(out), "--read")
+    failed = _script(fresh_python, "--out", str(out), "--read")
     assert failed.returncode == 1 and "seed 6: exit status 1" in failed.stderr
-    assert _script("--out", str(tmp_path / "nothing"), "--read").returncode != 0
+    assert _script(fresh_python, "--out", str(tmp_path / "nothing"), "--read").returncode != 0

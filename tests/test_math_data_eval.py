@@ -165,10 +165,9 @@ def test_prepared_parquet_loads_in_verls_dataset(tmp_path, fixtures, tiny_models
 
 
 @pytest.mark.integration
-def test_prepare_data_script_runs(tmp_path, fixtures):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "prepare_data.py"), "--out-dir", str(tmp_path),
-                          "--datasets", "aime25", "--source", f"aime25={fixtures['aime25']}"],
-                         capture_output=True, text=True, timeout=300)
+def test_prepare_data_script_runs(tmp_path, fixtures, fresh_python):
+    out = fresh_python([os.path.join(ROOT, "scripts", "prepare_data.py"), "--out-dir", str(tmp_path), "--datasets",
+                        "aime25", "--source", f"aime25={fixtures['aime25']}"])
     assert out.returncode == 0, out.stderr
     assert "aime25: 1 rows read" in out.stdout
     assert (tmp_path / "aime25.parquet").exists()

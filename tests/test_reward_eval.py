@@ -2,8 +2,6 @@
 
 import itertools
 import math
-import subprocess
-import sys
 import threading
 from fractions import Fraction
 
@@ -85,7 +83,7 @@ def test_concurrent_threads_share_the_scorer_pool():
 
 
 @pytest.mark.parametrize("where", ["main", "thread"])
-def test_pathological_answers_are_cut_by_the_timeout(where):
+def test_pathological_answers_are_cut_by_the_timeout(where, fresh_python):
     """A tower of powers sends sympy into a computation that does not end in any useful time: with timeout_s=1
     the score is 0.0 and the call returns (main thread: math-verify's signal timeouts, here in a fresh process
     whose main thread scores; off the main thread: the scorer subprocess is killed after 4 x timeout_s). The
@@ -95,7 +93,7 @@ def test_pathological_answers_are_cut_by_the_timeout(where):
         code = ("from verl_eopd.math.reward import compute_score; import threading; "
                 "assert threading.current_thread() is threading.main_thread(); "
                 f"print(compute_score('math', {response!r}, {truth!r}, timeout_s=1))")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        out = fresh_python(["-c", code], timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.strip().splitlines()[-1] == "0.0"
         return
