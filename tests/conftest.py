@@ -1,4 +1,5 @@
 import contextlib
+import functools
 import os
 import subprocess
 import sys
@@ -28,6 +29,48 @@ def run_main(overrides, cwd, timeout: int = 1500, **env) -> subprocess.Completed
                           text=True, timeout=timeout, env={**os.environ, **env})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
+
+
+@functools.lru_cache(maxsize=None)
+def _composed(choices: tuple) -> "DictConfig":  # noqa: F821
+    from hydra import compose, initialize_config_dir
+
+    import verl_eopd
+
+    with initialize_config_dir(config_dir=str(Path(verl_eopd.__file__).parent / "conf"), version_base=None):
+        return compose(config_name="eopd_trainer", overrides=list(choices))
+
+
+def compose_trainer(*overrides: str):
+    """hydra's `compose("eopd_trainer", overrides)` of verl_eopd's config, its config-group choices
+    (`algorithm=eopd`) composed by hydra once per set and kept; the value overrides are then applied to a copy by
+    hydra's own override step (ConfigLoaderImpl._apply_overrides_to_config), which is how hydra's compose applies
+    them after the defaults: about 0.01 CPU-seconds a call instead of 0.26 (test_config_plugin compares the two)."""
+    import copy
+
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    groups = _config_groups()
+    choices = tuple(o.input_line for o in parsed if o.key_or_group in groups)
+    cfg = copy.deepcopy(_composed(choices))
+    ConfigLoaderImpl._apply_overrides_to_config([o for o in parsed if o.key_or_group not in groups], cfg)
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _config_groups() -> frozenset:
+    """Every config group of the primary config's search path (verl_eopd/conf and verl's trainer/config, the
+    folders below each), as hydra names them (`algorithm`, `actor`, `npu_profile/...`)."""
+    import verl.trainer.config
+
+    import verl_eopd
+
+    groups = set()
+    for root in (Path(verl_eopd.__file__).parent / "conf", Path(verl.trainer.config.__file__).parent):
+        groups |= {d.relative_to(root).as_posix() for d in root.rglob("*") if d.is_dir() and d.name != "__pycache__"}
+    return frozenset(groups)
 
 
 @pytest.fixture(scope="session")

@@ -168,3 +168,36 @@ def test_integration_doc_lists_exactly_the_declared_patches():
     table = text[text.index("<!-- patches -->"):text.index("<!-- /patches -->")]
     documented = set(re.findall(r"^\| `([a-z0-9-]+)` \|", table, flags=re.M))
     assert documented == set(PATCHES), documented ^ set(PATCHES)
+
+
+@pytest.mark.parametrize("overrides", [
+    (),
+    ("algorithm=opd",),
+    ("algorithm=eopd_grpo", "data.train_batch_size=8", "distillation.distillation_loss.entropy_threshold=1.5"),
+    ("algorithm=eopd_server", "trainer.logger=[console,file]", "+actor_rollout_ref.model.override_config.x=1"),
+    ("data.train_batch_size=8", "algorithm=opd", "~trainer.dry_run", "distillation.distillation_loss.topk=4"),
+    ("distillation_loss@distillation.distillation_loss=eopd", "algorithm.adv_estimator=grpo"),
+])
+def test_the_tests_cached_compose_equals_hydras(overrides):
+    """conftest.compose_trainer (config-group choices composed once, value overrides applied to a copy) gives the
+    config hydra's compose gives, value for value, with the same struct flags; a bad key fails the same way."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+
+    from conftest import compose_trainer
+
+    import verl_eopd
+
+    conf = os.path.join(os.path.dirname(verl_eopd.__file__), "conf")
+    with initialize_config_dir(config_dir=conf, version_base=None):
+        expected = compose(config_name="eopd_trainer", overrides=list(overrides))
+    got = compose_trainer(*overrides)
+    assert OmegaConf.to_container(got, resolve=False) == OmegaConf.to_container(expected, resolve=False)
+    assert OmegaConf.is_struct(got) and OmegaConf.is_struct(expected)
+    for cfg in (got, compose_trainer(*overrides)):  # a copy each time: changing one leaves the next alone
+        with pytest.raises(Exception, match="trainer.no_such_key"):
+            cfg.trainer.no_such_key  # noqa: B018 (struct: unknown keys raise)
+        cfg.data.train_batch_size = 12345
+    assert compose_trainer(*overrides).data.train_batch_size != 12345
+    with pytest.raises(ConfigCompositionException, match="trainer.no_such_key"):
+        compose_trainer(*overrides, "trainer.no_such_key=1")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import compose_trainer
 
 import verl_eopd
 
@@ -17,8 +17,7 @@ CONF = str(Path(verl_eopd.__file__).parent / "conf")
 
 
 def _compose(*overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        return compose(config_name="eopd_trainer", overrides=list(overrides))
+    return compose_trainer(*overrides)  # hydra's compose, its defaults kept between tests (tests/conftest.py)
 
 
 def _loss(cfg):

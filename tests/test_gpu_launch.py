@@ -11,13 +11,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-
-import verl_eopd
+from conftest import compose_trainer
 
 pytestmark = pytest.mark.integration
 
-CONF = str(Path(verl_eopd.__file__).parent / "conf")
 ALGORITHMS = ("eopd", "opd", "eopd_grpo", "eopd_server")
 
 
@@ -52,8 +49,7 @@ def _prepare(overrides):
     user's (as verl_eopd.main does)."""
     from verl_eopd.main import prepare
 
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        cfg = compose(config_name="eopd_trainer", overrides=list(overrides))
+    cfg = compose_trainer(*overrides)
     algorithm = next(o.split("=", 1)[1] for o in overrides if o.startswith("algorithm="))
     prepared = prepare(cfg, user_keys=[o.split("=", 1)[0].lstrip("+~") for o in overrides], algorithm=algorithm)
     return cfg, prepared

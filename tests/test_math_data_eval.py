@@ -365,17 +365,14 @@ def _recipe(setting, algo, *extra, **mode):
 def test_paper_recipes_compose_with_the_papers_hyperparameters(setting, algo, student, train, epochs, n, fkl):
     """The recipe's command (PRINT=1: its arguments, one a line) composed by hydra in this process, as its DRY_RUN=1
     (`--cfg job`, run in tests/test_deepmath_recipe.py) composes it in a fresh one."""
-    from hydra import compose, initialize_config_dir
+    from conftest import compose_trainer
     from omegaconf import OmegaConf
-
-    import verl_eopd
 
     out = _recipe(setting, algo, "trainer.nnodes=2", PRINT="1")
     assert out.returncode == 0, out.stderr[-3000:]
     argv = out.stdout.splitlines()
     assert argv[1:3] == ["-m", "verl_eopd.main"], argv[:3]
-    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(verl_eopd.__file__), "conf"), version_base=None):
-        cfg = OmegaConf.to_container(compose(config_name="eopd_trainer", overrides=argv[3:]), resolve=False)
+    cfg = OmegaConf.to_container(compose_trainer(*argv[3:]), resolve=False)  # hydra's compose (conftest)
     actor, rollout = cfg["actor_rollout_ref"]["actor"], cfg["actor_rollout_ref"]["rollout"]
     loss = cfg["distillation"]["distillation_loss"]
     assert cfg["actor_rollout_ref"]["model"]["path"] == student

@@ -7,30 +7,24 @@ with "key=value: why. Fix: ..." naming the key; where the fix is an override, pa
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-
-import verl_eopd
+from conftest import compose_trainer
 
 pytestmark = pytest.mark.integration
-
-CONF = str(Path(verl_eopd.__file__).parent / "conf")
 
 
 def _run(models, *overrides):
     """verl_eopd.main.prepare on the tiny pair with `overrides` (the checks of `python -m verl_eopd.main`)."""
     from verl_eopd.main import prepare
 
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        cfg = compose(config_name="eopd_trainer", overrides=[
-            "algorithm=eopd", f"actor_rollout_ref.model.path={models['student']}",
-            f"data.train_files={models['train']}", f"data.val_files={models['val']}",
-            f"distillation.teacher_models.teacher_model.model_path={models['teacher']}",
-            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
-            "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
-            "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=2", *overrides])
+    cfg = compose_trainer(
+        "algorithm=eopd", f"actor_rollout_ref.model.path={models['student']}",
+        f"data.train_files={models['train']}", f"data.val_files={models['val']}",
+        f"distillation.teacher_models.teacher_model.model_path={models['teacher']}",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
+        "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=2", *overrides)
     return prepare(cfg, user_keys=[o.split("=", 1)[0].lstrip("+~") for o in overrides])
 
 
@@ -63,15 +57,14 @@ def test_lora_is_accepted_with_the_server_teacher(tiny_models, no_model_loads):
     assert "distillation.distillation_loss.teacher_route=server" in str(e.value)
     from verl_eopd.integration.config import check_run_config
 
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        cfg = compose(config_name="eopd_trainer", overrides=[
-            "algorithm=eopd_server", "actor_rollout_ref.model.lora_rank=8",
-            f"actor_rollout_ref.model.path={tiny_models['student']}", f"data.train_files={tiny_models['train']}",
-            f"data.val_files={tiny_models['val']}",
-            f"distillation.teacher_models.teacher_model.model_path={tiny_models['teacher']}",
-            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
-            "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
-            "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=2"])
+    cfg = compose_trainer(
+        "algorithm=eopd_server", "actor_rollout_ref.model.lora_rank=8",
+        f"actor_rollout_ref.model.path={tiny_models['student']}", f"data.train_files={tiny_models['train']}",
+        f"data.val_files={tiny_models['val']}",
+        f"distillation.teacher_models.teacher_model.model_path={tiny_models['teacher']}",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
+        "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=2")
     assert check_run_config(cfg).teacher_route == "server"
 
 
