@@ -230,6 +230,7 @@ def test_default_run_validates_at_both_ends_and_distils(tmp_path):
     done = export_evaluate_use(out, tmp_path, embedded.embedded_pair()["val"])
     assert done["target"] == tmp_path / "checkpoints" / "verl-eopd" / "tiny_eopd" / "hf" / f"global_step_{SHORT_STEPS}"
     assert done["evaluate"].stdout.splitlines()[0] == "| benchmark | problems | Avg@8 | Pass@1 | Pass@8 |"
+    assert "[eval] 2 engines x tensor-parallel 1 on no GPUs (CPU)" in done["evaluate"].stderr  # data parallel
     assert f"metrics:    {path}" in out
     # the console a person reads: the header, one compact line per step, no every-metric line
     assert "[verl_eopd] algorithm=eopd on CPU (1 rank), rollout hf" in out
