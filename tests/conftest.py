@@ -73,6 +73,29 @@ def _config_groups() -> frozenset:
     return frozenset(groups)
 
 
+def start_ranks(fn, args: tuple, nprocs: int, timeout: float = 900,
+                preload=("torch", "verl", "verl_eopd.integration.loss")) -> None:
+    """torch.multiprocessing.start_processes(fn, args, nprocs) through multiprocessing's fork server, waiting for
+    the ranks: PRELOAD is imported once in that server (the first call of this test process starts it), and each
+    rank is forked from it (a spawned rank imports torch and verl itself, about 4 CPU-seconds). A rank's exception
+    is raised here with its traceback; ranks still running after TIMEOUT seconds are killed and fail the test. A
+    rank gets the server's environment, not this process's at the call: FN takes what it needs as arguments (the
+    ranks here meet through a file rendezvous)."""
+    import multiprocessing
+    import time
+
+    import torch.multiprocessing as mp
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(preload))  # before it starts; else no-op
+    ranks = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="forkserver")
+    deadline = time.monotonic() + timeout
+    while not ranks.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"{nprocs} ranks of {fn.__name__} still running after {timeout} s: killed")
+
+
 @pytest.fixture(scope="session")
 def fresh_python():
     """`fresh_python(args, env=None, cwd=None, timeout=300)`: `python ARGS` in a fresh process, answered as

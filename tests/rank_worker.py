@@ -5,7 +5,8 @@ data-parallel dispatch), and runs verl's real FSDP2 engine over gloo: forward/ba
 the full gradients (all-gathered), verl's optimizer step (global grad-norm clipping), the updated parameters.
 The teacher case runs the EOPD teacher worker on the rank's sequences. Rank 0 collects everything into one file.
 
-    python tests/rank_worker.py OUT.pt WORLD RANK PORT STUDENT TEACHER
+    python tests/rank_worker.py OUT.pt WORLD RANK PORT STUDENT TEACHER     (OMP_NUM_THREADS=1)
+    conftest.start_ranks(rank_worker.rank_main, (OUT.pt, WORLD, RENDEZVOUS, STUDENT, TEACHER), WORLD)
 """
 
 from __future__ import annotations
@@ -195,6 +196,13 @@ def main(out_path: str, world: int, rank: int, rendezvous: str, student: str, te
     if rank == 0:
         torch.save(results, out_path)
     dist.destroy_process_group()
+
+
+def rank_main(rank: int, out_path: str, world: int, rendezvous: str, student: str, teacher: str) -> None:
+    """One rank started by tests/conftest.start_ranks (forked): one intra-op thread, as OMP_NUM_THREADS=1 gives a
+    process started from the command line."""
+    torch.set_num_threads(1)
+    main(out_path, world, rank, rendezvous, student, teacher)
 
 
 if __name__ == "__main__":

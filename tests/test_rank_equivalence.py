@@ -13,32 +13,24 @@ The teacher worker on 2 ranks returns the same top-k, log-probs, entropy and tok
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from conftest import start_ranks
 
 pytestmark = pytest.mark.integration
 
-HERE = os.path.dirname(__file__)
 CASES = ("eopd", "opd", "quantile", "soft_dynamic_bsz", "eopd_grpo", "eopd_dynamic_bsz", "eopd_micro4")
 LR, CLIP = 1e-2, 0.5  # tests/rank_worker.py make_engine
 
 
 def _run(world: int, tiny_models, tmp_path) -> dict:
+    """WORLD ranks of tests/rank_worker.py (forked: conftest.start_ranks; a rank's error fails the test with its
+    traceback); rank 0's file of every case's results."""
+    from rank_worker import rank_main
+
     out = tmp_path / f"world{world}.pt"
     rendezvous = tmp_path / f"world{world}.rendezvous"  # gloo's file rendezvous: no port to race for
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(key, None)
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "rank_worker.py"), str(out), str(world), str(rank),
-                               str(rendezvous), tiny_models["student"], tiny_models["teacher"]], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(world)]
-    logs = [p.communicate(timeout=900)[0] for p in procs]
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {rank} of {world}:\n{log[-4000:]}"
+    start_ranks(rank_main, (str(out), world, str(rendezvous), tiny_models["student"], tiny_models["teacher"]), world)
     return torch.load(out, weights_only=False)
 
 

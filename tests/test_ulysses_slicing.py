@@ -14,7 +14,7 @@ import types
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import start_ranks
 
 pytestmark = pytest.mark.integration
 
@@ -188,13 +188,12 @@ WORLD = 3  # 20 tokens on 3 ranks: the last rank holds padding
 
 @pytest.fixture(scope="module")
 def sp_ranks(tmp_path_factory) -> list:
-    """The per-rank outputs of every case, from one 3-process gloo SP group (each process imports verl once)."""
+    """The per-rank outputs of every case, from one 3-process gloo SP group (forked: conftest.start_ranks)."""
     tmp = tmp_path_factory.mktemp("sp")
     fd, init_file = tempfile.mkstemp(dir=tmp)
     os.close(fd)
     os.unlink(init_file)
-    mp.start_processes(_worker, args=(WORLD, init_file, str(tmp / "out")), nprocs=WORLD, join=True,
-                       start_method="spawn")
+    start_ranks(_worker, (WORLD, init_file, str(tmp / "out")), WORLD)
     return [torch.load(f"{tmp / 'out'}.{r}") for r in range(WORLD)]
 
 
