@@ -19,9 +19,18 @@ def shell_env() -> dict:
     return {**os.environ, "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
 
 
-def paste(line: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run one pasted command line in a shell; fail with its output when it fails."""
-    proc = subprocess.run(line, shell=True, cwd=cwd, env=shell_env(), capture_output=True, text=True, timeout=timeout)
+def paste(line: str, cwd: Path, timeout: int = 600, python=None) -> subprocess.CompletedProcess:
+    """Run one pasted command line in a shell; fail with its output when it fails. With PYTHON (the tests'
+    `fresh_python`), a `python ...` line without shell syntax (no expansions, redirections, pipes or lists) is split
+    into words as the shell splits it (shlex, POSIX) and run through PYTHON: the shell would find the same
+    `python` first on PATH (shell_env)."""
+    import shlex
+
+    if python is not None and not set(line) & set("$`|&;<>(){}*?[]~!#\n") and shlex.split(line)[0] == "python":
+        proc = python(shlex.split(line)[1:], env=shell_env(), cwd=cwd, timeout=timeout)
+    else:
+        proc = subprocess.run(line, shell=True, cwd=cwd, env=shell_env(), capture_output=True, text=True,
+                              timeout=timeout)
     assert proc.returncode == 0, f"{line}\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
     return proc
 
@@ -37,19 +46,21 @@ def snippet(name: str) -> str:
     return next(b for b in blocks if b.startswith(f"from {name}"))
 
 
-def export_evaluate_use(summary: str, cwd: Path, val_parquet: str, problems: int = 6, engines: int = 2) -> dict:
+def export_evaluate_use(summary: str, cwd: Path, val_parquet: str, problems: int = 6, engines: int = 2,
+                        python=None) -> dict:
     """Paste the summary's export line, evaluate the folder it names (HF backend, `engines` data-parallel CPU
-    engines, the first `problems` problems, 12 new tokens), run the doc's transformers snippet on it."""
+    engines, the first `problems` problems, 12 new tokens), run the doc's transformers snippet on it (each through
+    `paste`, with PYTHON when given)."""
     target = Path(field(summary, "HF folder:").split(" (")[0])
-    merge = paste(field(summary, "export:"), cwd)
+    merge = paste(field(summary, "export:"), cwd, python=python)
     out = cwd / "eval"
     evaluate = paste(f"python {ROOT / 'scripts' / 'evaluate.py'} --model {target} --benchmarks add={val_parquet} "
                      f"--output-dir {out} --pass-k 1,8 --max-problems {problems} --max-tokens 12 --backend hf "
-                     f"--data-parallel-size {engines}", cwd)
+                     f"--data-parallel-size {engines}", cwd, python=python)
     code = re.sub(r'^model_dir = ".*"', f"model_dir = {str(target)!r}", snippet("transformers"), count=1, flags=re.M)
     assert code.count(str(target)) == 1
     (cwd / "use.py").write_text(code)
-    use = paste(f"python {cwd / 'use.py'}", cwd)
+    use = paste(f"python {cwd / 'use.py'}", cwd, python=python)
     return {"target": target, "merge": merge, "evaluate": evaluate, "eval_dir": out, "use": use}
 
 

@@ -66,7 +66,7 @@ def _config(root: Path, logger=("console",)):
                                          "experiment_name": "e"}})
 
 
-def test_export_evaluate_use_each_pasted_as_printed(saved, tmp_path):
+def test_export_evaluate_use_each_pasted_as_printed(saved, tmp_path, fresh_python):
     root, pair = saved["root"], saved["pair"]
     text = summarize(_config(root), 60.0)  # console logger only: still the export lines
     assert field(text, "checkpoint:").startswith(f"{root / f'global_step_{STEP}'} (step {STEP}")
@@ -74,9 +74,10 @@ def test_export_evaluate_use_each_pasted_as_printed(saved, tmp_path):
                                       f"{root / f'global_step_{STEP}' / 'actor'} --target_dir {root / 'hf' / f'global_step_{STEP}'}")
     target = root / "hf" / f"global_step_{STEP}"
     assert not target.exists()
-    # one HF engine: two data-parallel engine processes run in the default run's test (tests/test_e2e_cpu.py), and
-    # their merge order in test_data_parallel_engines_merge_in_order_with_the_single_engine_seeds
-    done = export_evaluate_use(text, tmp_path, pair["val"], problems=6, engines=1)
+    # one HF engine, and the `python ...` lines forked (conftest.fresh_python): the default run's test
+    # (tests/test_e2e_cpu.py) pastes the same lines into a real shell with two data-parallel engine processes, and
+    # test_data_parallel_engines_merge_in_order_with_the_single_engine_seeds checks their merge order
+    done = export_evaluate_use(text, tmp_path, pair["val"], problems=6, engines=1, python=fresh_python)
     assert done["target"] == target
     print(text, done["evaluate"].stdout, done["use"].stdout, sep="\n")  # shown with pytest -s
 
