@@ -73,20 +73,32 @@ def _config_groups() -> frozenset:
     return frozenset(groups)
 
 
+RANK_PRELOAD = ("torch", "verl", "verl_eopd.integration.loss")
+
+
+def forkserver_context(preload=RANK_PRELOAD):
+    """multiprocessing's fork-server context, PRELOAD imported once in the server (the first process started through
+    it in this test process starts the server; later PRELOADs are ignored)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(preload))
+    return context
+
+
 def start_ranks(fn, args: tuple, nprocs: int, timeout: float = 900,
-                preload=("torch", "verl", "verl_eopd.integration.loss")) -> None:
+                preload=RANK_PRELOAD) -> None:
     """torch.multiprocessing.start_processes(fn, args, nprocs) through multiprocessing's fork server, waiting for
     the ranks: PRELOAD is imported once in that server (the first call of this test process starts it), and each
     rank is forked from it (a spawned rank imports torch and verl itself, about 4 CPU-seconds). A rank's exception
     is raised here with its traceback; ranks still running after TIMEOUT seconds are killed and fail the test. A
     rank gets the server's environment, not this process's at the call: FN takes what it needs as arguments (the
     ranks here meet through a file rendezvous)."""
-    import multiprocessing
     import time
 
     import torch.multiprocessing as mp
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload(list(preload))  # before it starts; else no-op
+    forkserver_context(preload)
     ranks = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="forkserver")
     deadline = time.monotonic() + timeout
     while not ranks.join(timeout=1):

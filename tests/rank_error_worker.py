@@ -2,9 +2,10 @@
 
 For each case the rank runs one micro-batch as verl's engine does (the logits processor or the from_hidden lm head,
 then the registered loss, backward), then an all-reduce of the loss: the next collective, as FSDP's gradient
-reduce-scatter would be. It prints one line per case, `RESULT <case> OK` or `RESULT <case> ERROR <type>: <message>`.
-Like a Ray actor whose method raised, the process then stays (its connections open) until the driver closes its
-stdin, and exits with status 1 if its last case raised.
+reduce-scatter would be. It reports one line per case, `<case> OK` or `<case> ERROR <type>: <message>` (printed after `RESULT `, or put on a
+queue by `rank_main`). Like a Ray actor whose method raised, the process then stays (its connections open) until
+the driver lets it go (closes its stdin, or sets the release event), and exits with status 1 if its last case
+raised.
 
     python tests/rank_error_worker.py RANK WORLD RENDEZVOUS BAD_RANK CASE [CASE ...]
 """
@@ -136,8 +137,13 @@ def counted_step(case: str, bad: bool) -> str:
     return f" syncs={len(c.syncs)} reads={len(reads)} all_reduces={len(reduces) - 1}"
 
 
-def main(rank: int, world: int, rendezvous: str, bad_rank: int, cases: list[str]) -> None:
+def main(rank: int, world: int, rendezvous: str, bad_rank: int, cases: list[str], report=None, wait=None) -> None:
+    """The cases in order; REPORT(line) takes each `<case> OK|ERROR ...` line (default: printed after "RESULT "),
+    WAIT() returns when the driver lets the rank go (default: stdin closed)."""
     import torch.distributed as dist
+
+    report = report or (lambda line: print(f"RESULT {line}", flush=True))
+    wait = wait or sys.stdin.read
 
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     status = 0
@@ -149,9 +155,20 @@ def main(rank: int, world: int, rendezvous: str, bad_rank: int, cases: list[str]
         except Exception as exc:  # reported to the driver, as Ray reports an actor method's error
             status = 1
             line = f"ERROR {type(exc).__name__}: {exc}".replace("\n", " ")
-        print(f"RESULT {case} {line}", flush=True)
-    sys.stdin.read()  # stay, as a Ray actor stays after its method raised, until the driver lets go
+        report(f"{case} {line}")
+    wait()  # stay, as a Ray actor stays after its method raised, until the driver lets go
     os._exit(status)  # no destroy_process_group: a stuck peer would block it
+
+
+def rank_main(rank: int, world: int, rendezvous: str, bad_rank: int, cases: list[str], results, release,
+              err_path: str) -> None:
+    """One rank forked by tests/test_rank_errors.py (conftest.forkserver_context): its stderr to ERR_PATH, each
+    line put on RESULTS as (rank, line), the RELEASE event in place of stdin; the exit status as from the command
+    line. No rank variables from the server's environment: the group meets through the file rendezvous."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)
+    os.dup2(os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+    main(rank, world, rendezvous, bad_rank, cases, report=lambda line: results.put((rank, line)), wait=release.wait)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,7 @@ rank 1 (whose process stays, as a Ray actor does), and the hang guard fails the 
 
 from __future__ import annotations
 
-import os
 import queue
-import subprocess
-import sys
-import threading
 
 import pytest
 
@@ -20,49 +16,47 @@ from rank_error_worker import CASES
 
 pytestmark = pytest.mark.integration
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-HANG_GUARD_S = 300  # generous: only turns a hang into a failure (imports on a loaded 2-core host take ~30 s)
-
-
-def _lines(proc, rank: int, out: queue.Queue) -> None:
-    for line in proc.stdout:
-        if line.startswith("RESULT "):
-            out.put((rank, line[len("RESULT "):].rstrip("\n")))
-    out.put((rank, None))
+HANG_GUARD_S = 300  # generous: only turns a hang into a failure
 
 
 def test_a_bad_input_on_one_rank_stops_every_rank(tmp_path):
-    rendezvous = tmp_path / "rendezvous"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "rank_error_worker.py"), str(rank), "2",
-                               str(rendezvous), "1", *CASES], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=open(tmp_path / f"rank{rank}.err", "w"), text=True, env=env, cwd=tmp_path)
+    import time
+
+    from conftest import forkserver_context
+    from rank_error_worker import rank_main
+
+    context = forkserver_context()  # the ranks forked with torch and verl imported once (conftest.start_ranks)
+    results, release = context.Queue(), context.Event()
+    procs = [context.Process(target=rank_main, args=(rank, 2, str(tmp_path / "rendezvous"), 1, list(CASES), results,
+                                                     release, str(tmp_path / f"rank{rank}.err")))
              for rank in range(2)]
-    results: queue.Queue = queue.Queue()
-    for rank, proc in enumerate(procs):
-        threading.Thread(target=_lines, args=(proc, rank, results), daemon=True).start()
+    for proc in procs:
+        proc.start()
+    err = lambda rank: (tmp_path / f"rank{rank}.err").read_text()[-3000:]  # noqa: E731
     got: dict = {0: [], 1: []}
     try:
+        deadline = time.monotonic() + HANG_GUARD_S
         while len(got[0]) < len(CASES) or len(got[1]) < len(CASES):
             try:
-                rank, line = results.get(timeout=HANG_GUARD_S)
+                rank, line = results.get(timeout=1)
             except queue.Empty:
-                pytest.fail(f"hang guard: after {HANG_GUARD_S} s the ranks reported {got}: a rank waits in a "
-                            f"collective\n" + "".join((tmp_path / f"rank{r}.err").read_text()[-2000:] for r in (0, 1)))
-            if line is None:
-                if len(got[rank]) < len(CASES):
-                    pytest.fail(f"rank {rank} ended early: {got}\n{(tmp_path / f'rank{rank}.err').read_text()[-3000:]}")
+                for rank, proc in enumerate(procs):
+                    if proc.exitcode is not None and len(got[rank]) < len(CASES):
+                        pytest.fail(f"rank {rank} ended early: {got}\n{err(rank)}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"hang guard: after {HANG_GUARD_S} s the ranks reported {got}: a rank waits in a "
+                                f"collective\n" + err(0)[-2000:] + err(1)[-2000:])
                 continue
             got[rank].append(line)
+        release.set()  # the driver lets the ranks go
         for proc in procs:
-            proc.stdin.close()  # the driver lets the ranks go
-        codes = [proc.wait(timeout=HANG_GUARD_S) for proc in procs]
+            proc.join(timeout=HANG_GUARD_S)
+        codes = [proc.exitcode for proc in procs]
     finally:
         for proc in procs:
-            if proc.poll() is None:
+            if proc.is_alive():
                 proc.kill()
-                proc.wait()
+                proc.join()
     by_case = {case: (got[0][i], got[1][i]) for i, case in enumerate(CASES)}
     # good input: the read raises nowhere; per micro-batch one read, one all-reduce in it, no other host sync
     # (syncs counts the aten ops that read device values; the read's own copy is invisible on CPU)
