@@ -1,12 +1,13 @@
 """A fork server for the tests' short fresh Python processes (tests/conftest.py, fixture `fresh_python`).
 
-A fresh `python` that imports verl spends about 4.5 CPU-seconds, most of it importing verl's third-party stack
+A fresh `python` that imports verl spends about 4 CPU-seconds, most of it importing verl's third-party stack
 (torch and torch._dynamo through tensordict, pandas, pyarrow, sympy): on a slow 2-core host that is most of a
 short command-line test. This server imports that stack once (PRELOAD), then forks one child per command. The
-child takes the command's environment, working directory, arguments and `sys.path` (its PYTHONPATH, then the
-script's folder or the working directory, as `python` builds it), runs it as `python -m MODULE`, `python -c CODE`
-or `python SCRIPT` would (runpy, exec), and leaves through the interpreter's normal exit (atexit handlers, joins of
-non-daemon threads, flushed streams), with `python`'s exit status for SystemExit and uncaught exceptions.
+child takes the command's environment, working directory, arguments and `sys.path` (the script's folder, the
+working directory for -m or '' for -c, then its PYTHONPATH, as `python` builds it), runs it as `python -m
+MODULE`, `python -c CODE` or `python SCRIPT` would (runpy, exec), and leaves through the interpreter's normal exit
+(atexit handlers, joins of non-daemon threads, flushed streams), with `python`'s exit status for SystemExit and
+uncaught exceptions.
 
 What a child does not get fresh is only PRELOAD. None of it is verl, ray, transformers, huggingface_hub, datasets or
 verl_eopd, and none reads a variable the tests set. So verl's plugin discovery, our patches and everything that reads
