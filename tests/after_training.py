@@ -26,8 +26,9 @@ def paste(line: str, cwd: Path, timeout: int = 600, python=None) -> subprocess.C
     `python` first on PATH (shell_env)."""
     import shlex
 
-    if python is not None and not set(line) & set("$`|&;<>(){}*?[]~!#\n") and shlex.split(line)[0] == "python":
-        proc = python(shlex.split(line)[1:], env=shell_env(), cwd=cwd, timeout=timeout)
+    words = shlex.split(line) if python is not None and not set(line) & set("$`|&;<>(){}*?[]~!#\n") else []
+    if words[:1] == ["python"]:
+        proc = python(words[1:], env=shell_env(), cwd=cwd, timeout=timeout)
     else:
         proc = subprocess.run(line, shell=True, cwd=cwd, env=shell_env(), capture_output=True, text=True,
                               timeout=timeout)

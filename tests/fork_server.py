@@ -89,7 +89,6 @@ def _child(request: dict, base_path: list[str]) -> None:
         (os.getcwd() if argv[0] == "-m" else "")
     extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
     sys.path[:] = [first, *extra, *base_path]
-    run = _run
     import __main__
 
     # an empty __main__, as `python -c` starts with (the server's names and file gone)
@@ -100,7 +99,7 @@ def _child(request: dict, base_path: list[str]) -> None:
     from importlib.machinery import BuiltinImporter
 
     __main__.__loader__ = BuiltinImporter
-    raise SystemExit(run(argv))  # through serve() and the server's exit: the interpreter's normal shutdown
+    raise SystemExit(_run(argv))  # through serve() and the server's exit: the interpreter's normal shutdown
 
 
 def serve() -> int:

@@ -10,13 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-
-import verl_eopd
+from conftest import compose_trainer
 
 pytestmark = pytest.mark.integration
 
-CONF = str(Path(verl_eopd.__file__).parent / "conf")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,28 +44,11 @@ def _generic(models, algorithm="eopd"):
             f"data.train_files={models['train']}", f"data.val_files={models['val']}"]
 
 
-_BASE: dict = {}
-
-
 def _composed(algorithm: str, overrides: list[str]):
-    """The config hydra composes for `algorithm=<a> <overrides>`: each algorithm composed once (hydra's compose is
-    most of a dry run's time here), the key=value overrides then set as hydra's would (values parsed as YAML). The
-    command-line test below goes through hydra itself."""
-    import copy
-
-    import yaml
-    from omegaconf import OmegaConf
-
-    if algorithm not in _BASE:
-        with initialize_config_dir(config_dir=CONF, version_base=None):
-            _BASE[algorithm] = compose(config_name="eopd_trainer", overrides=[f"algorithm={algorithm}"])
-    cfg = copy.deepcopy(_BASE[algorithm])
-    for item in overrides:
-        key, value = item.split("=", 1)
-        parent, _, leaf = key.rpartition(".")
-        assert key.startswith("+") or leaf in (OmegaConf.select(cfg, parent) if parent else cfg).keys(), key  # `???` too
-        OmegaConf.update(cfg, key.lstrip("+"), yaml.safe_load(value), force_add=key.startswith("+"))
-    return cfg
+    """The config hydra composes for `algorithm=<a> <overrides>` (conftest.compose_trainer: each algorithm composed
+    once, the overrides applied by hydra's own override step). The command-line test below goes through hydra's
+    command line itself."""
+    return compose_trainer(f"algorithm={algorithm}", *overrides)
 
 
 @pytest.fixture
